@@ -1,0 +1,111 @@
+//! `qsens.scores`: per-layer, per-format sensitivity scores, calibration amax and costs, written
+//! by `score-layers` and read by `search`.
+//!
+//! Conventions (those of ModelOpt's `auto_quantize`, which these scores reproduce):
+//! - `formats` is ordered from the fewest effective bits to the most; the last one is always
+//!   `NONE` (unquantized, 16 bits, score 0).
+//! - A layer's score for a format is the sum over samples of its per-sample contribution,
+//!   summed in sample order; a group's is the sum over its member layers.
+//! - `GroupScores::scores` is made monotone like ModelOpt: walking from the fewest bits to the
+//!   most, each score is the minimum of itself and the previous one.
+//! - cost of a format = weight parameters × effective bits / 16 (ModelOpt's weight cost).
+
+use serde::{Deserialize, Serialize};
+
+use super::Payload;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scores {
+    pub model: ModelSummary,
+    /// `gradient` or `kl_div`.
+    pub method: String,
+    /// Compute dtype of the scoring forward (`f32`, `bf16`).
+    pub dtype: String,
+    pub formats: Vec<FormatInfo>,
+    /// Samples that have been scored, in input order (a shard holds a subset).
+    pub samples: Vec<SampleSummary>,
+    /// Number of samples in the inputs artifact (a complete run has `samples.len() == num_inputs`).
+    pub num_inputs: usize,
+    /// Samples used for calibration (indices into the inputs artifact).
+    pub calibration_samples: Vec<usize>,
+    pub layers: Vec<LayerScores>,
+    pub groups: Vec<GroupScores>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    /// Checkpoint directory name (e.g. `Qwen3-VL-4B-Instruct`).
+    pub name: String,
+    pub architecture: String,
+    pub num_parameters: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FormatInfo {
+    /// `FP8`, ..., `NONE`.
+    pub name: String,
+    pub effective_bits: f64,
+    /// How weights are quantized (human-readable), e.g. `fp8 e4m3, per-tensor, max calibration`.
+    pub weight: String,
+    /// How layer inputs are quantized.
+    pub input: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleSummary {
+    /// Index in the inputs artifact.
+    pub index: usize,
+    pub id: String,
+    pub num_tokens: usize,
+    pub num_image_tokens: usize,
+    pub num_label_tokens: usize,
+    /// Unquantized loss (mean NLL over label tokens).
+    pub loss: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerScores {
+    /// HF module name, e.g. `model.language_model.layers.3.mlp.down_proj`.
+    pub name: String,
+    /// Name of the group it belongs to.
+    pub group: String,
+    /// `vision`, `text` or `lm_head`.
+    pub tower: String,
+    /// `linear` or `patch_embed`.
+    pub kind: String,
+    /// Weight shape `[out_features, in_features]` (the patch embed's input is the flattened patch).
+    pub shape: [u64; 2],
+    /// Weight parameters (the cost unit).
+    pub params: u64,
+    /// Calibrated input amax (max |x| over the calibration samples, quantization off).
+    pub input_amax: f64,
+    /// Weight amax (max |W|).
+    pub weight_amax: f64,
+    /// Per format (same order as `Scores::formats`), per scored sample: this layer's score
+    /// contribution. Empty for methods that only score whole groups (`kl_div`).
+    pub per_sample: Vec<Vec<f64>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupScores {
+    /// Group name (ModelOpt's group key, e.g. `model.language_model.layers.0.self_attn` for q/k/v).
+    pub name: String,
+    /// Member layer names, in model order.
+    pub members: Vec<String>,
+    pub params: u64,
+    /// Per format: params × effective_bits / 16.
+    pub costs: Vec<f64>,
+    /// Per format: summed over samples, monotone across formats, NONE = 0.
+    pub scores: Vec<f64>,
+    /// Per format, per scored sample: the group's raw (not monotone-adjusted) contribution.
+    pub per_sample: Vec<Vec<f64>>,
+    /// Kept unquantized (`--disable`): only NONE may be chosen; it still counts in the budget.
+    pub disabled: bool,
+    /// Left out of the budget (`--exclude-cost`): its cost weight is 0.
+    pub cost_excluded: bool,
+}
+
+impl Payload for Scores {
+    const KIND: &'static str = "qsens.scores";
+    const VERSION: u32 = 1;
+}
