@@ -12,3 +12,4 @@
 pub mod artifact;
 pub mod cli;
 pub mod model;
+pub mod quant;
