@@ -1,0 +1,109 @@
+//! ModelOpt's gradient score: for every layer and format,
+//! `Σ (∂L/∂Y ⊙ (Y_q − Y))²` where `Y_q` is the layer's output with only that layer
+//! fake-quantized (input and weight) on the unquantized input. One forward and one backward per
+//! sample give every layer's ∂L/∂Y; `Y_q` is computed in the backward, right where ∂L/∂Y arrives,
+//! so nothing extra is kept from the forward.
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::model::{LayerId, Linear, Tap};
+use crate::quant::{Format, WeightStats};
+
+/// Per-layer quantization state shared by the scoring taps.
+pub struct LayerQuant<'a> {
+    pub formats: &'a [Box<dyn Format>],
+    pub input_amax: &'a [f32],
+    pub weight_stats: &'a [WeightStats],
+    /// Layers that are not scored (disabled groups).
+    pub skip: &'a [bool],
+    /// Fake-quantized weights per layer and format, when caching them fits in memory.
+    pub cached_weights: Option<Vec<Vec<Tensor>>>,
+}
+
+impl LayerQuant<'_> {
+    /// The fake-quantized weight of layer `id` in format `f`.
+    pub fn weight(&self, id: LayerId, f: usize, linear: &Linear) -> Result<Tensor> {
+        match &self.cached_weights {
+            Some(cache) => Ok(cache[id][f].clone()),
+            None => self.formats[f].quantize_weight(linear.weight(), &self.weight_stats[id]),
+        }
+    }
+
+    /// The layer's output with its input and weight fake-quantized in format `f`.
+    pub fn quantized_output(&self, id: LayerId, f: usize, linear: &Linear, x: &Tensor) -> Result<Tensor> {
+        let xq = self.formats[f].quantize_input(x, self.input_amax[id])?;
+        let wq = self.weight(id, f, linear)?;
+        linear.forward_with(&xq, &wq)
+    }
+
+    /// Fake-quantizes every weight once (CPU runs, where memory is plentiful and the weights
+    /// would otherwise be re-quantized for every sample).
+    pub fn cache_weights(&mut self, linears: &[&Linear]) -> Result<()> {
+        let cache = linears
+            .iter()
+            .enumerate()
+            .map(|(id, l)| {
+                (0..self.formats.len())
+                    .map(|f| self.formats[f].quantize_weight(l.weight(), &self.weight_stats[id]))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.cached_weights = Some(cache);
+        Ok(())
+    }
+}
+
+/// Accumulates one sample's gradient scores, `[layer][format]`, as f32 scalars on the device.
+pub struct GradientTap<'a> {
+    quant: &'a LayerQuant<'a>,
+    scores: Vec<Vec<Option<Tensor>>>,
+}
+
+impl<'a> GradientTap<'a> {
+    pub fn new(quant: &'a LayerQuant<'a>, num_layers: usize) -> Self {
+        GradientTap { quant, scores: vec![vec![None; quant.formats.len()]; num_layers] }
+    }
+
+    /// Moves the scores to the host: `[layer][format]` (0 for skipped layers), one sync.
+    pub fn finish(self) -> Result<Vec<Vec<f64>>> {
+        let num_formats = self.quant.formats.len();
+        let flat: Vec<Tensor> = self.scores.iter().flatten().flatten().cloned().collect();
+        let values = if flat.is_empty() { Vec::new() } else { Tensor::stack(&flat, 0)?.to_vec1::<f32>()? };
+        let mut values = values.into_iter();
+        Ok(self
+            .scores
+            .iter()
+            .map(|per_format| {
+                per_format
+                    .iter()
+                    .map(|s| if s.is_some() { values.next().map_or(0.0, f64::from) } else { 0.0 })
+                    .collect::<Vec<_>>()
+            })
+            .inspect(|v| debug_assert_eq!(v.len(), num_formats))
+            .collect())
+    }
+}
+
+/// `Σ (dy ⊙ (yq − y))²` in f32 (ModelOpt clamps the product to ±1e10 before squaring).
+pub fn gradient_score(dy: &Tensor, y: &Tensor, yq: &Tensor) -> Result<Tensor> {
+    let diff = (yq.to_dtype(DType::F32)? - y.to_dtype(DType::F32)?)?;
+    let prod = (dy.to_dtype(DType::F32)? * diff)?.clamp(-1e10f32, 1e10f32)?;
+    prod.sqr()?.sum_all()
+}
+
+impl Tap for GradientTap<'_> {
+    fn backward(&mut self, id: LayerId, linear: &Linear, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<()> {
+        if self.quant.skip[id] {
+            return Ok(());
+        }
+        for f in 0..self.quant.formats.len() {
+            let yq = self.quant.quantized_output(id, f, linear, x)?;
+            let s = gradient_score(dy, y, &yq)?;
+            self.scores[id][f] = Some(match self.scores[id][f].take() {
+                Some(prev) => (prev + s)?,
+                None => s,
+            });
+        }
+        Ok(())
+    }
+}

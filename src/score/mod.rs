@@ -1,0 +1,481 @@
+//! Stage 3, `score-layers`: checkpoint + model inputs → per-layer, per-format sensitivity scores.
+//!
+//! 1. Calibration: max calibration of every layer's input over the calibration samples with
+//!    quantization off; weight statistics.
+//! 2. Scoring, per sample: ModelOpt's gradient method (one forward + one backward) or its
+//!    kl_div method (one forward, then one partial re-forward per group and format).
+//! 3. Per-sample contributions are kept, so the run can be resumed after a kill (`--resume`),
+//!    split into shards (`--shard i/n`, merged with `--merge`), and confidence intervals can be
+//!    bootstrapped downstream.
+
+pub mod calibrate;
+pub mod gradient;
+pub mod kl;
+pub mod state;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::artifact::inputs::{ModelInputs, SampleInputs};
+use crate::artifact::scores::{FormatInfo, LayerScores, ModelSummary, SampleSummary, Scores};
+use crate::artifact::{self, Artifact, Location, Provenance};
+use crate::cli::Reporter;
+use crate::model::qwen3_vl::{ForwardOptions, Input, Keep, LogitsMode, Qwen3VL};
+use crate::model::{LayerId, Linear, NoTap};
+use crate::quant::{self, format_by_name, Format, GroupingRules, NamePatterns, NONE, NONE_BITS};
+
+use gradient::{GradientTap, LayerQuant};
+
+pub const TOOL: &str = "score-layers";
+
+/// Scoring method (ModelOpt's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    /// Σ (∂L/∂Y ⊙ (Y_q − Y))² per layer (ModelOpt's default).
+    Gradient,
+    /// Σ KL(P ‖ P_q) over all positions, one group quantized at a time.
+    #[value(name = "kl_div", alias = "kl")]
+    KlDiv,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Gradient => "gradient",
+            Method::KlDiv => "kl_div",
+        }
+    }
+}
+
+/// Everything `score-layers` needs.
+#[derive(Debug, Clone)]
+pub struct ScoreOptions {
+    pub model_dir: PathBuf,
+    pub inputs: Location,
+    pub output: Location,
+    pub method: Method,
+    pub device: String,
+    pub dtype: DType,
+    pub formats: Vec<String>,
+    pub disable: Vec<String>,
+    pub exclude_cost: Vec<String>,
+    /// Grouping regexes; `None` = ModelOpt's defaults.
+    pub group_rules: Option<Vec<String>>,
+    /// Calibrate on the first N samples (default: all).
+    pub calib_samples: Option<usize>,
+    /// Score only the first N samples (default: all).
+    pub num_samples: Option<usize>,
+    /// `(i, n)`: score the samples whose index ≡ i (mod n).
+    pub shard: Option<(usize, usize)>,
+    /// Continue from the state file of an interrupted run.
+    pub resume: bool,
+    /// Where the running state is saved (default `<output>.partial`).
+    pub state: Option<PathBuf>,
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().with_context(|| format!("invalid device '{s}' (expected cuda:N)"))?,
+                None => 0,
+            };
+            if !candle_core::utils::cuda_is_available() {
+                bail!("device '{s}' requested, but this qsens was built without CUDA (rebuild with --features cuda, see docs/cuda.md)");
+            }
+            Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+        }
+        other => bail!("unknown device '{other}' (expected cpu, cuda or cuda:N)"),
+    }
+}
+
+/// Parses `f32`, `bf16` or `f16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        other => bail!("unsupported dtype '{other}' (expected f32, bf16 or f16)"),
+    }
+}
+
+/// Parses `i/n` with i < n.
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let (i, n) = s.split_once('/').with_context(|| format!("invalid shard '{s}' (expected i/n, e.g. 0/2)"))?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().with_context(|| format!("invalid shard '{s}'"))?,
+        n.trim().parse().with_context(|| format!("invalid shard '{s}'"))?,
+    );
+    ensure!(n > 0 && i < n, "invalid shard '{s}': need 0 <= i < n");
+    Ok((i, n))
+}
+
+/// Builds the model input of one sample: pixel rows expanded from the stored RGB bytes.
+pub fn model_input(sample: &SampleInputs, inputs: &ModelInputs) -> Result<Input> {
+    let settings = &inputs.processor;
+    let row = (3 * settings.temporal_patch_size * settings.patch_size * settings.patch_size) as usize;
+    let mut pixels = Vec::new();
+    for image in &sample.images {
+        pixels.extend(crate::preprocess::pixel_values(image, settings));
+    }
+    let rows = pixels.len() / row.max(1);
+    let pixel_values = Tensor::from_vec(pixels, (rows, row), &Device::Cpu)?;
+    let position_ids = match sample.position_ids.as_slice() {
+        [t, h, w] => [t.clone(), h.clone(), w.clone()],
+        other => bail!("sample {}: position_ids has {} rows, expected 3", sample.id, other.len()),
+    };
+    Ok(Input {
+        input_ids: sample.input_ids.clone(),
+        position_ids,
+        labels: Some(sample.labels.clone()),
+        pixel_values,
+        grid_thw: sample.images.iter().map(|i| i.grid_thw).collect(),
+    })
+}
+
+/// Digests of the checkpoint files that determine the model: config and every weight file.
+fn model_provenance(dir: &Path, prov: &mut Provenance) -> Result<()> {
+    let config = dir.join("config.json");
+    prov.source("model-config", config.display(), artifact::sha256_file(&config)?);
+    let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    weights.sort();
+    ensure!(!weights.is_empty(), "{}: no .safetensors weights", dir.display());
+    for w in weights {
+        prov.source("model-weights", w.display(), artifact::blake3_file(&w)?);
+    }
+    Ok(())
+}
+
+/// The run's fixed description: layers, groups, formats, costs; no scores yet.
+struct Plan {
+    formats: Vec<Box<dyn Format>>,
+    /// Group membership as layer ids, parallel to `skeleton.payload.groups`.
+    group_members: Vec<Vec<LayerId>>,
+    /// Layers of disabled groups (not scored).
+    skip: Vec<bool>,
+    /// Samples this run scores (indices into the inputs).
+    to_score: Vec<usize>,
+    calibration: Vec<usize>,
+}
+
+fn plan(opts: &ScoreOptions, model: &Qwen3VL, inputs: &ModelInputs) -> Result<(Plan, Scores)> {
+    let mut formats: Vec<Box<dyn Format>> = opts.formats.iter().map(|f| format_by_name(f)).collect::<Result<_>>()?;
+    ensure!(!formats.is_empty(), "no quantization format given");
+    formats.sort_by(|a, b| a.effective_bits().total_cmp(&b.effective_bits()));
+    let rules = match &opts.group_rules {
+        Some(r) => GroupingRules::new(r.iter().map(String::as_str))?,
+        None => GroupingRules::default(),
+    };
+    let disable = NamePatterns::new(&opts.disable)?;
+    let exclude_cost = NamePatterns::new(&opts.exclude_cost)?;
+
+    let layers = model.layers();
+    let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
+    let groups = rules.group(&names);
+    let mut format_info: Vec<FormatInfo> = formats
+        .iter()
+        .map(|f| FormatInfo {
+            name: f.name().to_string(),
+            effective_bits: f.effective_bits(),
+            weight: f.weight_description(),
+            input: f.input_description(),
+        })
+        .collect();
+    format_info.push(FormatInfo {
+        name: NONE.into(),
+        effective_bits: NONE_BITS,
+        weight: "unquantized".into(),
+        input: "unquantized".into(),
+    });
+
+    let mut skip = vec![false; layers.len()];
+    let mut group_of = vec![String::new(); layers.len()];
+    let mut group_scores = Vec::new();
+    let mut group_members = Vec::new();
+    for g in &groups {
+        let members: Vec<&str> = g.members.iter().map(|&i| names[i]).collect();
+        let disabled = disable.matches_group(&g.name, &members);
+        let cost_excluded = exclude_cost.matches_group(&g.name, &members);
+        let params: u64 = g.members.iter().map(|&i| layers[i].params()).sum();
+        let costs = format_info.iter().map(|f| params as f64 * f.effective_bits / 16.0).collect();
+        for &i in &g.members {
+            skip[i] = disabled;
+            group_of[i] = g.name.clone();
+        }
+        group_scores.push(state::empty_group(
+            g.name.clone(),
+            members.iter().map(|s| s.to_string()).collect(),
+            params,
+            costs,
+            disabled,
+            cost_excluded,
+        ));
+        group_members.push(g.members.clone());
+    }
+    let per_layer = opts.method == Method::Gradient;
+    let layer_scores = layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| LayerScores {
+            name: l.name.clone(),
+            group: group_of[i].clone(),
+            tower: l.tower.as_str().into(),
+            kind: l.kind.as_str().into(),
+            shape: [l.out_features as u64, l.in_features as u64],
+            params: l.params(),
+            input_amax: 0.0,
+            weight_amax: 0.0,
+            per_sample: if per_layer { vec![Vec::new(); format_info.len()] } else { Vec::new() },
+        })
+        .collect();
+
+    let n = inputs.samples.len();
+    ensure!(n > 0, "the inputs contain no samples (empty calibration set)");
+    let limit = opts.num_samples.unwrap_or(n).min(n);
+    let to_score: Vec<usize> = (0..limit).filter(|i| opts.shard.is_none_or(|(s, k)| i % k == s)).collect();
+    let calibration: Vec<usize> = (0..opts.calib_samples.unwrap_or(n).min(n)).collect();
+    ensure!(!calibration.is_empty(), "--calib-samples must be at least 1");
+
+    let model_name = opts
+        .model_dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| opts.model_dir.display().to_string());
+    let scores = Scores {
+        model: ModelSummary {
+            name: model_name,
+            architecture: "Qwen3VLForConditionalGeneration".into(),
+            num_parameters: model.num_parameters(),
+        },
+        method: opts.method.as_str().into(),
+        dtype: dtype_name(opts.dtype).into(),
+        formats: format_info,
+        samples: Vec::new(),
+        num_inputs: limit,
+        calibration_samples: calibration.clone(),
+        layers: layer_scores,
+        groups: group_scores,
+    };
+    Ok((Plan { formats, group_members, skip, to_score, calibration }, scores))
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F64 => "f64",
+        _ => "other",
+    }
+}
+
+/// Runs `score-layers`.
+pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
+    let input_bytes = artifact::read_bytes(&opts.inputs)?;
+    let inputs: Artifact<ModelInputs> = artifact::from_bytes(&input_bytes).with_context(|| format!("{}", opts.inputs))?;
+    let inputs = inputs.payload;
+
+    let mut provenance = Provenance::default();
+    provenance.source("inputs", &opts.inputs, artifact::sha256_bytes(&input_bytes));
+    model_provenance(&opts.model_dir, &mut provenance)?;
+    provenance
+        .param("method", opts.method.as_str())
+        .param("dtype", dtype_name(opts.dtype))
+        .param("formats", opts.formats.join(","))
+        .param("disable", opts.disable.join(","))
+        .param("exclude_cost", opts.exclude_cost.join(","))
+        .param("group_rules", opts.group_rules.as_ref().map_or("modelopt-default".into(), |r| r.join(" ")));
+    if let Some(n) = opts.calib_samples {
+        provenance.param("calib_samples", n);
+    }
+    if let Some(n) = opts.num_samples {
+        provenance.param("num_samples", n);
+    }
+    if let Some((i, n)) = opts.shard {
+        provenance.param("shard", format!("{i}/{n}"));
+    }
+
+    let device = parse_device(&opts.device)?;
+    let model = Qwen3VL::load(&opts.model_dir, opts.dtype, &device)
+        .with_context(|| format!("loading model from {}", opts.model_dir.display()))?;
+    let (plan, skeleton) = plan(opts, &model, &inputs)?;
+
+    let state_path = match (&opts.state, &opts.output) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Location::File(p)) => Some(PathBuf::from(format!("{}.partial", p.display()))),
+        (None, Location::Std) => None,
+    };
+    if opts.resume && state_path.is_none() {
+        bail!("--resume needs a state file: write the output to a file (-o FILE) or pass --state FILE");
+    }
+
+    // Resume or calibrate.
+    let mut run = match (&state_path, opts.resume) {
+        (Some(p), true) if p.exists() => {
+            let loc = Location::File(p.clone());
+            let saved: Artifact<Scores> = artifact::read(loc.clone())?;
+            state::check_resumable(&saved, &provenance, &loc)?;
+            reporter.note(format!("resuming from {} ({} of {} samples done)", p.display(), saved.payload.samples.len(), plan.to_score.len()));
+            saved
+        }
+        _ => {
+            let mut fresh = Artifact::new(TOOL, provenance.clone(), skeleton);
+            calibrate(&model, &inputs, &plan, &mut fresh.payload, reporter)?;
+            if let Some(p) = &state_path {
+                artifact::write(Location::File(p.clone()), &fresh)?;
+            }
+            fresh
+        }
+    };
+
+    let input_amax: Vec<f32> = run.payload.layers.iter().map(|l| l.input_amax as f32).collect();
+    let weight_stats: Vec<quant::WeightStats> =
+        run.payload.layers.iter().map(|l| quant::WeightStats { amax: l.weight_amax as f32 }).collect();
+    let mut quant = LayerQuant {
+        formats: &plan.formats,
+        input_amax: &input_amax,
+        weight_stats: &weight_stats,
+        skip: &plan.skip,
+        cached_weights: None,
+    };
+    if device.is_cpu() {
+        let linears: Vec<&Linear> = (0..model.layers().len()).map(|i| model.linear(i)).collect();
+        quant.cache_weights(&linears)?;
+    }
+
+    let pending: Vec<usize> =
+        plan.to_score.iter().copied().filter(|i| !run.payload.samples.iter().any(|s| s.index == *i)).collect();
+    let bar = reporter.bar(plan.to_score.len() as u64, "scoring");
+    bar.set_position((plan.to_score.len() - pending.len()) as u64);
+    for &index in &pending {
+        let sample = &inputs.samples[index];
+        bar.set_message(sample.id.clone());
+        let input = model_input(sample, &inputs)?;
+        let summary_of = |loss: f32| SampleSummary {
+            index,
+            id: sample.id.clone(),
+            num_tokens: sample.input_ids.len(),
+            num_image_tokens: sample.mm_token_type_ids.iter().filter(|&&t| t == 1).count(),
+            num_label_tokens: sample.labels.iter().skip(1).filter(|&&l| l != -100).count(),
+            loss: loss as f64,
+        };
+        match opts.method {
+            Method::Gradient => {
+                let (loss, values) = score_gradient(&model, &input, &quant)
+                    .with_context(|| format!("scoring sample {} ({})", index, sample.id))?;
+                state::push_sample(&mut run.payload, summary_of(loss), Some(&values), None);
+            }
+            Method::KlDiv => {
+                let (loss, values) = score_kl(&model, &input, &quant, &plan, &run.payload)
+                    .with_context(|| format!("scoring sample {} ({})", index, sample.id))?;
+                state::push_sample(&mut run.payload, summary_of(loss), None, Some(&values));
+            }
+        }
+        if let Some(p) = &state_path {
+            artifact::write(Location::File(p.clone()), &run)?;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    state::recompute_totals(&mut run.payload);
+    artifact::write(opts.output.clone(), &run)?;
+    if let Some(p) = &state_path {
+        // The finished artifact supersedes the state; a failure to remove it is harmless.
+        let _ = std::fs::remove_file(p);
+    }
+    reporter.note(format!(
+        "scored {} samples × {} layers ({} groups), method {}, → {}",
+        run.payload.samples.len(),
+        run.payload.layers.len(),
+        run.payload.groups.len(),
+        opts.method.as_str(),
+        opts.output
+    ));
+    Ok(())
+}
+
+/// Max calibration over the calibration samples; fills `input_amax` and `weight_amax`.
+fn calibrate(model: &Qwen3VL, inputs: &ModelInputs, plan: &Plan, scores: &mut Scores, reporter: &Reporter) -> Result<()> {
+    let num_layers = model.layers().len();
+    let mut tap = calibrate::AmaxTap::new(num_layers);
+    let bar = reporter.bar(plan.calibration.len() as u64, "calibrating");
+    let opts = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: false };
+    for &index in &plan.calibration {
+        let sample = &inputs.samples[index];
+        bar.set_message(sample.id.clone());
+        let input = model_input(sample, inputs)?;
+        model
+            .forward(&input, &mut tap, &opts)
+            .with_context(|| format!("calibration forward of sample {} ({})", index, sample.id))?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let input_amax = tap.finish()?;
+    for (id, layer) in scores.layers.iter_mut().enumerate() {
+        layer.input_amax = input_amax[id] as f64;
+        layer.weight_amax = quant::WeightStats::of(model.linear(id).weight())?.amax as f64;
+    }
+    Ok(())
+}
+
+/// One sample, gradient method: `(loss, [layer][format] contributions)`.
+fn score_gradient(model: &Qwen3VL, input: &Input, quant: &LayerQuant) -> Result<(f32, Vec<Vec<f64>>)> {
+    let opts = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Backward, trace: false };
+    let fwd = model.forward(input, &mut NoTap, &opts)?;
+    let loss = fwd.loss.context("the sample has no label tokens, so there is no loss to differentiate")?;
+    let mut tap = GradientTap::new(quant, model.layers().len());
+    model.backward(&fwd, &mut tap)?;
+    let mut values = tap.finish()?;
+    for v in &mut values {
+        v.push(0.0); // NONE
+    }
+    Ok((loss, values))
+}
+
+/// One sample, kl_div method: `(loss, [group][format] contributions)`.
+fn score_kl(model: &Qwen3VL, input: &Input, quant: &LayerQuant, plan: &Plan, scores: &Scores) -> Result<(f32, Vec<Vec<f64>>)> {
+    let opts = ForwardOptions { logits: LogitsMode::All, keep: Keep::Resume, trace: false };
+    let base = model.forward(input, &mut NoTap, &opts)?;
+    let log_p = kl::log_softmax(base.logits.as_ref().context("forward returned no logits")?)?;
+    let mut values = Vec::with_capacity(scores.groups.len());
+    for (g, group) in scores.groups.iter().enumerate() {
+        let mut per_format = vec![0.0; plan.formats.len() + 1];
+        if !group.disabled {
+            let members = &plan.group_members[g];
+            let mut kls = Vec::with_capacity(plan.formats.len());
+            for f in 0..plan.formats.len() {
+                let mut tap = kl::GroupQuantTap { quant, members, format: f };
+                let logits = model.forward_from(&base, members[0], &mut tap)?;
+                kls.push(kl::kl_sum(&log_p, &kl::log_softmax(&logits)?)?);
+            }
+            let kls = Tensor::stack(&kls, 0)?.to_vec1::<f32>()?;
+            for (f, v) in kls.into_iter().enumerate() {
+                per_format[f] = v as f64;
+            }
+        }
+        values.push(per_format);
+    }
+    Ok((base.loss.unwrap_or(f32::NAN), values))
+}
+
+/// `score-layers --merge`: combines shard artifacts into the unsharded result.
+pub fn merge(shards: &[Location], output: &Location, reporter: &Reporter) -> Result<()> {
+    let shards = shards
+        .iter()
+        .map(|loc| Ok((loc.clone(), artifact::read::<Scores>(loc.clone())?)))
+        .collect::<Result<Vec<_>>>()?;
+    let merged = state::merge_shards(shards)?;
+    artifact::write(output.clone(), &merged)?;
+    reporter.note(format!("merged {} samples → {output}", merged.payload.samples.len()));
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! Turning per-sample contributions into a `qsens.scores` artifact, and back: resuming from a
+//! partial artifact and merging shards.
+//!
+//! A run's state *is* a scores artifact: the samples scored so far with their per-sample
+//! contributions and the calibrated amax. Totals are always recomputed from the per-sample
+//! contributions in sample order, so an interrupted-and-resumed run, a merge of shards, and an
+//! uninterrupted run produce byte-identical artifacts.
+
+use anyhow::{bail, ensure, Result};
+
+use crate::artifact::scores::{GroupScores, LayerScores, SampleSummary, Scores};
+use crate::artifact::{Artifact, Location, Provenance};
+
+/// Recomputes every group's totals from the per-sample contributions.
+///
+/// For methods with per-layer contributions (gradient), a group's per-sample contribution is the
+/// sum of its members' (in member order); for group-level methods (kl_div) the group's own
+/// per-sample values are kept. Totals sum samples in order, then are made monotone across formats
+/// (fewest bits first, each score the min of itself and the previous one; NONE = 0), as ModelOpt.
+pub fn recompute_totals(scores: &mut Scores) {
+    let num_formats = scores.formats.len();
+    let num_samples = scores.samples.len();
+    let per_layer = scores.has_layer_contributions();
+    let layer_index: std::collections::HashMap<&str, &LayerScores> =
+        scores.layers.iter().map(|l| (l.name.as_str(), l)).collect();
+    for group in &mut scores.groups {
+        if group.disabled {
+            group.per_sample = vec![Vec::new(); num_formats];
+            group.scores = vec![0.0; num_formats];
+            continue;
+        }
+        if per_layer {
+            let members: Vec<&LayerScores> = group.members.iter().map(|m| layer_index[m.as_str()]).collect();
+            group.per_sample = (0..num_formats)
+                .map(|f| {
+                    (0..num_samples)
+                        .map(|k| members.iter().fold(0.0, |acc, l| acc + l.per_sample[f].get(k).copied().unwrap_or(0.0)))
+                        .collect()
+                })
+                .collect();
+        }
+        let mut prev = f64::INFINITY;
+        group.scores = (0..num_formats)
+            .map(|f| {
+                let total = group.per_sample.get(f).map_or(0.0, |v| v.iter().fold(0.0, |a, b| a + b));
+                let s = total.min(prev);
+                prev = s;
+                s
+            })
+            .collect();
+    }
+}
+
+/// Appends one scored sample: per-layer contributions `[layer][format]` (gradient) or per-group
+/// contributions `[group][format]` (kl_div), keeping samples sorted by index.
+pub fn push_sample(
+    scores: &mut Scores,
+    sample: SampleSummary,
+    layer_values: Option<&[Vec<f64>]>,
+    group_values: Option<&[Vec<f64>]>,
+) {
+    let pos = scores.samples.partition_point(|s| s.index < sample.index);
+    scores.samples.insert(pos, sample);
+    if let Some(values) = layer_values {
+        for (layer, v) in scores.layers.iter_mut().zip(values) {
+            for (f, x) in v.iter().enumerate() {
+                layer.per_sample[f].insert(pos, *x);
+            }
+        }
+    }
+    if let Some(values) = group_values {
+        for (group, v) in scores.groups.iter_mut().zip(values) {
+            if group.disabled {
+                continue;
+            }
+            for (f, x) in v.iter().enumerate() {
+                group.per_sample[f].insert(pos, *x);
+            }
+        }
+    }
+}
+
+/// Checks that a saved state was made by the same run (same inputs, model and settings).
+pub fn check_resumable(state: &Artifact<Scores>, provenance: &Provenance, location: &Location) -> Result<()> {
+    if state.provenance != *provenance {
+        let diff = describe_difference(&state.provenance, provenance);
+        bail!("{location}: saved state comes from a different run ({diff}); delete it or run without --resume");
+    }
+    Ok(())
+}
+
+fn describe_difference(a: &Provenance, b: &Provenance) -> String {
+    for s in &b.sources {
+        match a.sources.iter().find(|t| t.role == s.role) {
+            Some(t) if t.digest != s.digest => return format!("{} changed", s.role),
+            None => return format!("{} not recorded", s.role),
+            _ => {}
+        }
+    }
+    for (k, v) in &b.parameters {
+        if a.parameters.get(k) != Some(v) {
+            return format!("parameter {k}: was {:?}, now {v:?}", a.parameters.get(k));
+        }
+    }
+    "provenance differs".into()
+}
+
+/// Merges shard artifacts (disjoint sample subsets of one run) into one artifact equal to the
+/// unsharded run's.
+pub fn merge_shards(shards: Vec<(Location, Artifact<Scores>)>) -> Result<Artifact<Scores>> {
+    ensure!(!shards.is_empty(), "no shards to merge");
+    let strip = |p: &Provenance| {
+        let mut p = p.clone();
+        p.parameters.remove("shard");
+        p
+    };
+    let (first_loc, first) = &shards[0];
+    let provenance = strip(&first.provenance);
+    let mut merged = first.clone();
+    merged.provenance = provenance.clone();
+    for (loc, shard) in &shards[1..] {
+        if strip(&shard.provenance) != provenance {
+            bail!(
+                "{loc}: not a shard of the same run as {first_loc} ({})",
+                describe_difference(&strip(&shard.provenance), &provenance)
+            );
+        }
+        let same_shape = shard.payload.layers.len() == merged.payload.layers.len()
+            && shard.payload.groups.len() == merged.payload.groups.len()
+            && shard.payload.layers.iter().zip(&merged.payload.layers).all(|(a, b)| {
+                a.name == b.name && a.input_amax.to_bits() == b.input_amax.to_bits()
+            });
+        ensure!(same_shape, "{loc}: layers or calibration differ from {first_loc}");
+        let per_layer = merged.payload.has_layer_contributions();
+        for (k, sample) in shard.payload.samples.iter().enumerate() {
+            if merged.payload.samples.iter().any(|s| s.index == sample.index) {
+                bail!("{loc}: sample {} ({}) is also in another shard", sample.index, sample.id);
+            }
+            let values: Vec<Vec<f64>> = if per_layer {
+                shard.payload.layers.iter().map(|l| l.per_sample.iter().map(|v| v[k]).collect()).collect()
+            } else {
+                shard.payload.groups.iter().map(|g| g.per_sample.iter().map(|v| v.get(k).copied().unwrap_or(0.0)).collect()).collect()
+            };
+            let (layers, groups) = if per_layer { (Some(values.as_slice()), None) } else { (None, Some(values.as_slice())) };
+            push_sample(&mut merged.payload, sample.clone(), layers, groups);
+        }
+    }
+    let n = merged.payload.num_inputs;
+    let got: Vec<usize> = merged.payload.samples.iter().map(|s| s.index).collect();
+    ensure!(
+        got.iter().copied().eq(0..n),
+        "merged shards cover samples {got:?} of {n} inputs; a shard is missing"
+    );
+    recompute_totals(&mut merged.payload);
+    Ok(merged)
+}
+
+impl Scores {
+    /// True when every input sample has been scored.
+    pub fn is_complete(&self) -> bool {
+        self.samples.len() == self.num_inputs
+    }
+
+    /// Whether contributions are kept per layer (gradient) or only per group (kl_div).
+    pub fn has_layer_contributions(&self) -> bool {
+        self.method == "gradient"
+    }
+}
+
+/// Empty group scores for a fresh run.
+pub fn empty_group(name: String, members: Vec<String>, params: u64, costs: Vec<f64>, disabled: bool, cost_excluded: bool) -> GroupScores {
+    let num_formats = costs.len();
+    GroupScores {
+        name,
+        members,
+        params,
+        costs,
+        scores: vec![0.0; num_formats],
+        per_sample: vec![Vec::new(); num_formats],
+        disabled,
+        cost_excluded,
+    }
+}
