@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""ModelOpt auto_quantize (FP8, gradient) on the same checkpoint and the same input tensors as
+qsens (read from qsens' `qsens.model-inputs` artifact). Writes a JSON with timings, peak memory,
+per-group scores and costs, and the recipes re-solved at several budgets. Run on the GPU machine
+with nvidia-modelopt 0.47 importable.
+"""
+import argparse, json, sys, time
+
+import msgpack
+import numpy as np
+import torch
+
+
+def pixel_values(image, proc):
+    """HF Qwen2-VL image processor's rescale+normalize and patch flattening, from the stored RGB."""
+    h, w = image["height"], image["width"]
+    p, t, m = proc["patch_size"], proc["temporal_patch_size"], proc["merge_size"]
+    rgb = np.frombuffer(image["rgb"], dtype=np.uint8).reshape(h, w, 3)
+    mean = np.array([np.float32(mu / proc["rescale_factor"]) for mu in proc["image_mean"]], dtype=np.float32)
+    std = np.array([np.float32(s / proc["rescale_factor"]) for s in proc["image_std"]], dtype=np.float32)
+    x = (rgb.astype(np.float32) - mean) / std                 # (H, W, C)
+    x = np.transpose(x, (2, 0, 1))[None]                      # (1, C, H, W)
+    x = np.repeat(x[:, None], t, axis=1)                      # (1, T, C, H, W)
+    gh, gw = h // p, w // p
+    x = x.reshape(1, 1, t, 3, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    return x.reshape(gh * gw, 3 * t * p * p)
+
+
+def batches(path, device):
+    art = msgpack.unpackb(open(path, "rb").read(), raw=False)
+    assert art["kind"] == "qsens.model-inputs", art["kind"]
+    proc = art["payload"]["processor"]
+    out = []
+    for s in art["payload"]["samples"]:
+        pv = np.concatenate([pixel_values(im, proc) for im in s["images"]])
+        out.append({
+            "input_ids": torch.tensor([s["input_ids"]], device=device),
+            "attention_mask": torch.tensor([s["attention_mask"]], device=device),
+            "labels": torch.tensor([s["labels"]], device=device),
+            "mm_token_type_ids": torch.tensor([s["mm_token_type_ids"]], device=device),
+            "pixel_values": torch.from_numpy(pv).to(device=device, dtype=torch.bfloat16),
+            "image_grid_thw": torch.tensor([im["grid_thw"] for im in s["images"]], device=device),
+        })
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--inputs", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--bits", type=float, nargs="+", default=[10.0, 12.0])
+    args = ap.parse_args()
+
+    t0 = time.time()
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.algorithms import _resolve_best_recipe
+    import_s = time.time() - t0
+
+    from transformers import Qwen3VLForConditionalGeneration
+    t0 = time.time()
+    model = Qwen3VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.bfloat16, device_map="cuda")
+    model.eval()
+    load_s = time.time() - t0
+    data = batches(args.inputs, "cuda")
+    n = len(data)
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    model, state = mtq.auto_quantize(
+        model,
+        constraints={"effective_bits": 11.0},
+        quantization_formats=["FP8_DEFAULT_CFG"],
+        data_loader=data,
+        forward_step=lambda m, b: m(**b),
+        loss_func=lambda out, b: out.loss,
+        num_calib_steps=n,
+        num_score_steps=n,
+        verbose=False,
+        method="gradient",
+    )
+    torch.cuda.synchronize()
+    wall = time.time() - t0
+    peak = torch.cuda.max_memory_allocated()
+
+    groups = []
+    for name, st in state["candidate_stats"].items():
+        groups.append({
+            "hparam": name,
+            "modules": list(st["module_names"]),
+            "formats": [str(f) for f in st["formats"]],
+            "scores": [float(x) for x in st["scores"]],
+            "costs": [float(x) for x in st["costs"]],
+        })
+    targets = {}
+    for b in args.bits:
+        recipe = _resolve_best_recipe(state, {"effective_bits": b})
+        targets[str(b)] = {k.removesuffix(".quant_recipe"): str(v) for k, v in recipe.items()}
+    json.dump({
+        "num_samples": n,
+        "modelopt_import_s": import_s,
+        "load_s": load_s,
+        "auto_quantize_s": wall,
+        "peak_allocated_bytes": peak,
+        "groups": groups,
+        "targets": targets,
+        "cost_denominator": state.get("cost_denominator"),
+    }, open(args.out, "w"), indent=1)
+    print(f"modelopt: {n} samples, auto_quantize {wall:.1f} s, peak {peak / 2**30:.2f} GiB, load {load_s:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
