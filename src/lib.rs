@@ -8,8 +8,10 @@
 //! 5. `report` (`manifest-to-md`): manifest → Markdown report with SVG plots.
 //!
 //! Shared homes: [`artifact`] (the schemas), [`model`] (Qwen3-VL forward and backward),
-//! `quant` (FP8 numerics, formats, layer grouping), [`cli`] (flags, exit codes, progress).
+//! `quant` (FP8 numerics, formats, layer grouping), [`cli`] (flags, exit codes, progress), and
+//! [`demo`] (the generated demo set: images, captions and a tiny checkpoint).
 pub mod artifact;
 pub mod cli;
+pub mod demo;
 pub mod model;
 pub mod quant;
