@@ -428,4 +428,11 @@ fn forward_rejects_inconsistent_inputs() {
     let mut count = Count::default();
     model.backward(&f, &mut count).unwrap();
     assert!(count.calls.iter().all(|&id| model.layers()[id].tower != Tower::Vision));
+    // Resuming a text-only sample from any layer, vision ones included, gives its logits again.
+    let res = model.forward(&i, &mut NoTap, &ForwardOptions { logits: LogitsMode::All, keep: Keep::Resume, trace: false });
+    let res = res.unwrap();
+    for id in 0..model.layers().len() {
+        let again = model.forward_from(&res, id, &mut NoTap).unwrap();
+        assert_eq!(common::qwen::max_abs_diff(&again, res.logits.as_ref().unwrap()), 0.0);
+    }
 }

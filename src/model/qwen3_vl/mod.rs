@@ -103,6 +103,18 @@ pub struct Forward {
     resume: Option<ResumeCache>,
 }
 
+impl std::fmt::Debug for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forward")
+            .field("loss", &self.loss)
+            .field("logits", &self.logits.as_ref().map(|l| l.shape().clone()))
+            .field("trace", &self.trace.keys().collect::<Vec<_>>())
+            .field("backward", &self.bwd.is_some())
+            .field("resume", &self.resume.is_some())
+            .finish()
+    }
+}
+
 impl Forward {
     /// The loss as a 0-d tensor in the accumulation dtype (f64 for an f64 model: finite differences
     /// need more than the f32 of [`Forward::loss`]).
@@ -637,7 +649,11 @@ impl Qwen3VL {
         let (Some(prev), Some(s)) = (fwd.resume.as_ref(), fwd.sample.as_ref()) else {
             bail!("forward_from needs a Forward made with Keep::Resume")
         };
-        let start = self.start_of(start)?;
+        let mut start = self.start_of(start)?;
+        if s.vision.is_none() && matches!(start, Start::PatchEmbed | Start::VisionBlock(_) | Start::Merger | Start::Deepstack(_)) {
+            // Without an image the vision layers change nothing: just the logits again.
+            start = Start::LmHead;
+        }
         let out = self.run(s, start, Some(prev), tap, Keep::Nothing, false, LogitsMode::All)?;
         match out.logits {
             Some(l) => Ok(l),
