@@ -11,6 +11,8 @@
 //! use fused kernels in the forward. See `qwen3_vl` for the model itself.
 
 pub mod linear;
+pub mod loader;
+pub mod qwen3_vl;
 
 use candle_core::{Result, Tensor};
 

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod qwen;
+
 use std::path::PathBuf;
 
 /// The shared fixtures folder (`QSENS_FIXTURES`, default `../shared/fixtures`), or `None` when it

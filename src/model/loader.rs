@@ -1,0 +1,162 @@
+//! Memory-mapped HF safetensors checkpoints: one `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`.
+//!
+//! Tensors are read on demand by HF name, checked against the shape the model expects and cast to
+//! the dtype chosen at load. A missing or misshaped tensor is an error that names the tensor and
+//! the file it was looked up in.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, Metadata, SafeTensors};
+
+/// File name of a single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// File name of the shard index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Byte offset of the data section (8 + header length).
+    data_start: usize,
+    meta: Metadata,
+}
+
+/// An opened checkpoint directory.
+pub struct Checkpoint {
+    shards: Vec<Shard>,
+    /// Tensor name → shard index.
+    location: HashMap<String, usize>,
+    /// The index json of a sharded checkpoint (named in errors).
+    index: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("shards", &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>())
+            .field("tensors", &self.location.len())
+            .finish()
+    }
+}
+
+fn open_shard(path: &Path) -> Result<Shard> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| candle_core::Error::Msg(format!("cannot open {}: {e}", path.display())))?;
+    // SAFETY: the checkpoint is treated as read-only for the lifetime of the map; like every
+    // mmap-based loader (candle, safetensors) we rely on nobody truncating it meanwhile.
+    let mmap = unsafe { Mmap::map(&file) }
+        .map_err(|e| candle_core::Error::Msg(format!("cannot map {}: {e}", path.display())))?;
+    let (header_len, meta) = SafeTensors::read_metadata(&mmap[..])
+        .map_err(|e| candle_core::Error::Msg(format!("{} is not a valid safetensors file: {e}", path.display())))?;
+    Ok(Shard { path: path.to_path_buf(), mmap, data_start: 8 + header_len, meta })
+}
+
+fn candle_dtype(dt: StDtype) -> Option<DType> {
+    Some(match dt {
+        StDtype::F64 => DType::F64,
+        StDtype::F32 => DType::F32,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F16 => DType::F16,
+        StDtype::U8 => DType::U8,
+        StDtype::U32 => DType::U32,
+        StDtype::I64 => DType::I64,
+        _ => return None,
+    })
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors.index.json` (sharded) if present, else `dir/model.safetensors`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join(INDEX_FILE);
+        if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|e| candle_core::Error::Msg(format!("cannot read {}: {e}", index_path.display())))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| candle_core::Error::Msg(format!("{} is not valid JSON: {e}", index_path.display())))?;
+            let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+                bail!("{} has no `weight_map` object", index_path.display())
+            };
+            let mut shards = Vec::new();
+            let mut file_ix: HashMap<String, usize> = HashMap::new();
+            let mut location = HashMap::new();
+            let mut names: Vec<(&String, &serde_json::Value)> = map.iter().collect();
+            names.sort_by(|a, b| a.0.cmp(b.0));
+            for (name, file) in names {
+                let Some(file) = file.as_str() else {
+                    bail!("{}: weight_map entry for `{name}` is not a string", index_path.display())
+                };
+                let ix = match file_ix.get(file) {
+                    Some(&ix) => ix,
+                    None => {
+                        shards.push(open_shard(&dir.join(file))?);
+                        file_ix.insert(file.to_string(), shards.len() - 1);
+                        shards.len() - 1
+                    }
+                };
+                location.insert(name.clone(), ix);
+            }
+            Ok(Checkpoint { shards, location, index: Some(index_path) })
+        } else {
+            let path = dir.join(SINGLE_FILE);
+            if !path.is_file() {
+                bail!("no {} or {} in {}", SINGLE_FILE, INDEX_FILE, dir.display())
+            }
+            let shard = open_shard(&path)?;
+            let location = shard.meta.tensors().into_keys().map(|k| (k, 0)).collect();
+            Ok(Checkpoint { shards: vec![shard], location, index: None })
+        }
+    }
+
+    /// Whether the checkpoint lists tensor `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    /// Where a lookup of an unlisted tensor was made, for error messages.
+    fn where_listed(&self) -> String {
+        match &self.index {
+            Some(p) => p.display().to_string(),
+            None => self.shards[0].path.display().to_string(),
+        }
+    }
+
+    /// Tensor `name`, checked to have shape `shape`, as `dtype` on `device`.
+    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let Some(&ix) = self.location.get(name) else {
+            bail!("tensor `{name}` is missing from {}", self.where_listed())
+        };
+        let shard = &self.shards[ix];
+        let Some(info) = shard.meta.info(name) else {
+            bail!(
+                "tensor `{name}` is listed in {} for {} but missing from that file",
+                self.where_listed(),
+                shard.path.display()
+            )
+        };
+        if info.shape != shape {
+            bail!(
+                "tensor `{name}` in {} has shape {:?}, expected {:?}",
+                shard.path.display(),
+                info.shape,
+                shape
+            )
+        }
+        let Some(src_dtype) = candle_dtype(info.dtype).filter(|d| d.is_float()) else {
+            bail!("tensor `{name}` in {} has unsupported dtype {:?}", shard.path.display(), info.dtype)
+        };
+        let (start, end) = info.data_offsets;
+        let bytes = shard
+            .mmap
+            .get(shard.data_start + start..shard.data_start + end)
+            .filter(|b| b.len() == shape.iter().product::<usize>() * src_dtype.size_in_bytes());
+        let Some(bytes) = bytes else {
+            bail!("tensor `{name}` in {} has inconsistent data offsets", shard.path.display())
+        };
+        // Upload in the stored dtype, convert on the target device.
+        Tensor::from_raw_buffer(bytes, src_dtype, shape, device)?.to_dtype(dtype)
+    }
+}

@@ -1,0 +1,400 @@
+//! Qwen3-VL configuration, as HF `configuration_qwen3_vl.py` reads `config.json`.
+//!
+//! Two spellings of the same thing are accepted: the released (transformers 4.57) layout with
+//! `text_config.rope_scaling {mrope_section, mrope_interleaved, rope_type}` + `text_config.rope_theta`
+//! and `torch_dtype`, and the transformers-5 layout with `text_config.rope_parameters {rope_theta,
+//! mrope_section, ...}` and `dtype`. Field names are the HF keys verbatim.
+
+use serde::Deserialize;
+
+fn default_image_token_id() -> u32 {
+    151655
+}
+fn default_video_token_id() -> u32 {
+    151656
+}
+fn default_vision_start_token_id() -> u32 {
+    151652
+}
+fn default_vision_end_token_id() -> u32 {
+    151653
+}
+fn default_silu() -> String {
+    "silu".to_string()
+}
+fn default_gelu_tanh() -> String {
+    "gelu_pytorch_tanh".to_string()
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    128000
+}
+
+/// `text_config.rope_scaling` (released layout) or `text_config.rope_parameters` (transformers 5).
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+pub struct RopeConfig {
+    #[serde(default)]
+    pub rope_type: Option<String>,
+    /// Older spelling of `rope_type` (Qwen2-VL: `"type": "mrope"`).
+    #[serde(default, rename = "type")]
+    pub type_: Option<String>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub mrope_section: Option<Vec<usize>>,
+    #[serde(default)]
+    pub mrope_interleaved: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Defaults to `num_attention_heads` (HF backward compatibility).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_silu")]
+    pub hidden_act: String,
+    /// Not used for any allocation (there is no KV cache); kept for completeness.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeConfig>,
+    #[serde(default)]
+    pub rope_parameters: Option<RopeConfig>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    pub dtype: Option<String>,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct VisionConfig {
+    pub depth: usize,
+    pub hidden_size: usize,
+    #[serde(default = "default_gelu_tanh")]
+    pub hidden_act: String,
+    pub intermediate_size: usize,
+    pub num_heads: usize,
+    #[serde(default = "default_in_channels", alias = "in_chans")]
+    pub in_channels: usize,
+    #[serde(default = "default_patch_size")]
+    pub patch_size: usize,
+    #[serde(default = "default_merge_size")]
+    pub spatial_merge_size: usize,
+    #[serde(default = "default_temporal_patch_size")]
+    pub temporal_patch_size: usize,
+    pub out_hidden_size: usize,
+    pub num_position_embeddings: usize,
+    #[serde(default)]
+    pub deepstack_visual_indexes: Vec<usize>,
+}
+
+fn default_in_channels() -> usize {
+    3
+}
+fn default_patch_size() -> usize {
+    16
+}
+fn default_merge_size() -> usize {
+    2
+}
+fn default_temporal_patch_size() -> usize {
+    2
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Config {
+    pub text_config: TextConfig,
+    pub vision_config: VisionConfig,
+    #[serde(default = "default_image_token_id")]
+    pub image_token_id: u32,
+    #[serde(default = "default_video_token_id")]
+    pub video_token_id: u32,
+    #[serde(default = "default_vision_start_token_id")]
+    pub vision_start_token_id: u32,
+    #[serde(default = "default_vision_end_token_id")]
+    pub vision_end_token_id: u32,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    pub dtype: Option<String>,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+/// HF `Qwen3VLTextConfig.default_theta`, used when no `rope_theta` is given anywhere.
+pub const DEFAULT_ROPE_THETA: f64 = 500000.0;
+/// HF `Qwen3VLTextRotaryEmbedding`: `rope_parameters.get("mrope_section", [24, 20, 20])`.
+pub const DEFAULT_MROPE_SECTION: [usize; 3] = [24, 20, 20];
+
+impl TextConfig {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    pub fn num_key_value_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// The rope dict in force: transformers-5 `rope_parameters` wins over released `rope_scaling`.
+    fn rope(&self) -> Option<&RopeConfig> {
+        self.rope_parameters.as_ref().or(self.rope_scaling.as_ref())
+    }
+
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .or(self.rope_scaling.as_ref().and_then(|r| r.rope_theta))
+            .unwrap_or(DEFAULT_ROPE_THETA)
+    }
+
+    pub fn rope_type(&self) -> &str {
+        self.rope()
+            .and_then(|r| r.rope_type.as_deref().or(r.type_.as_deref()))
+            .unwrap_or("default")
+    }
+
+    pub fn mrope_section(&self) -> Vec<usize> {
+        self.rope()
+            .and_then(|r| r.mrope_section.clone())
+            .unwrap_or_else(|| DEFAULT_MROPE_SECTION.to_vec())
+    }
+
+    pub fn mrope_interleaved(&self) -> Option<bool> {
+        self.rope().and_then(|r| r.mrope_interleaved)
+    }
+}
+
+impl VisionConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+
+    /// Elements of one flattened `(C, T, P, P)` patch: the patch embedding's `in_features`.
+    pub fn patch_dim(&self) -> usize {
+        self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
+
+    /// Side of the square learned position-embedding grid.
+    pub fn num_grid_per_side(&self) -> usize {
+        (self.num_position_embeddings as f64).sqrt().round() as usize
+    }
+
+    /// Width of a merged token before the merger MLP: `hidden * merge²`.
+    pub fn merged_dim(&self) -> usize {
+        self.hidden_size * self.spatial_merge_size * self.spatial_merge_size
+    }
+}
+
+impl Config {
+    pub fn from_json_str(s: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(s)
+    }
+
+    /// Whether `lm_head` shares `embed_tokens`' weight. The text config's value governs (as in
+    /// transformers' `get_text_config().tie_word_embeddings`), then the top level; HF's default is
+    /// untied.
+    pub fn tie_word_embeddings(&self) -> bool {
+        self.text_config
+            .tie_word_embeddings
+            .or(self.tie_word_embeddings)
+            .unwrap_or(false)
+    }
+
+    /// The checkpoint's declared dtype (`dtype` or `torch_dtype`), if any.
+    pub fn declared_dtype(&self) -> Option<&str> {
+        self.dtype
+            .as_deref()
+            .or(self.torch_dtype.as_deref())
+            .or(self.text_config.dtype.as_deref())
+            .or(self.text_config.torch_dtype.as_deref())
+    }
+
+    /// Refuses what this implementation does not reproduce, with a message naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let t = &self.text_config;
+        let v = &self.vision_config;
+        if let Some(mt) = self.model_type.as_deref() {
+            if mt != "qwen3_vl" {
+                return Err(format!("model_type `{mt}` is not supported (expected `qwen3_vl`)"));
+            }
+        }
+        if t.hidden_act != "silu" {
+            return Err(format!("text_config.hidden_act `{}` is not supported (only `silu`)", t.hidden_act));
+        }
+        if v.hidden_act != "gelu_pytorch_tanh" {
+            return Err(format!(
+                "vision_config.hidden_act `{}` is not supported (only `gelu_pytorch_tanh`)",
+                v.hidden_act
+            ));
+        }
+        match t.rope_type() {
+            "default" | "mrope" => {}
+            other => return Err(format!("rope_type `{other}` is not supported (only `default`)")),
+        }
+        if t.mrope_interleaved() == Some(false) {
+            return Err("mrope_interleaved = false (chunked MRoPE) is not supported; Qwen3-VL interleaves".into());
+        }
+        let hd = t.head_dim();
+        if hd % 2 != 0 {
+            return Err(format!("text head_dim {hd} must be even"));
+        }
+        let sec = t.mrope_section();
+        if sec.len() != 3 {
+            return Err(format!("mrope_section {sec:?} must have 3 entries"));
+        }
+        if sec.iter().sum::<usize>() != hd / 2 {
+            return Err(format!("mrope_section {sec:?} must sum to head_dim/2 = {}", hd / 2));
+        }
+        let kv = t.num_key_value_heads();
+        if kv == 0 || t.num_attention_heads % kv != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
+                t.num_attention_heads
+            ));
+        }
+        if v.num_heads == 0 || v.hidden_size % v.num_heads != 0 {
+            return Err(format!("vision hidden_size {} not divisible by num_heads {}", v.hidden_size, v.num_heads));
+        }
+        if v.head_dim() % 4 != 0 {
+            return Err(format!("vision head_dim {} must be a multiple of 4 (2-D rotary)", v.head_dim()));
+        }
+        let side = v.num_grid_per_side();
+        if side * side != v.num_position_embeddings || side < 1 {
+            return Err(format!("num_position_embeddings {} is not a perfect square", v.num_position_embeddings));
+        }
+        if v.spatial_merge_size == 0 {
+            return Err("spatial_merge_size must be positive".into());
+        }
+        for &i in &v.deepstack_visual_indexes {
+            if i >= v.depth {
+                return Err(format!(
+                    "deepstack_visual_indexes {:?} has an index >= vision depth {}",
+                    v.deepstack_visual_indexes, v.depth
+                ));
+            }
+        }
+        let mut sorted = v.deepstack_visual_indexes.clone();
+        sorted.dedup();
+        if sorted.len() != v.deepstack_visual_indexes.len() {
+            return Err(format!("deepstack_visual_indexes {:?} has duplicates", v.deepstack_visual_indexes));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RELEASED: &str = r#"{
+      "architectures": ["Qwen3VLForConditionalGeneration"],
+      "image_token_id": 151655, "model_type": "qwen3_vl",
+      "text_config": {
+        "attention_bias": false, "dtype": "float32", "head_dim": 32, "hidden_act": "silu",
+        "hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 262144,
+        "model_type": "qwen3_vl_text", "num_attention_heads": 4, "num_hidden_layers": 3,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"mrope_interleaved": true, "mrope_section": [6, 5, 5], "rope_type": "default"},
+        "rope_theta": 5000000, "tie_word_embeddings": true, "vocab_size": 151936
+      },
+      "tie_word_embeddings": true, "torch_dtype": "float32",
+      "video_token_id": 151656,
+      "vision_config": {
+        "deepstack_visual_indexes": [0, 1], "depth": 3, "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": 32, "in_channels": 3, "intermediate_size": 64, "model_type": "qwen3_vl",
+        "num_heads": 2, "num_position_embeddings": 64, "out_hidden_size": 64, "patch_size": 16,
+        "spatial_merge_size": 2, "temporal_patch_size": 2
+      },
+      "vision_end_token_id": 151653, "vision_start_token_id": 151652
+    }"#;
+
+    const TF5: &str = r#"{
+      "model_type": "qwen3_vl", "dtype": "bfloat16",
+      "text_config": {
+        "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
+        "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1000,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                            "mrope_section": [6, 5, 5], "mrope_interleaved": true}
+      },
+      "vision_config": {
+        "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "in_chans": 3,
+        "out_hidden_size": 64, "num_position_embeddings": 16, "deepstack_visual_indexes": [0]
+      }
+    }"#;
+
+    #[test]
+    fn parses_released_layout() {
+        let c = Config::from_json_str(RELEASED).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.text_config.rope_theta(), 5_000_000.0);
+        assert_eq!(c.text_config.mrope_section(), vec![6, 5, 5]);
+        assert_eq!(c.text_config.mrope_interleaved(), Some(true));
+        assert_eq!(c.text_config.head_dim(), 32);
+        assert_eq!(c.text_config.num_key_value_heads(), 2);
+        assert!(c.tie_word_embeddings());
+        assert_eq!(c.declared_dtype(), Some("float32"));
+        assert_eq!(c.vision_config.num_grid_per_side(), 8);
+        assert_eq!(c.vision_config.patch_dim(), 1536);
+        assert_eq!(c.image_token_id, 151655);
+    }
+
+    #[test]
+    fn parses_transformers5_layout() {
+        let c = Config::from_json_str(TF5).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.text_config.rope_theta(), 1_000_000.0);
+        assert_eq!(c.text_config.mrope_section(), vec![6, 5, 5]);
+        assert!(!c.tie_word_embeddings(), "HF default is untied");
+        assert_eq!(c.declared_dtype(), Some("bfloat16"));
+        assert_eq!(c.vision_config.in_channels, 3);
+        assert_eq!(c.vision_config.hidden_act, "gelu_pytorch_tanh");
+        assert_eq!(c.text_config.hidden_act, "silu");
+        assert_eq!(c.image_token_id, 151655);
+        assert_eq!(c.text_config.rms_norm_eps, 1e-6);
+    }
+
+    #[test]
+    fn rejects_unsupported() {
+        let mut c = Config::from_json_str(RELEASED).unwrap();
+        c.text_config.rope_scaling.as_mut().unwrap().rope_type = Some("yarn".into());
+        assert!(c.validate().unwrap_err().contains("yarn"));
+
+        let mut c = Config::from_json_str(RELEASED).unwrap();
+        c.text_config.rope_scaling.as_mut().unwrap().mrope_section = Some(vec![8, 5, 5]);
+        assert!(c.validate().unwrap_err().contains("mrope_section"));
+
+        let mut c = Config::from_json_str(RELEASED).unwrap();
+        c.text_config.hidden_act = "gelu".into();
+        assert!(c.validate().unwrap_err().contains("hidden_act"));
+
+        let mut c = Config::from_json_str(RELEASED).unwrap();
+        c.vision_config.deepstack_visual_indexes = vec![0, 3];
+        assert!(c.validate().unwrap_err().contains("deepstack"));
+
+        let mut c = Config::from_json_str(RELEASED).unwrap();
+        c.text_config.rope_scaling.as_mut().unwrap().mrope_interleaved = Some(false);
+        assert!(c.validate().unwrap_err().contains("mrope_interleaved"));
+    }
+}
