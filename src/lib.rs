@@ -10,5 +10,7 @@
 //! Shared homes: [`artifact`] (the schemas), [`model`] (Qwen3-VL forward and backward),
 //! `quant` (FP8 numerics, formats, layer grouping), [`cli`] (flags, exit codes, progress).
 pub mod artifact;
+pub mod calib;
 pub mod cli;
 pub mod model;
+pub mod preprocess;
