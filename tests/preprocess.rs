@@ -273,6 +273,24 @@ fn cli_is_deterministic_and_compact() {
 
     let inputs: Artifact<ModelInputs> = artifact::read(outs[0].as_path()).unwrap();
     assert_eq!(inputs.payload.samples.len(), files.len());
+
+    // `--calibration -` and stdout: same payload, the provenance records the digest of stdin.
+    let mut child = Command::new(bin())
+        .args(["--calibration", "-", "--model", model.to_str().unwrap(), "-q"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let calib_bytes = std::fs::read(&calib).unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&calib_bytes).unwrap();
+    }
+    let piped = child.wait_with_output().unwrap();
+    assert!(piped.status.success());
+    let piped: Artifact<ModelInputs> = artifact::from_bytes(&piped.stdout).unwrap();
+    assert_eq!(piped.payload, inputs.payload);
+    assert_eq!(piped.provenance.digest_of("calibration"), inputs.provenance.digest_of("calibration"));
     assert!(inputs.provenance.digest_of("calibration").is_some());
     // Size: the resized RGB bytes dominate; everything else is a few bytes per token.
     let rgb: usize = inputs.payload.samples.iter().flat_map(|s| &s.images).map(|i| i.rgb.len()).sum();

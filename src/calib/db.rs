@@ -127,6 +127,14 @@ pub fn write_db(db: &Path, rows: &[Row]) -> Result<()> {
         tx.commit().map_err(fail)?;
         conn.close().map_err(|(_, e)| fail(e))?;
     }
+    // tempfile creates 0600 files; a database is an ordinary shared input.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .with_context(|| db.display().to_string())?;
+    }
     tmp.as_file().sync_all().with_context(|| db.display().to_string())?;
     tmp.persist(db).map_err(|e| anyhow!("{}: {}", db.display(), e.error))?;
     Ok(())

@@ -262,11 +262,10 @@ pub fn run(args: &PreprocessArgs, reporter: Reporter) -> Result<()> {
 /// Everything [`run`] does except writing: the model-inputs artifact.
 pub fn build(args: &PreprocessArgs, reporter: Reporter) -> Result<Artifact<ModelInputs>> {
     let calib_loc = Location::from(args.calibration.as_str());
-    let calib: Artifact<CalibrationSet> = artifact::read(calib_loc.clone())?;
-    let calib_digest = match &calib_loc {
-        Location::File(p) => artifact::sha256_file(p)?,
-        Location::Std => artifact::sha256_bytes(&artifact::to_bytes(&calib, artifact::Encoding::MessagePack)?),
-    };
+    let calib_bytes = artifact::read_bytes(&calib_loc)?;
+    let calib: Artifact<CalibrationSet> = artifact::from_bytes(&calib_bytes).with_context(|| calib_loc.to_string())?;
+    let calib_digest = artifact::sha256_bytes(&calib_bytes);
+    drop(calib_bytes);
     let processor = Processor::from_model_dir(&args.model)?
         .with_pixel_limits(args.min_pixels, args.max_pixels)
         .with_context(|| args.model.join("preprocessor_config.json").display().to_string())?;
