@@ -29,7 +29,8 @@ fn json(path: &Path) -> serde_json::Value {
 
 /// The same patch layout with the identity map, i.e. the u8 values HF's `pixel_values` encode.
 fn patch_u8(img: &ImagePixels, s: &ProcessorSettings) -> Vec<u8> {
-    let id = ProcessorSettings { rescale_factor: 1.0, image_mean: [0.0; 3], image_std: [1.0; 3], ..s.clone() };
+    let id =
+        ProcessorSettings { rescale_factor: 1.0, image_mean: [0.0; 3], image_std: [1.0; 3], ..s.clone() };
     pixel_values(img, &id).into_iter().map(|v| v as u8).collect()
 }
 
@@ -54,7 +55,10 @@ fn pixel_stats(ours: &ImagePixels, reference_u8_patches: &[u8], s: &ProcessorSet
 }
 
 fn assert_pixels_close(label: &str, st: &PixelStats) {
-    eprintln!("{label}: pixel_values max|Δ| {:.3e}, mean|Δ| {:.3e}, differing u8 {}", st.max_abs, st.mean_abs, st.u8_diffs);
+    eprintln!(
+        "{label}: pixel_values max|Δ| {:.3e}, mean|Δ| {:.3e}, differing u8 {}",
+        st.max_abs, st.mean_abs, st.u8_diffs
+    );
     assert!(st.max_abs <= 2e-2, "{label}: max |Δ| {}", st.max_abs);
     assert!(st.mean_abs <= 2e-3, "{label}: mean |Δ| {}", st.mean_abs);
 }
@@ -62,7 +66,13 @@ fn assert_pixels_close(label: &str, st: &PixelStats) {
 fn image_ref(images: &Path, file: &str, image_id: i64) -> ImageRef {
     let bytes = std::fs::read(images.join(file)).unwrap();
     let rgb = preprocess::decode_rgb(&bytes).unwrap();
-    ImageRef { image_id, path: file.into(), sha256: artifact::sha256_bytes(&bytes), width: rgb.width, height: rgb.height }
+    ImageRef {
+        image_id,
+        path: file.into(),
+        sha256: artifact::sha256_bytes(&bytes),
+        width: rgb.width,
+        height: rgb.height,
+    }
 }
 
 #[test]
@@ -112,7 +122,8 @@ fn calibration_samples_match_hf() {
         let reference = st.tensor("pixel_values_u8").unwrap();
         let stats = pixel_stats(&got.images[0], reference.data(), &s);
         assert_pixels_close(file, &stats);
-        let f32_bytes: Vec<u8> = pixel_values(&got.images[0], &s).iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f32_bytes: Vec<u8> =
+            pixel_values(&got.images[0], &s).iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(
             hex::encode(sha2::Sha256::digest(&f32_bytes)),
             entry["pixel_values_f32_sha256"].as_str().unwrap(),
@@ -161,7 +172,8 @@ fn processor_defaults_match_hf_on_all_images() {
         assert_eq!(stats.u8_diffs, diffs);
         assert_pixels_close(file, &stats);
         let f32_bytes: Vec<u8> = pixel_values(&img, &s).iter().flat_map(|v| v.to_le_bytes()).collect();
-        let sha_ok = hex::encode(sha2::Sha256::digest(&f32_bytes)) == info["pixel_values_f32_sha256"].as_str().unwrap();
+        let sha_ok = hex::encode(sha2::Sha256::digest(&f32_bytes))
+            == info["pixel_values_f32_sha256"].as_str().unwrap();
         eprintln!("{file}: resized u8 differing from HF: {diffs}; f32 pixel_values sha256 equal: {sha_ok}");
         // Stricter than the tolerance above: the decoder and resize are bit-exact ports.
         assert_eq!(diffs, 0, "{file}: resized u8 values differ from HF");
@@ -170,7 +182,10 @@ fn processor_defaults_match_hf_on_all_images() {
         let got = processor.prompt(file, vec![img], prompt).unwrap();
         let ids: Vec<i64> = got.input_ids.iter().map(|&v| v as i64).collect();
         assert_eq!(ids, i64s(&st, &format!("{key}.input_ids")), "{file}: input_ids");
-        assert_eq!(got.mm_token_type_ids.iter().map(|&v| v as u64).sum::<u64>(), info["mm_token_type_ids_sum"].as_u64().unwrap());
+        assert_eq!(
+            got.mm_token_type_ids.iter().map(|&v| v as u64).sum::<u64>(),
+            info["mm_token_type_ids_sum"].as_u64().unwrap()
+        );
     }
     eprintln!("total resized u8 values differing from HF: {total_diffs}");
 }
@@ -193,15 +208,14 @@ fn two_images_in_one_message() {
     let got = processor.sample(&sample, &images).unwrap();
     let sp = processor.special_tokens();
     assert_eq!(got.images.len(), 2);
-    assert!(got.text.contains("<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>Compare"));
+    assert!(got.text.contains(
+        "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>Compare"
+    ));
     // Tokens per image and their order.
-    let counts: Vec<usize> = got.images.iter().map(|i| i.grid_thw.iter().product::<u32>() as usize / 4).collect();
-    let runs: Vec<usize> = got
-        .input_ids
-        .split(|&t| t != sp.image_pad)
-        .filter(|r| !r.is_empty())
-        .map(|r| r.len())
-        .collect();
+    let counts: Vec<usize> =
+        got.images.iter().map(|i| i.grid_thw.iter().product::<u32>() as usize / 4).collect();
+    let runs: Vec<usize> =
+        got.input_ids.split(|&t| t != sp.image_pad).filter(|r| !r.is_empty()).map(|r| r.len()).collect();
     assert_eq!(runs, counts);
     // Position ids: the second block starts one past the first block's maximum + its two text
     // tokens (<|vision_end|><|vision_start|>), and each block is a (t, h, w) grid.
@@ -264,7 +278,15 @@ fn cli_is_deterministic_and_compact() {
     let model = fx.join("qwen3-vl-tiny");
     let outs: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("inputs{i}.msgpack"))).collect();
     for out in &outs {
-        let o = run(&["--calibration", calib.to_str().unwrap(), "--model", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"]);
+        let o = run(&[
+            "--calibration",
+            calib.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "-q",
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(o.stderr.is_empty());
     }
@@ -332,7 +354,11 @@ fn cli_bad_inputs() {
         samples: vec![],
     };
     artifact::write(wrong.as_path(), &Artifact::new("test", Provenance::default(), mi)).unwrap();
-    assert_fails(&["--calibration", wrong.to_str().unwrap(), "--model", m, "-o", o], &out, "wrong-kind.msgpack: artifact kind is 'qsens.model-inputs'");
+    assert_fails(
+        &["--calibration", wrong.to_str().unwrap(), "--model", m, "-o", o],
+        &out,
+        "wrong-kind.msgpack: artifact kind is 'qsens.model-inputs'",
+    );
 
     // Wrong schema version.
     let mut a: Artifact<CalibrationSet> = artifact::read(calib.as_path()).unwrap();
@@ -365,11 +391,24 @@ fn cli_bad_inputs() {
     std::fs::create_dir(&root).unwrap();
     std::fs::copy(fx.join("images/000000000002.jpg"), root.join("000000000009.jpg")).unwrap();
     assert_fails(
-        &["--calibration", calib.to_str().unwrap(), "--model", m, "--image-root", root.to_str().unwrap(), "-o", o],
+        &[
+            "--calibration",
+            calib.to_str().unwrap(),
+            "--model",
+            m,
+            "--image-root",
+            root.to_str().unwrap(),
+            "-o",
+            o,
+        ],
         &out,
         "000000000009.jpg: image changed since calib-extract",
     );
 
     // Missing calibration file.
-    assert_fails(&["--calibration", d.join("nope.msgpack").to_str().unwrap(), "--model", m, "-o", o], &out, "nope.msgpack");
+    assert_fails(
+        &["--calibration", d.join("nope.msgpack").to_str().unwrap(), "--model", m, "-o", o],
+        &out,
+        "nope.msgpack",
+    );
 }

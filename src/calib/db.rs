@@ -92,7 +92,11 @@ pub fn read_coco(path: &Path, split: &str) -> Result<Vec<Row>> {
     }
     rows.sort_by_key(|r| r.sample_id);
     if let Some(w) = rows.windows(2).find(|w| w[0].sample_id == w[1].sample_id) {
-        bail!("{}: malformed COCO captions JSON: annotation id {} appears twice", path.display(), w[0].sample_id);
+        bail!(
+            "{}: malformed COCO captions JSON: annotation id {} appears twice",
+            path.display(),
+            w[0].sample_id
+        );
     }
     Ok(rows)
 }
@@ -121,7 +125,8 @@ pub fn write_db(db: &Path, rows: &[Row]) -> Result<()> {
                 .prepare("INSERT INTO samples (sample_id, image_id, file_name, caption, split) VALUES (?1, ?2, ?3, ?4, ?5)")
                 .map_err(fail)?;
             for r in rows {
-                stmt.execute(rusqlite::params![r.sample_id, r.image_id, r.file_name, r.caption, r.split]).map_err(fail)?;
+                stmt.execute(rusqlite::params![r.sample_id, r.image_id, r.file_name, r.caption, r.split])
+                    .map_err(fail)?;
             }
         }
         tx.commit().map_err(fail)?;
@@ -150,8 +155,9 @@ pub fn read_rows(db: &Path, query: Option<&str>) -> Result<Vec<Row>> {
         Ok(m) if m.len() == 0 => bail!("{}: empty file, not an SQLite database", db.display()),
         Ok(_) => {}
     }
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(named)?;
+    let conn =
+        Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(named)?;
     let sql = query.unwrap_or(DEFAULT_QUERY);
     let mut stmt = conn.prepare(sql).map_err(named)?;
     let names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
@@ -175,7 +181,13 @@ pub fn read_rows(db: &Path, query: Option<&str>) -> Result<Vec<Row>> {
         let get_s = |i: usize| -> Result<String> {
             r.get::<_, String>(idx[i]).map_err(|e| anyhow!("{}: column '{}': {e}", db.display(), COLUMNS[i]))
         };
-        out.push(Row { sample_id: get_i(0)?, image_id: get_i(1)?, file_name: get_s(2)?, caption: get_s(3)?, split: get_s(4)? });
+        out.push(Row {
+            sample_id: get_i(0)?,
+            image_id: get_i(1)?,
+            file_name: get_s(2)?,
+            caption: get_s(3)?,
+            split: get_s(4)?,
+        });
     }
     Ok(out)
 }

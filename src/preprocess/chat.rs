@@ -77,18 +77,16 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.to_string()).map_err(|e| anyhow!("invalid chat template: {e:#}"))?;
+        env.add_template_owned(NAME, source.to_string())
+            .map_err(|e| anyhow!("invalid chat template: {e:#}"))?;
         Ok(ChatTemplate { env, special_tokens })
     }
 
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let tmpl = self.env.get_template(NAME).map_err(|e| anyhow!("{e:#}"))?;
-        let mut ctx: std::collections::BTreeMap<String, Value> = self
-            .special_tokens
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::from(v.clone())))
-            .collect();
+        let mut ctx: std::collections::BTreeMap<String, Value> =
+            self.special_tokens.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect();
         ctx.insert("messages".into(), Value::from_serialize(messages));
         ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
         ctx.insert("tools".into(), Value::from(()));
@@ -115,8 +113,18 @@ fn strftime_now(format: String) -> Result<Value, Error> {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let mut out = String::new();
     let mut chars = format.chars();
@@ -136,7 +144,10 @@ fn strftime_now(format: String) -> Result<Value, Error> {
             Some('S') => out.push_str(&format!("{:02}", rem % 60)),
             Some('%') => out.push('%'),
             other => {
-                return Err(Error::new(ErrorKind::InvalidOperation, format!("strftime_now: unsupported %{other:?}")))
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("strftime_now: unsupported %{other:?}"),
+                ))
             }
         }
     }
@@ -239,11 +250,17 @@ mod tests {
 
     #[test]
     fn trim_and_lstrip_blocks_like_hf() {
-        let t = ChatTemplate::new("A\n  {% if true %}\nB\n  {% endif %}\nC\n", vec![("eos_token".into(), "<e>".into())])
-            .unwrap();
+        let t = ChatTemplate::new(
+            "A\n  {% if true %}\nB\n  {% endif %}\nC\n",
+            vec![("eos_token".into(), "<e>".into())],
+        )
+        .unwrap();
         assert_eq!(t.render(&[], false).unwrap(), "A\nB\nC");
-        let t = ChatTemplate::new("{{ eos_token }}{{ raise_exception('boom') }}", vec![("eos_token".into(), "<e>".into())])
-            .unwrap();
+        let t = ChatTemplate::new(
+            "{{ eos_token }}{{ raise_exception('boom') }}",
+            vec![("eos_token".into(), "<e>".into())],
+        )
+        .unwrap();
         assert!(format!("{:#}", t.render(&[], false).unwrap_err()).contains("boom"));
     }
 
@@ -251,9 +268,7 @@ mod tests {
     fn tojson_numbers_and_maps() {
         let mut env = Environment::new();
         env.add_filter("tojson", tojson);
-        let out = env
-            .render_str("{{ {'a': 1, 'b': [1.5, 2.0, none, true]} | tojson }}", ())
-            .unwrap();
+        let out = env.render_str("{{ {'a': 1, 'b': [1.5, 2.0, none, true]} | tojson }}", ()).unwrap();
         assert_eq!(out, "{\"a\": 1, \"b\": [1.5, 2.0, null, true]}");
     }
 }

@@ -199,7 +199,9 @@ pub fn template_special_tokens(dir: &Path) -> Result<Vec<(String, String)>> {
     for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
         let s = match v.get(key) {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(obj @ serde_json::Value::Object(_)) => obj.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            Some(obj @ serde_json::Value::Object(_)) => {
+                obj.get("content").and_then(|c| c.as_str()).map(str::to_string)
+            }
             _ => None,
         };
         if let Some(s) = s {
@@ -219,14 +221,18 @@ mod tests {
 
     #[test]
     fn size_forms_and_overrides() {
-        let released = parse(r#"{"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
-            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}"#);
+        let released = parse(
+            r#"{"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}"#,
+        );
         let s = released.resolve(None, None).unwrap();
         assert_eq!((s.min_pixels, s.max_pixels, s.patch_size, s.merge_size), (65536, 16777216, 16, 2));
         let s = released.resolve(Some(1024), Some(262144)).unwrap();
         assert_eq!((s.min_pixels, s.max_pixels), (1024, 262144));
 
-        let old = parse(r#"{"min_pixels": 3136, "max_pixels": 12845056, "size": {"shortest_edge": 1, "longest_edge": 2}}"#);
+        let old = parse(
+            r#"{"min_pixels": 3136, "max_pixels": 12845056, "size": {"shortest_edge": 1, "longest_edge": 2}}"#,
+        );
         let s = old.resolve(None, None).unwrap();
         assert_eq!((s.min_pixels, s.max_pixels, s.patch_size), (3136, 12845056, 14));
         assert_eq!(s.image_mean, OPENAI_CLIP_MEAN);

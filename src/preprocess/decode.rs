@@ -39,7 +39,8 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         return decode_jpeg(bytes);
     }
-    let format = image::guess_format(bytes).map_err(|_| anyhow!("not an image (unrecognised file format)"))?;
+    let format =
+        image::guess_format(bytes).map_err(|_| anyhow!("not an image (unrecognised file format)"))?;
     decode_other(bytes, format)
 }
 
@@ -77,7 +78,7 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage> {
 }
 
 fn decode_jpeg_unwinding(bytes: &[u8]) -> Result<RgbImage> {
-    use mozjpeg_sys::J_COLOR_SPACE::{JCS_CMYK, JCS_GRAYSCALE, JCS_RGB, JCS_YCCK, JCS_YCbCr};
+    use mozjpeg_sys::J_COLOR_SPACE::{JCS_YCbCr, JCS_CMYK, JCS_GRAYSCALE, JCS_RGB, JCS_YCCK};
 
     let dec = mozjpeg::Decompress::with_err(strict_error_mgr()).from_mem(bytes).context("corrupt JPEG")?;
     let (w, h) = (dec.width() as u32, dec.height() as u32);
@@ -153,7 +154,9 @@ extern "C-unwind" fn emit_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct, l
     // SAFETY: `err` points to the manager installed by `strict_error_mgr`.
     let code = unsafe { (*cinfo.err).msg_code };
     if level < 0 && code == mozjpeg_sys::JWRN_JPEG_EOF as std::os::raw::c_int {
-        std::panic::resume_unwind(Box::new("image file is truncated (premature end of JPEG data)".to_string()));
+        std::panic::resume_unwind(Box::new(
+            "image file is truncated (premature end of JPEG data)".to_string(),
+        ));
     }
     if level < 0 {
         // SAFETY: as above.
@@ -207,9 +210,7 @@ fn pillow_convert_to_rgb(img: DynamicImage) -> RgbImage {
             b.into_raw().chunks_exact(4).flat_map(|p| composite_on_white([p[0], p[1], p[2], p[3]])).collect()
         }
         // I;16: clipped, not scaled.
-        DynamicImage::ImageLuma16(b) => {
-            b.into_raw().iter().flat_map(|&v| [v.min(255) as u8; 3]).collect()
-        }
+        DynamicImage::ImageLuma16(b) => b.into_raw().iter().flat_map(|&v| [v.min(255) as u8; 3]).collect(),
         // LA/RGB/RGBA 16-bit: Pillow's raw modes `*;16B` keep the most significant byte.
         DynamicImage::ImageLumaA16(b) => b
             .into_raw()
@@ -227,7 +228,12 @@ fn pillow_convert_to_rgb(img: DynamicImage) -> RgbImage {
             .collect(),
         other => {
             // Float images (OpenEXR/HDR are not enabled; TIFF can be float): 8-bit RGBA first.
-            other.to_rgba8().into_raw().chunks_exact(4).flat_map(|p| composite_on_white([p[0], p[1], p[2], p[3]])).collect()
+            other
+                .to_rgba8()
+                .into_raw()
+                .chunks_exact(4)
+                .flat_map(|p| composite_on_white([p[0], p[1], p[2], p[3]]))
+                .collect()
         }
     };
     RgbImage { width, height, data }

@@ -9,7 +9,10 @@ use anyhow::{bail, Result};
 pub fn expand_image_pads(text: &str, pad: &str, counts: &[usize]) -> Result<String> {
     let found = text.matches(pad).count();
     if found != counts.len() {
-        bail!("the rendered text has {found} image placeholder(s) {pad} but there are {} image(s)", counts.len());
+        bail!(
+            "the rendered text has {found} image placeholder(s) {pad} but there are {} image(s)",
+            counts.len()
+        );
     }
     let mut out = String::with_capacity(text.len() + counts.iter().sum::<usize>() * pad.len());
     let mut rest = text;
@@ -27,7 +30,12 @@ pub fn expand_image_pads(text: &str, pad: &str, counts: &[usize]) -> Result<Stri
 
 /// Labels: −100 everywhere except the tokens overlapping the byte span `[start, end)` of the
 /// answer, and the `im_end` token that must follow them.
-pub fn answer_labels(ids: &[u32], offsets: &[(usize, usize)], span: (usize, usize), im_end: u32) -> Result<Vec<i32>> {
+pub fn answer_labels(
+    ids: &[u32],
+    offsets: &[(usize, usize)],
+    span: (usize, usize),
+    im_end: u32,
+) -> Result<Vec<i32>> {
     let (start, end) = span;
     let mut labels = vec![-100i32; ids.len()];
     let mut last = None;
@@ -84,17 +92,15 @@ pub fn rope_index(
     video_token: u32,
     vision_start: u32,
 ) -> Result<(Vec<Vec<i64>>, i64)> {
-    let n_images = ids
-        .windows(2)
-        .filter(|w| w[0] == vision_start && w[1] == image_token)
-        .count();
+    let n_images = ids.windows(2).filter(|w| w[0] == vision_start && w[1] == image_token).count();
     if ids.windows(2).any(|w| w[0] == vision_start && w[1] == video_token) {
         bail!("video tokens are not supported");
     }
     if n_images != grids.len() {
         bail!("{n_images} image block(s) in the tokens but {} image grid(s)", grids.len());
     }
-    let mut pos: [Vec<i64>; 3] = [Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len())];
+    let mut pos: [Vec<i64>; 3] =
+        [Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len())];
     let mut max_so_far: Option<i64> = None;
     let mut st = 0usize;
     for grid in grids {
