@@ -34,9 +34,9 @@ fn main() {
                 let (u, v) = (x as f32 / w as f32, y as f32 / h as f32);
                 let edge = if (u * 4.0 + v * 3.0 + phase).fract() < 0.5 { 40.0 } else { 0.0 };
                 let noise = (next() % 17) as f32 - 8.0;
-                let r = 128.0 + 90.0 * (6.28 * fx * u + phase).sin() + edge + noise;
-                let g = 128.0 + 90.0 * (6.28 * fy * v - phase).cos() - edge + noise;
-                let b = 128.0 + 60.0 * (6.28 * (u + v) * 2.0).sin() + noise;
+                let r = 128.0 + 90.0 * (std::f32::consts::TAU * fx * u + phase).sin() + edge + noise;
+                let g = 128.0 + 90.0 * (std::f32::consts::TAU * fy * v - phase).cos() - edge + noise;
+                let b = 128.0 + 60.0 * (std::f32::consts::TAU * (u + v) * 2.0).sin() + noise;
                 px.extend([r, g, b].map(|c| c.clamp(0.0, 255.0) as u8));
             }
         }

@@ -41,6 +41,6 @@ awk -v n="$N" -v w="$W" -v h="$H" -v a="$t0" -v b="$t1" -v c="$t2" -v size="$siz
     printf "preprocess:    %.2f s (target <= 10 s for 128 640x480)\n", c - b
     printf "artifact:      %d B = %.0f B/sample (%.2f MB/sample)\n", size, size / n, size / n / 1e6
     rgb = w * h * 3
-    printf "               resized RGB alone would be %.2f MB/sample at %dx%d; f32 pixel_values would be %.1f MB/sample\n", rgb / 1e6, w, h, rgb * 2 * 4 / 1e6
+    printf "               (source RGB bytes: %.2f MB/sample at %dx%d; f32 pixel_values of that: %.1f MB/sample)\n", rgb / 1e6, w, h, rgb * 2 * 4 / 1e6
     if (size / n > 4 * rgb || size / n < rgb / 4) { print "artifact size per sample is off by more than 4x from the RGB bytes" > "/dev/stderr"; exit 1 }
 }'

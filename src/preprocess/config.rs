@@ -103,7 +103,7 @@ impl PreprocessorConfig {
         if settings.patch_size == 0 || settings.merge_size == 0 || settings.temporal_patch_size == 0 {
             bail!("patch_size, merge_size and temporal_patch_size must be positive");
         }
-        if settings.image_std.iter().any(|&s| s == 0.0) || settings.rescale_factor == 0.0 {
+        if settings.image_std.contains(&0.0) || settings.rescale_factor == 0.0 {
             bail!("image_std and rescale_factor must be non-zero");
         }
         Ok(settings)

@@ -117,8 +117,8 @@ mod tests {
     #[test]
     fn half_half_normalisation_is_bit_exact() {
         let lut = normalization_lut(&settings());
-        for v in 0..256 {
-            assert_eq!(lut[1][v].to_bits(), ((v as f32 - 127.5f32) / 127.5f32).to_bits());
+        for (v, got) in lut[1].iter().enumerate() {
+            assert_eq!(got.to_bits(), ((v as f32 - 127.5f32) / 127.5f32).to_bits());
         }
     }
 
