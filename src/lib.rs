@@ -11,7 +11,10 @@
 //! `quant` (FP8 numerics, formats, layer grouping), [`cli`] (flags, exit codes, progress), and
 //! [`demo`] (the generated demo set: images, captions and a tiny checkpoint).
 pub mod artifact;
+pub mod calib;
 pub mod cli;
 pub mod demo;
 pub mod model;
+pub mod preprocess;
 pub mod quant;
+pub mod score;
