@@ -85,6 +85,22 @@ fn coco_round_trip() {
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "sample-id order");
     assert!(a.provenance.digest_of("calibration-db").unwrap().starts_with("sha256:"));
 
+    // The artifact feeds preprocess as is (the whole pipeline of the first two stages).
+    let inputs = dir.path().join("inputs.msgpack");
+    let o = Command::new(env!("CARGO_BIN_EXE_preprocess"))
+        .args(["--calibration", s(&out), "--model", s(&fx.join("qwen3-vl-tiny")), "-o", s(&inputs), "-q"])
+        .args(["--max-pixels", "262144"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let inputs: Artifact<qsens::artifact::inputs::ModelInputs> = artifact::read(inputs.as_path()).unwrap();
+    let ids: Vec<&str> = inputs.payload.samples.iter().map(|s| s.id.as_str()).collect();
+    let want: Vec<&str> = set.samples.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, want);
+    for s in &inputs.payload.samples {
+        assert!(s.labels.iter().filter(|&&l| l != -100).count() > 3, "sample {} has no caption labels", s.id);
+    }
+
     // --all-captions keeps both captions of every image.
     let all = dir.path().join("all.json");
     ok(&["--db", s(&db), "--image-root", s(&images), "--all-captions", "-o", s(&all), "-q"]);
@@ -96,6 +112,10 @@ fn sampling_is_deterministic() {
     let fx = fixtures_or_skip!();
     let dir = tempfile::tempdir().unwrap();
     let db = build_db(&fx, dir.path());
+    // Building the database is deterministic too (the artifact records its digest).
+    let again = dir.path().join("again.db");
+    ok(&["--from-coco", s(&fx.join("coco/captions.json")), "--db", s(&again), "-q"]);
+    assert_eq!(std::fs::read(&db).unwrap(), std::fs::read(&again).unwrap(), "two DB builds differ");
     let images = fx.join("images");
     let draw = |seed: &str, name: &str| {
         let out = dir.path().join(name);

@@ -119,6 +119,7 @@ fn calibration_samples_match_hf() {
         assert_eq!(pos, i64s(&st, "position_ids"), "{file}: position_ids");
         assert_eq!(vec![got.rope_delta], i64s(&st, "rope_deltas"), "{file}: rope_deltas");
 
+        assert_eq!(got.pixel_values(&s), pixel_values(&got.images[0], &s));
         let reference = st.tensor("pixel_values_u8").unwrap();
         let stats = pixel_stats(&got.images[0], reference.data(), &s);
         assert_pixels_close(file, &stats);
@@ -212,6 +213,8 @@ fn two_images_in_one_message() {
         "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>Compare"
     ));
     // Tokens per image and their order.
+    let rows: u32 = got.image_grid_thw().iter().map(|g| g.iter().product::<u32>()).sum();
+    assert_eq!(got.pixel_values(processor.settings()).len(), rows as usize * 3 * 2 * 16 * 16);
     let counts: Vec<usize> =
         got.images.iter().map(|i| i.grid_thw.iter().product::<u32>() as usize / 4).collect();
     let runs: Vec<usize> =

@@ -248,6 +248,27 @@ mod tests {
         assert_eq!(out, "\"a<b>\\\"c\\\"\\né\"|ASSISTANT|x\n");
     }
 
+    /// The constructs Qwen3 / Qwen3-VL-Thinking templates rely on: namespace assignment, a
+    /// reversed `range`, Python string methods with arguments, `is defined` / `is not none`.
+    #[test]
+    fn qwen_thinking_constructs() {
+        let src = r#"{%- set ns = namespace(last=messages|length - 1, seen=false) %}
+{%- for i in range(ns.last, -1, -1) %}{%- if messages[i].role == 'user' and not ns.seen %}{%- set ns.last = i %}{%- set ns.seen = true %}{%- endif %}{%- endfor %}
+{%- for m in messages %}
+{%- if m.role == 'assistant' and m.content is string and '</think>' in m.content %}
+{{- m.content.split('</think>')[-1].lstrip('\n') }}|{{ m.content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') }}|{{ ' x\n'.strip('\n') }}
+{%- elif m.reasoning_content is defined and m.reasoning_content is not none %}R
+{%- else %}{{ m.role }}:{{ ns.last }}{{ m.content[0].type if m.content is not string }};
+{%- endif %}
+{%- endfor %}"#;
+        let t = ChatTemplate::new(src, vec![]).unwrap();
+        let msgs = [
+            Message::user(&["a.jpg".to_string()], "hi"),
+            Message::assistant("<think>\nwhy\n</think>\n\nA cat."),
+        ];
+        assert_eq!(t.render(&msgs, false).unwrap(), "user:0image;A cat.|why| x");
+    }
+
     #[test]
     fn trim_and_lstrip_blocks_like_hf() {
         let t = ChatTemplate::new(

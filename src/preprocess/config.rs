@@ -244,4 +244,23 @@ mod tests {
         assert!(parse(r#"{"resample": 2}"#).resolve(None, None).is_err());
         assert!(parse("{}").resolve(Some(10), Some(5)).is_err());
     }
+
+    #[test]
+    fn chat_template_lookup_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(find_chat_template(d).is_err());
+        std::fs::write(
+            d.join("tokenizer_config.json"),
+            r#"{"chat_template": [{"name": "tool_use", "template": "T"},
+            {"name": "default", "template": "D"}], "eos_token": {"content": "<e>"}, "bos_token": null}"#,
+        )
+        .unwrap();
+        assert_eq!(find_chat_template(d).unwrap().0, "D");
+        assert_eq!(template_special_tokens(d).unwrap(), vec![("eos_token".to_string(), "<e>".to_string())]);
+        std::fs::write(d.join("chat_template.json"), r#"{"chat_template": "J"}"#).unwrap();
+        assert_eq!(find_chat_template(d).unwrap().0, "J");
+        std::fs::write(d.join("chat_template.jinja"), "K").unwrap();
+        assert_eq!(find_chat_template(d).unwrap().0, "K");
+    }
 }

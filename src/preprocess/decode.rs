@@ -62,7 +62,8 @@ pub fn check_bomb(width: u64, height: u64) -> Result<()> {
 
 fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage> {
     // libjpeg reports fatal errors by unwinding out of `error_exit` (with `resume_unwind`, so no
-    // panic hook runs); catch it here and turn it into an error.
+    // panic hook runs); catch it here and turn it into an error. (This needs `panic = "unwind"`,
+    // the default; with `abort` a corrupt JPEG would abort the process.)
     let result = std::panic::catch_unwind(|| decode_jpeg_unwinding(bytes));
     match result {
         Ok(r) => r,
@@ -287,6 +288,48 @@ mod tests {
     fn bomb_guard_matches_pillow() {
         assert!(check_bomb(2 * MAX_IMAGE_PIXELS, 1).is_ok());
         assert!(check_bomb(2 * MAX_IMAGE_PIXELS + 1, 1).is_err());
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn decompression_bombs_are_refused_before_decoding() {
+        // PNG whose IHDR claims 20000×20000 (2.2× Pillow's error limit), with an empty IDAT.
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(20_000u32.to_be_bytes());
+        ihdr.extend(20_000u32.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]);
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend(13u32.to_be_bytes());
+        png.extend(&ihdr);
+        png.extend(crc32(&ihdr).to_be_bytes());
+        for chunk in [&b"IDAT"[..], &b"IEND"[..]] {
+            png.extend(0u32.to_be_bytes());
+            png.extend(chunk);
+            png.extend(crc32(chunk).to_be_bytes());
+        }
+        let err = format!("{:#}", decode_rgb(&png).unwrap_err());
+        assert!(err.contains("decompression-bomb"), "{err}");
+
+        // A real JPEG whose SOF0 is patched to 60000×60000.
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new(&mut jpeg)
+            .encode(&[128u8; 16 * 16 * 3], 16, 16, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        assert_eq!(decode_rgb(&jpeg).unwrap().width, 16);
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        jpeg[sof + 5..sof + 9].copy_from_slice(&[0xEA, 0x60, 0xEA, 0x60]);
+        let err = format!("{:#}", decode_rgb(&jpeg).unwrap_err());
+        assert!(err.contains("decompression-bomb"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,24 @@
 
 use anyhow::{bail, Result};
 
-use crate::artifact::inputs::{ImagePixels, ProcessorSettings};
+use crate::artifact::inputs::{ImagePixels, ProcessorSettings, SampleInputs};
+
+impl SampleInputs {
+    /// HF's `pixel_values` for the whole sample: every image's [`pixel_values`] rows concatenated
+    /// in token order, `[Σ t·h·w, C·T·P·P]` row-major.
+    pub fn pixel_values(&self, settings: &ProcessorSettings) -> Vec<f32> {
+        let mut out = Vec::new();
+        for image in &self.images {
+            out.extend(pixel_values(image, settings));
+        }
+        out
+    }
+
+    /// HF's `image_grid_thw`: one `(t, h, w)` per image, in token order.
+    pub fn image_grid_thw(&self) -> Vec<[u32; 3]> {
+        self.images.iter().map(|i| i.grid_thw).collect()
+    }
+}
 
 /// HF's `pixel_values` rows for one image: `[grid_t·grid_h·grid_w, C·T·P·P]`, row-major.
 ///
