@@ -12,3 +12,5 @@
 pub mod artifact;
 pub mod cli;
 pub mod model;
+pub mod report;
+pub mod search;
