@@ -7,6 +7,7 @@
 //! - [`confidence`]: bootstrap intervals of scores and ranks.
 //! - [`exports`]: ModelOpt, compressed-tensors and llama.cpp recipes.
 //! - [`reference`]: the check against another tool's recipe (ModelOpt's).
+//! - [`synthetic`]: a Qwen3-VL-shaped synthetic scores artifact (tests, benchmarks).
 
 pub mod confidence;
 pub mod exports;
@@ -15,6 +16,7 @@ pub mod naming;
 pub mod problem;
 pub mod reference;
 pub mod solver;
+pub mod synthetic;
 
 use std::path::PathBuf;
 
