@@ -122,7 +122,10 @@ fn disable_keeps_groups_unquantized_but_counting() {
     let shapes = tiny_shapes(&fixtures);
     let scores = modelopt_run(&fixtures, "autoquant_kl_div.json").to_scores(&shapes).unwrap();
     // A member name (k_proj) disables its whole fused group.
-    let ov = Overrides { disable: vec!["*layers.1.self_attn.k_proj".into(), "*visual.blocks.0.*".into()], ..Overrides::default() };
+    let ov = Overrides {
+        disable: vec!["*layers.1.self_attn.k_proj".into(), "*visual.blocks.0.*".into()],
+        ..Overrides::default()
+    };
     let p = Problem::from_scores(&scores, &ov).unwrap();
     let r = p.solve(8.5, &Limits::default()).unwrap();
     for (g, &f) in p.groups.iter().zip(&r.choice) {
@@ -169,7 +172,8 @@ fn modelopt_fixture_frontier_is_monotone_and_marks_the_choice() {
 fn random_scores(seed: u64, groups: usize, formats: usize) -> Scores {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let spec = SyntheticSpec { vision_blocks: 1, deepstack: 1, text_layers: 1, formats, samples: 2, seed, ragged: true };
+    let spec =
+        SyntheticSpec { vision_blocks: 1, deepstack: 1, text_layers: 1, formats, samples: 2, seed, ragged: true };
     let mut s = synthetic::scores(&spec);
     s.groups.truncate(groups);
     let keep: Vec<String> = s.groups.iter().flat_map(|g| g.members.clone()).collect();
@@ -260,7 +264,15 @@ fn write_scores(dir: &Path, name: &str, scores: &Scores, enc: Encoding) -> PathB
 }
 
 fn small_scores() -> Scores {
-    synthetic::scores(&SyntheticSpec { vision_blocks: 2, deepstack: 1, text_layers: 2, formats: 3, samples: 5, seed: 1, ragged: false })
+    synthetic::scores(&SyntheticSpec {
+        vision_blocks: 2,
+        deepstack: 1,
+        text_layers: 2,
+        formats: 3,
+        samples: 5,
+        seed: 1,
+        ragged: false,
+    })
 }
 
 fn run(args: &[&str]) -> std::process::Output {
@@ -311,16 +323,27 @@ fn cli_fp8_exports_on_the_modelopt_fixture() {
     let path = write_scores(dir.path(), "scores.json", &scores, Encoding::Json);
     let ex = dir.path().join("ex");
     let out = dir.path().join("m.json");
-    let o = run(&["--scores", path.to_str().unwrap(), "-o", out.to_str().unwrap(), "--effective-bits", "8.5", "--export-dir", ex.to_str().unwrap()]);
+    let o = run(&[
+        "--scores",
+        path.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--effective-bits",
+        "8.5",
+        "--export-dir",
+        ex.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(ex.join("modelopt_quant_cfg.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ex.join("modelopt_quant_cfg.json")).unwrap()).unwrap();
     let entries = cfg["quant_cfg"].as_array().unwrap();
     assert_eq!(entries[0]["quantizer_name"], "*");
     let m: Artifact<Manifest> = artifact::read(out.as_path()).unwrap();
     let quantized_layers: usize = m.payload.groups.iter().filter(|g| g.chosen == "FP8").map(|g| g.members.len()).sum();
     assert_eq!(entries.len(), 1 + 3 * quantized_layers);
     let ct: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(ex.join("compressed_tensors_quantization_config.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(ex.join("compressed_tensors_quantization_config.json")).unwrap())
+            .unwrap();
     let targets = ct["config_groups"]["group_0"]["targets"].as_array().unwrap().len();
     assert_eq!(targets + ct["ignore"].as_array().unwrap().len(), 41);
     // Fused q/k/v share a format in every export.
@@ -380,7 +403,8 @@ fn cli_bad_inputs_fail_cleanly() {
     // Wrong kind: a manifest given as scores.
     let m = build_manifest(&small_scores(), source(), &Settings::new(8.0), Reporter::silent()).unwrap();
     let wrong = dir.path().join("manifest.json");
-    std::fs::write(&wrong, artifact::to_bytes(&Artifact::new("t", Provenance::default(), m), Encoding::Json).unwrap()).unwrap();
+    std::fs::write(&wrong, artifact::to_bytes(&Artifact::new("t", Provenance::default(), m), Encoding::Json).unwrap())
+        .unwrap();
     check(&wrong, "expected 'qsens.scores'");
     // Malformed.
     let bad = dir.path().join("bad.json");

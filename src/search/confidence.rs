@@ -93,8 +93,9 @@ pub fn intervals(
                 .collect();
             if monotone {
                 for f in 1..per_format.len() {
-                    for r in 0..b {
-                        per_format[f][r] = per_format[f][r].min(per_format[f - 1][r]);
+                    let (done, rest) = per_format.split_at_mut(f);
+                    for (x, &prev) in rest[0].iter_mut().zip(&done[f - 1]) {
+                        *x = x.min(prev);
                     }
                 }
             }

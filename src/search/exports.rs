@@ -143,7 +143,8 @@ pub fn llama_cpp(layers: &[LayerChoice]) -> Result<LlamaCppExport, String> {
             unmapped.push(l.name.to_string());
             continue;
         };
-        let (ty, _) = gguf_type(l.format).ok_or_else(|| format!("llama.cpp export: no GGUF type for format '{}'", l.format))?;
+        let (ty, _) =
+            gguf_type(l.format).ok_or_else(|| format!("llama.cpp export: no GGUF type for format '{}'", l.format))?;
         let key = normalize_format_name(l.format);
         if !used.contains(&key) {
             used.push(key);

@@ -126,9 +126,7 @@ pub fn frontier(problem: &Problem, target_bits: f64, chosen: &Recipe, opts: &Fro
         }
     }
 
-    points.sort_by(|a, b| {
-        a.budget_bits.total_cmp(&b.budget_bits).then(priority(&a.kind).cmp(&priority(&b.kind)))
-    });
+    points.sort_by(|a, b| a.budget_bits.total_cmp(&b.budget_bits).then(priority(&a.kind).cmp(&priority(&b.kind))));
     points.dedup_by(|later, earlier| later.budget_bits == earlier.budget_bits);
     // Carry the best recipe forward (see the module doc).
     for i in 1..points.len() {

@@ -84,8 +84,8 @@ pub fn run(args: &SearchArgs, reporter: Reporter) -> Result<()> {
         tool_version: scores.tool_version.clone(),
         provenance: scores.provenance.clone(),
     };
-    let manifest =
-        build_manifest(&scores.payload, source, &args.settings, reporter).with_context(|| format!("{}", args.scores))?;
+    let manifest = build_manifest(&scores.payload, source, &args.settings, reporter)
+        .with_context(|| format!("{}", args.scores))?;
 
     let mut prov = Provenance::default();
     prov.source("scores", &args.scores, manifest.scores_source.digest.clone());
@@ -157,7 +157,12 @@ fn share(x: f64, total: f64) -> f64 {
 }
 
 /// Everything `search` computes, as a manifest payload.
-pub fn build_manifest(scores: &Scores, source: ScoresSource, settings: &Settings, reporter: Reporter) -> Result<Manifest> {
+pub fn build_manifest(
+    scores: &Scores,
+    source: ScoresSource,
+    settings: &Settings,
+    reporter: Reporter,
+) -> Result<Manifest> {
     let problem = Problem::from_scores(scores, &settings.overrides)?;
     for p in &problem.unmatched_patterns {
         reporter.note(format!("{TOOL}: warning: pattern '{p}' matches no group or layer"));
@@ -191,7 +196,8 @@ pub fn build_manifest(scores: &Scores, source: ScoresSource, settings: &Settings
     let mut group_entries = Vec::with_capacity(problem.groups.len());
     for (i, g) in problem.groups.iter().enumerate() {
         let towers: Vec<&str> = g.members.iter().map(|m| layer_tower(scores, m)).collect();
-        let tower = if towers.windows(2).all(|w| w[0] == w[1]) { towers.first().copied().unwrap_or("text") } else { "mixed" };
+        let tower =
+            if towers.windows(2).all(|w| w[0] == w[1]) { towers.first().copied().unwrap_or("text") } else { "mixed" };
         let ci = group_ci.as_ref().map(|c| &c[i]);
         group_entries.push(GroupEntry {
             name: g.name.clone(),
@@ -271,10 +277,8 @@ pub fn build_manifest(scores: &Scores, source: ScoresSource, settings: &Settings
     let exports = build_exports(&group_entries);
 
     let quantized: Vec<&GroupEntry> = group_entries.iter().filter(|g| g.chosen_index != none).collect();
-    let objective_all_quantized = problem
-        .groups
-        .iter()
-        .fold(0.0, |acc, g| acc + if g.disabled { g.scores[none] } else { g.scores[reference] });
+    let objective_all_quantized =
+        problem.groups.iter().fold(0.0, |acc, g| acc + if g.disabled { g.scores[none] } else { g.scores[reference] });
     let summary = Summary {
         model: scores.model.clone(),
         method: scores.method.clone(),

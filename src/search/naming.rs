@@ -113,10 +113,7 @@ mod tests {
         assert_eq!(classify("model.visual.merger.linear_fc2").series, "merger.fc2");
         assert_eq!(classify("model.visual.patch_embed.proj").series, "patch_embed");
         assert_eq!(classify("lm_head").tower, "lm_head");
-        assert_eq!(
-            group_series(&["a.layers.0.mlp.gate_proj".into(), "a.layers.0.mlp.up_proj".into()]),
-            "gate/up"
-        );
+        assert_eq!(group_series(&["a.layers.0.mlp.gate_proj".into(), "a.layers.0.mlp.up_proj".into()]), "gate/up");
     }
 
     #[test]
@@ -125,7 +122,10 @@ mod tests {
             gguf_name("model.language_model.layers.0.self_attn.o_proj").as_deref(),
             Some("blk.0.attn_output.weight")
         );
-        assert_eq!(gguf_name("model.language_model.layers.35.mlp.down_proj").as_deref(), Some("blk.35.ffn_down.weight"));
+        assert_eq!(
+            gguf_name("model.language_model.layers.35.mlp.down_proj").as_deref(),
+            Some("blk.35.ffn_down.weight")
+        );
         assert_eq!(gguf_name("lm_head").as_deref(), Some("output.weight"));
         assert_eq!(gguf_name("model.visual.blocks.0.attn.qkv"), None);
     }

@@ -36,8 +36,10 @@ pub struct Comparison {
 pub fn compare(problem: &Problem, target_bits: f64, reference: &BTreeMap<String, String>) -> Result<Comparison> {
     let mut choice = Vec::with_capacity(problem.groups.len());
     for g in &problem.groups {
-        let f = reference.get(&g.name).with_context(|| format!("reference recipe has no entry for group '{}'", g.name))?;
-        let idx = problem.format_index(f).with_context(|| format!("reference format '{f}' is not among the formats"))?;
+        let f =
+            reference.get(&g.name).with_context(|| format!("reference recipe has no entry for group '{}'", g.name))?;
+        let idx =
+            problem.format_index(f).with_context(|| format!("reference format '{f}' is not among the formats"))?;
         choice.push(idx);
     }
     ensure!(
@@ -61,7 +63,11 @@ pub fn compare(problem: &Problem, target_bits: f64, reference: &BTreeMap<String,
         reference_quantized: count(&choice),
     };
     if cmp.ours_objective > cmp.reference_objective {
-        bail!("at {target_bits} bits our objective {} exceeds the reference's {}", cmp.ours_objective, cmp.reference_objective);
+        bail!(
+            "at {target_bits} bits our objective {} exceeds the reference's {}",
+            cmp.ours_objective,
+            cmp.reference_objective
+        );
     }
     if cmp.ours_bits > target_bits {
         bail!("at {target_bits} bits we achieve {} bits, over the budget", cmp.ours_bits);

@@ -269,8 +269,7 @@ fn lower_hull(items: &[PItem]) -> Vec<usize> {
             let o = items[hull[hull.len() - 2]];
             let a = items[hull[hull.len() - 1]];
             let b = items[i];
-            let cross =
-                (a.cost - o.cost) as f64 * (b.score - o.score) - (a.score - o.score) * (b.cost - o.cost) as f64;
+            let cross = (a.cost - o.cost) as f64 * (b.score - o.score) - (a.score - o.score) * (b.cost - o.cost) as f64;
             if cross <= 0.0 {
                 hull.pop();
             } else {
@@ -432,9 +431,8 @@ pub fn solve(m: &Mckp, capacity: u128, limits: &Limits) -> Option<Solution> {
         let last = trial >= upper;
         let threshold = trial.min(upper);
         let slack = threshold - lp_bound + tol + rc_tol;
-        let items: Vec<Vec<usize>> = (0..n)
-            .map(|c| (0..pre.classes[c].items.len()).filter(|&i| reduced[c][i] <= slack).collect())
-            .collect();
+        let items: Vec<Vec<usize>> =
+            (0..n).map(|c| (0..pre.classes[c].items.len()).filter(|&i| reduced[c][i] <= slack).collect()).collect();
         stats.passes += 1;
         let pass = dp_pass(&pre, &order, &items, capacity, threshold, tol, limits, &mut stats);
         if let Some(pick) = pass.pick {
@@ -627,7 +625,12 @@ pub fn pareto_frontier(
             return None;
         }
     }
-    Some(states.into_iter().map(|(cost, units, counted)| ParetoPoint { cost, score: pre.fixed.value(units), counted }).collect())
+    Some(
+        states
+            .into_iter()
+            .map(|(cost, units, counted)| ParetoPoint { cost, score: pre.fixed.value(units), counted })
+            .collect(),
+    )
 }
 
 /// Exhaustive search (for tests and tiny instances): the lowest exact score, ties to the lower
@@ -756,7 +759,9 @@ mod tests {
     fn state_limit_gives_a_feasible_answer_with_a_valid_bound() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let classes: Vec<Vec<Item>> = (0..12)
-            .map(|_| (0..3).map(|_| Item { cost: rng.random_range(1..50), score: rng.random_range(0.0..10.0) }).collect())
+            .map(|_| {
+                (0..3).map(|_| Item { cost: rng.random_range(1..50), score: rng.random_range(0.0..10.0) }).collect()
+            })
             .collect();
         let m = Mckp { classes };
         let cap = 250;

@@ -29,7 +29,15 @@ pub struct SyntheticSpec {
 impl SyntheticSpec {
     /// 27 ViT blocks, 3 deepstack mergers, 33 decoder layers: 250 groups; 6 formats.
     pub fn qwen3_vl_250() -> Self {
-        SyntheticSpec { vision_blocks: 27, deepstack: 3, text_layers: 33, formats: 6, samples: 32, seed: 0, ragged: false }
+        SyntheticSpec {
+            vision_blocks: 27,
+            deepstack: 3,
+            text_layers: 33,
+            formats: 6,
+            samples: 32,
+            seed: 0,
+            ragged: false,
+        }
     }
 
     /// Number of groups this spec gives.
@@ -68,16 +76,26 @@ pub fn scores(spec: &SyntheticSpec) -> Scores {
     let mut groups: Vec<(String, Vec<Member>)> = Vec::new();
     let (vh, vi) = (1152u64, 4304u64);
     let v = "model.visual";
-    groups.push((format!("{v}.patch_embed.proj"), vec![(format!("{v}.patch_embed.proj"), "vision", "patch_embed", [vh, 1536])]));
+    groups.push((
+        format!("{v}.patch_embed.proj"),
+        vec![(format!("{v}.patch_embed.proj"), "vision", "patch_embed", [vh, 1536])],
+    ));
     for b in 0..spec.vision_blocks {
-        for (name, shape) in [("attn.qkv", [3 * vh, vh]), ("attn.proj", [vh, vh]), ("mlp.linear_fc1", [vi, vh]), ("mlp.linear_fc2", [vh, vi])] {
+        for (name, shape) in [
+            ("attn.qkv", [3 * vh, vh]),
+            ("attn.proj", [vh, vh]),
+            ("mlp.linear_fc1", [vi, vh]),
+            ("mlp.linear_fc2", [vh, vi]),
+        ] {
             let n = format!("{v}.blocks.{b}.{name}");
             groups.push((n.clone(), vec![(n, "vision", "linear", shape)]));
         }
     }
     let (th, ti, kv) = (4096u64, 12288u64, 1024u64);
     let merged = 4 * vh;
-    for prefix in std::iter::once(format!("{v}.merger")).chain((0..spec.deepstack).map(|k| format!("{v}.deepstack_merger_list.{k}"))) {
+    for prefix in std::iter::once(format!("{v}.merger"))
+        .chain((0..spec.deepstack).map(|k| format!("{v}.deepstack_merger_list.{k}")))
+    {
         for (name, shape) in [("linear_fc1", [merged, merged]), ("linear_fc2", [th, merged])] {
             let n = format!("{prefix}.{name}");
             groups.push((n.clone(), vec![(n, "vision", "linear", shape)]));
@@ -86,7 +104,10 @@ pub fn scores(spec: &SyntheticSpec) -> Scores {
     let t = "model.language_model.layers";
     for l in 0..spec.text_layers {
         let m = |s: &str, shape| (format!("{t}.{l}.{s}"), "text", "linear", shape);
-        groups.push((format!("{t}.{l}.self_attn.q_proj"), vec![m("self_attn.q_proj", [th, th]), m("self_attn.k_proj", [kv, th]), m("self_attn.v_proj", [kv, th])]));
+        groups.push((
+            format!("{t}.{l}.self_attn.q_proj"),
+            vec![m("self_attn.q_proj", [th, th]), m("self_attn.k_proj", [kv, th]), m("self_attn.v_proj", [kv, th])],
+        ));
         groups.push((format!("{t}.{l}.self_attn.o_proj"), vec![m("self_attn.o_proj", [th, th])]));
         groups.push((format!("{t}.{l}.mlp.gate_proj"), vec![m("mlp.gate_proj", [ti, th]), m("mlp.up_proj", [ti, th])]));
         groups.push((format!("{t}.{l}.mlp.down_proj"), vec![m("mlp.down_proj", [th, ti])]));
