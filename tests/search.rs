@@ -411,3 +411,34 @@ fn cli_bad_inputs_fail_cleanly() {
     std::fs::write(&bad, br#"{"kind": "qsens.scores", "schema_version": 1, "tool": "x", "tool_version": "0", "provenance": {"sources": [], "parameters": {}}, "payload": {"model": 3}}"#).unwrap();
     check(&bad, "malformed 'qsens.scores' payload");
 }
+
+/// Timing of the whole frontier grid on the 250 × 6 synthetic instances (run with `--ignored`).
+#[test]
+#[ignore]
+fn bench_frontier_grid_250x6() {
+    for ragged in [false, true] {
+        let scores = synthetic::scores(&SyntheticSpec { ragged, samples: 8, ..SyntheticSpec::qwen3_vl_250() });
+        let p = Problem::from_scores(&scores, &Overrides::default()).unwrap();
+        let (mut total, mut worst, mut worst_bits, mut count) = (0.0, 0.0, 0.0, 0);
+        let mut k = (p.min_effective_bits() / 0.05).ceil() as i64;
+        while k as f64 * 0.05 <= 16.0 {
+            let bits = k as f64 * 0.05;
+            let t = Instant::now();
+            let r = p.solve(bits, &Limits::default()).unwrap();
+            let dt = t.elapsed().as_secs_f64();
+            assert!(r.proved);
+            total += dt;
+            count += 1;
+            if dt > worst {
+                (worst, worst_bits) = (dt, bits);
+            }
+            k += 1;
+        }
+        eprintln!(
+            "ragged={ragged}: {count} budgets, total {:.3} s, mean {:.2} ms, worst {:.1} ms at {worst_bits:.2} bits",
+            total,
+            1e3 * total / count as f64,
+            1e3 * worst
+        );
+    }
+}
