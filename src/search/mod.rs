@@ -277,8 +277,8 @@ pub fn build_manifest(
     let exports = build_exports(&group_entries);
 
     let quantized: Vec<&GroupEntry> = group_entries.iter().filter(|g| g.chosen_index != none).collect();
-    let objective_all_quantized =
-        problem.groups.iter().fold(0.0, |acc, g| acc + if g.disabled { g.scores[none] } else { g.scores[reference] });
+    let all_quantized: Vec<usize> = problem.groups.iter().map(|g| if g.disabled { none } else { reference }).collect();
+    let objective_all_quantized = problem.evaluate(&all_quantized)?.objective;
     let summary = Summary {
         model: scores.model.clone(),
         method: scores.method.clone(),
