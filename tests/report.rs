@@ -196,13 +196,17 @@ fn demo_report() {
         std::fs::write(dir.join(n), s).unwrap();
     }
     write_manifest(&dir, "manifest.json", &m, Encoding::Json);
+    let scores = synthetic::scores(&SyntheticSpec { samples: 16, ..SyntheticSpec::qwen3_vl_250() });
+    let bytes = artifact::to_bytes(&Artifact::new("synthetic", Provenance::default(), scores), Encoding::MessagePack);
+    std::fs::write(dir.join("scores.msgpack"), bytes.unwrap()).unwrap();
     // The same with group scores only.
     let mut scores = synthetic::scores(&SyntheticSpec { samples: 16, ..SyntheticSpec::qwen3_vl_250() });
     for l in &mut scores.layers {
         l.per_sample.clear();
     }
     let g = build_manifest(&scores, source(), &Settings::new(6.0), Reporter::silent()).unwrap();
-    let r = report::render(&Artifact::new("search", Provenance::default(), g), "groups", "t", report::DEFAULT_TEMPLATE).unwrap();
+    let r = report::render(&Artifact::new("search", Provenance::default(), g), "groups", "t", report::DEFAULT_TEMPLATE)
+        .unwrap();
     std::fs::write(dir.join("groups.md"), &r.markdown).unwrap();
     for (n, s) in &r.svgs {
         std::fs::write(dir.join(n), s).unwrap();

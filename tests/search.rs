@@ -67,6 +67,9 @@ fn modelopt_fixtures_our_optimum_is_never_worse() {
         let problem = Problem::from_scores(&scores, &Overrides::default()).unwrap();
         // ModelOpt's cost denominator (Σ weighted NONE cost) is reproduced exactly.
         assert_eq!(problem.cost_denominator(), run.cost_denominator, "{file}");
+        // Everything at FP8 is the floor: 7.99 bits is impossible, and the error says 8.
+        let err = format!("{:#}", problem.solve(7.99, &Limits::default()).unwrap_err());
+        assert!(err.contains("the smallest achievable is 8.0000"), "{err}");
         for t in &run.targets {
             let c = compare(&problem, t.effective_bits_target, &t.recipe).unwrap();
             // The reference recipe evaluated by us gives ModelOpt's own numbers.

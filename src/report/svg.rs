@@ -113,7 +113,8 @@ pub fn fmt_sci(x: f64, digits: usize) -> String {
     if x == 0.0 {
         return "0".into();
     }
-    format!("{x:.digits$e}")
+    let s = format!("{x:.digits$e}");
+    s.strip_suffix("e0").map_or(s.clone(), str::to_string)
 }
 
 /// XML-escapes text and attribute values.
@@ -421,6 +422,7 @@ mod tests {
         assert_eq!(l.ticks().iter().map(|t| t.1.as_str()).collect::<Vec<_>>(), ["0", "1", "2", "3", "4", "5"]);
         assert_eq!(nice_step(0.13), 0.2);
         assert_eq!(fmt_number(2.5e-7), "2.50e-7");
+        assert_eq!(fmt_sci(2.81606, 3), "2.816");
         assert_eq!(esc("a<b & \"c\""), "a&lt;b &amp; &quot;c&quot;");
     }
 }
