@@ -1,14 +1,14 @@
 //! qsens: per-layer quantization sensitivity for vision-language models.
 //!
 //! The pipeline, one module per stage, each reading and writing an [`artifact`]:
-//! 1. `calib` (`calib-extract`): SQLite calibration DB + image root → calibration samples.
-//! 2. `preprocess` (`preprocess`): samples + HF checkpoint → model inputs, exactly as HF.
-//! 3. `score` (`score-layers`): checkpoint + inputs → per-layer sensitivity scores.
-//! 4. `search` (`search`): scores → per-layer formats under a bit budget → manifest.
-//! 5. `report` (`manifest-to-md`): manifest → Markdown report with SVG plots.
+//! 1. [`calib`] (`calib-extract`): SQLite calibration DB + image root → calibration samples.
+//! 2. [`preprocess`] (`preprocess`): samples + HF checkpoint → model inputs, exactly as HF.
+//! 3. [`score`] (`score-layers`): checkpoint + inputs → per-layer sensitivity scores.
+//! 4. [`search`] (`search`): scores → per-layer formats under a bit budget → manifest.
+//! 5. [`report`] (`manifest-to-md`): manifest → Markdown report with SVG plots.
 //!
 //! Shared homes: [`artifact`] (the schemas), [`model`] (Qwen3-VL forward and backward),
-//! `quant` (FP8 numerics, formats, layer grouping), [`cli`] (flags, exit codes, progress), and
+//! [`quant`] (FP8 numerics, formats, layer grouping), [`cli`] (flags, exit codes, progress), and
 //! [`demo`] (the generated demo set: images, captions and a tiny checkpoint).
 pub mod artifact;
 pub mod calib;
@@ -17,4 +17,6 @@ pub mod demo;
 pub mod model;
 pub mod preprocess;
 pub mod quant;
+pub mod report;
 pub mod score;
+pub mod search;

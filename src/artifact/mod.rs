@@ -12,6 +12,7 @@
 
 pub mod calibration;
 pub mod inputs;
+pub mod manifest;
 pub mod scores;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,223 @@
+//! The chosen recipe in other tools' formats (documented in `docs/manifest.md`).
+//!
+//! - ModelOpt 0.47: the `{"quant_cfg": [...], "algorithm": "max"}` dict that `mtq.quantize`
+//!   takes, shaped like `mtq.get_auto_quantize_config`'s: deny all, then per quantized module
+//!   its `input_quantizer` and `weight_quantizer` with the format's attributes and its
+//!   `output_quantizer` disabled.
+//! - compressed-tensors (vLLM): `quantization_config` with one config group per quantized
+//!   format, targets = exact module names, `ignore` = every other scored layer. Fused q/k/v and
+//!   gate/up are one search group, so they always share a format, as vLLM requires.
+//! - llama.cpp: `llama-quantize --tensor-type` entries (anchored regex = GGML type) for the text
+//!   model's tensors. FP8 has no GGUF type: `q8_0` (8-bit ints, one scale per 32 weights) is the
+//!   nearest and is marked approximate.
+
+use serde_json::{json, Value};
+
+use crate::artifact::manifest::{GgufTypeMap, LlamaCppExport};
+
+use super::naming;
+use super::problem::normalize_format_name;
+
+/// One quantizable layer and the format its group got.
+#[derive(Debug, Clone)]
+pub struct LayerChoice<'a> {
+    pub name: &'a str,
+    pub format: &'a str,
+}
+
+fn is_none(format: &str) -> bool {
+    normalize_format_name(format) == "NONE"
+}
+
+/// ModelOpt quantizer attributes of a format (for both weights and inputs).
+fn modelopt_attributes(format: &str) -> Option<Value> {
+    match normalize_format_name(format).as_str() {
+        // FP8 E4M3, per tensor (`configs/numerics/fp8`: num_bits e4m3, axis None).
+        "FP8" => Some(json!({"num_bits": [4, 3], "axis": null})),
+        _ => None,
+    }
+}
+
+/// compressed-tensors weights / input_activations arguments of a format.
+fn compressed_tensors_scheme(format: &str) -> Option<(Value, Value)> {
+    match normalize_format_name(format).as_str() {
+        "FP8" => {
+            let args = |observer: &str| {
+                json!({
+                    "num_bits": 8,
+                    "type": "float",
+                    "strategy": "tensor",
+                    "symmetric": true,
+                    "dynamic": false,
+                    "group_size": null,
+                    "block_structure": null,
+                    "actorder": null,
+                    "observer": observer,
+                    "observer_kwargs": {}
+                })
+            };
+            Some((args("minmax"), args("minmax")))
+        }
+        _ => None,
+    }
+}
+
+/// GGUF type of a format and whether it is only the nearest one.
+fn gguf_type(format: &str) -> Option<(&'static str, bool)> {
+    match normalize_format_name(format).as_str() {
+        "NONE" => Some(("bf16", false)),
+        "FP8" => Some(("q8_0", true)),
+        _ => None,
+    }
+}
+
+/// ModelOpt `mtq.quantize` config; `Err` names a format without a ModelOpt mapping.
+pub fn modelopt(layers: &[LayerChoice]) -> Result<Value, String> {
+    let mut quant_cfg = vec![json!({"quantizer_name": "*", "enable": false})];
+    for l in layers.iter().filter(|l| !is_none(l.format)) {
+        let attrs = modelopt_attributes(l.format)
+            .ok_or_else(|| format!("ModelOpt export: no ModelOpt config for format '{}'", l.format))?;
+        for q in ["input_quantizer", "weight_quantizer"] {
+            quant_cfg.push(json!({"quantizer_name": format!("{}.{q}", l.name), "enable": true, "cfg": attrs}));
+        }
+        quant_cfg.push(json!({"quantizer_name": format!("{}.output_quantizer", l.name), "enable": false}));
+    }
+    Ok(json!({"quant_cfg": quant_cfg, "algorithm": "max"}))
+}
+
+/// compressed-tensors `quantization_config`; `Err` names a format without a mapping.
+pub fn compressed_tensors(layers: &[LayerChoice]) -> Result<Value, String> {
+    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+    let mut ignore = Vec::new();
+    for l in layers {
+        if is_none(l.format) {
+            ignore.push(l.name);
+            continue;
+        }
+        let key = normalize_format_name(l.format);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, targets)) => targets.push(l.name),
+            None => groups.push((key, vec![l.name])),
+        }
+    }
+    let mut config_groups = serde_json::Map::new();
+    for (i, (format, targets)) in groups.iter().enumerate() {
+        let (weights, inputs) = compressed_tensors_scheme(format)
+            .ok_or_else(|| format!("compressed-tensors export: no scheme for format '{format}'"))?;
+        config_groups.insert(
+            format!("group_{i}"),
+            json!({"targets": targets, "weights": weights, "input_activations": inputs, "output_activations": null}),
+        );
+    }
+    Ok(json!({
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "global_compression_ratio": null,
+        "config_groups": config_groups,
+        "ignore": ignore,
+        "kv_cache_scheme": null
+    }))
+}
+
+/// Escapes a GGUF tensor name for an anchored `std::regex` (ECMAScript) pattern.
+fn anchored(name: &str) -> String {
+    let mut out = String::from("^");
+    for ch in name.chars() {
+        if "\\^$.|?*+()[]{}".contains(ch) {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out.push('$');
+    out
+}
+
+/// llama.cpp `--tensor-type` entries; `Err` names a format without a GGUF type.
+pub fn llama_cpp(layers: &[LayerChoice]) -> Result<LlamaCppExport, String> {
+    let mut tensor_types = Vec::new();
+    let mut unmapped = Vec::new();
+    let mut used: Vec<String> = Vec::new();
+    for l in layers {
+        let Some(gguf) = naming::gguf_name(l.name) else {
+            unmapped.push(l.name.to_string());
+            continue;
+        };
+        let (ty, _) =
+            gguf_type(l.format).ok_or_else(|| format!("llama.cpp export: no GGUF type for format '{}'", l.format))?;
+        let key = normalize_format_name(l.format);
+        if !used.contains(&key) {
+            used.push(key);
+        }
+        tensor_types.push(format!("{}={ty}", anchored(&gguf)));
+    }
+    // The token embedding is not searched: keep it unquantized.
+    tensor_types.push(format!("{}=bf16", anchored("token_embd.weight")));
+    if !used.iter().any(|k| k == "NONE") {
+        used.push("NONE".into());
+    }
+    let type_map = used
+        .iter()
+        .map(|f| {
+            let (ty, approximate) = gguf_type(f).expect("checked above");
+            GgufTypeMap { format: f.clone(), gguf_type: ty.to_string(), approximate }
+        })
+        .collect();
+    Ok(LlamaCppExport { base_type: "Q8_0".into(), tensor_types, type_map, unmapped })
+}
+
+/// The `llama-quantize` arguments, one `--tensor-type` per line, shell-quoted.
+pub fn llama_cpp_args(export: &LlamaCppExport) -> String {
+    let mut out = String::new();
+    for t in &export.tensor_types {
+        out.push_str(&format!("--tensor-type '{t}'\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers() -> Vec<LayerChoice<'static>> {
+        vec![
+            LayerChoice { name: "model.visual.blocks.0.attn.qkv", format: "FP8" },
+            LayerChoice { name: "model.language_model.layers.0.self_attn.q_proj", format: "FP8" },
+            LayerChoice { name: "model.language_model.layers.0.self_attn.k_proj", format: "FP8" },
+            LayerChoice { name: "model.language_model.layers.0.mlp.down_proj", format: "NONE" },
+            LayerChoice { name: "lm_head", format: "NONE" },
+        ]
+    }
+
+    #[test]
+    fn modelopt_config_denies_all_then_enables_chosen_modules() {
+        let cfg = modelopt(&layers()).unwrap();
+        let entries = cfg["quant_cfg"].as_array().unwrap();
+        assert_eq!(entries[0], json!({"quantizer_name": "*", "enable": false}));
+        assert_eq!(entries.len(), 1 + 3 * 3);
+        assert_eq!(entries[1]["quantizer_name"], "model.visual.blocks.0.attn.qkv.input_quantizer");
+        assert_eq!(entries[2]["cfg"]["num_bits"], json!([4, 3]));
+        assert_eq!(entries[3]["enable"], false);
+        assert_eq!(cfg["algorithm"], "max");
+        assert!(modelopt(&[LayerChoice { name: "x", format: "NVFP4" }]).is_err());
+    }
+
+    #[test]
+    fn compressed_tensors_targets_and_ignores() {
+        let cfg = compressed_tensors(&layers()).unwrap();
+        let g = &cfg["config_groups"]["group_0"];
+        assert_eq!(g["targets"].as_array().unwrap().len(), 3);
+        assert_eq!(g["weights"]["type"], "float");
+        assert_eq!(cfg["ignore"], json!(["model.language_model.layers.0.mlp.down_proj", "lm_head"]));
+    }
+
+    #[test]
+    fn llama_cpp_lines() {
+        let e = llama_cpp(&layers()).unwrap();
+        assert_eq!(e.unmapped, vec!["model.visual.blocks.0.attn.qkv"]);
+        assert_eq!(e.tensor_types[0], r"^blk\.0\.attn_q\.weight$=q8_0");
+        assert_eq!(e.tensor_types[3], r"^output\.weight$=bf16");
+        assert!(e.type_map.iter().any(|m| m.format == "FP8" && m.approximate));
+        assert!(llama_cpp_args(&e).starts_with(r"--tensor-type '^blk\.0\.attn_q\.weight$=q8_0'"));
+    }
+}
