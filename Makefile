@@ -1,10 +1,153 @@
-# qsens — see README.md. `make demo` runs the pipeline on the embedded demo set; `make test` runs
-# the test suite (CI runs it through .ci/run).
-CARGO ?= cargo
+# qsens — per-layer quantization sensitivity for Qwen3-VL. See README.md.
+#
+#   make demo      all five stages on the generated demo set (no downloads)
+#   make test      the test suite (what CI runs through .ci/run)
+#   make report    the pipeline on your own model/data (set the variables below)
+#
+# Each stage is a file target, so make reruns only what changed: touching the manifest reruns
+# only manifest-to-md; changing BITS reruns search and the report; changing the images reruns
+# everything after calib-extract.
 
-.PHONY: build test
+CARGO        ?= cargo
+PROFILE      ?= release
+CARGO_FLAGS  ?=
+BIN_DIR      := target/$(PROFILE)
+
+# ---- inputs ----------------------------------------------------------------------------------
+# Defaults point at the demo set that `make demo-assets` generates.
+DEMO_DIR     ?= target/demo
+MODEL_DIR    ?= $(DEMO_DIR)/model
+IMAGE_ROOT   ?= $(DEMO_DIR)/images
+# A COCO captions JSON to build CALIB_DB from (leave empty to use an existing CALIB_DB).
+COCO_JSON    ?= $(DEMO_DIR)/captions.json
+CALIB_DB     ?= $(OUTPUT_DIR)/calibration.db
+SPLIT        ?=
+
+# ---- settings --------------------------------------------------------------------------------
+OUTPUT_DIR   ?= tmp/qwen3_vl_4b_autoquant_all_layers_fp8
+NUM_SAMPLES  ?= 32
+SEED         ?= 0
+PROMPT       ?= Describe this image.
+MIN_PIXELS   ?=
+MAX_PIXELS   ?=
+METHOD       ?= gradient
+DEVICE       ?= cpu
+DTYPE        ?= f32
+BITS         ?= 12
+DISABLE      ?=
+EXCLUDE_COST ?=
+SCORE_FLAGS  ?=
+SEARCH_FLAGS ?=
+
+# ---- outputs (same folder and roles as the ModelOpt driver's) ---------------------------------
+PREFIX       := fp8_autoquant_all_layers_fp8
+CALIBRATION  := $(OUTPUT_DIR)/calibration.json
+INPUTS       := $(OUTPUT_DIR)/model_inputs.msgpack
+SCORES       := $(OUTPUT_DIR)/$(PREFIX)_autoquant_state.msgpack
+MANIFEST     := $(OUTPUT_DIR)/$(PREFIX)_quant_manifest.json
+REPORT       := $(OUTPUT_DIR)/per-layer-sensitivity.md
+EXPORT_DIR   := $(OUTPUT_DIR)/recipes
+
+BINS := calib-extract preprocess score-layers search manifest-to-md
+BIN_FILES := $(addprefix $(BIN_DIR)/,$(BINS))
+
+.PHONY: all demo demo-assets build report test bench bench-preprocess bench-model bench-score \
+        fuzz clean-output help FORCE
+all: report
+
+help:
+	@sed -n '1,12p' Makefile
+
+# ---- build -----------------------------------------------------------------------------------
 build:
-	$(CARGO) build --release --bins
+	$(CARGO) build --$(PROFILE) --bins $(CARGO_FLAGS)
 
+# Stages depend on the binaries only for ordering: rebuilding qsens does not rerun the pipeline.
+$(BIN_FILES): build
+
+# ---- demo ------------------------------------------------------------------------------------
+demo-assets: build
+	$(CARGO) run -q --$(PROFILE) --example demo_assets -- $(DEMO_DIR)
+
+demo:
+	@$(MAKE) --no-print-directory demo-assets
+	@$(MAKE) --no-print-directory report OUTPUT_DIR=tmp/demo NUM_SAMPLES=8 BITS=12 \
+	    EXCLUDE_COST='*lm_head*'
+	@echo
+	@echo "demo report: tmp/demo/per-layer-sensitivity.md (plots beside it)"
+	@echo "manifest:    tmp/demo/$(PREFIX)_quant_manifest.json; recipes: tmp/demo/recipes/"
+
+# ---- settings stamps: a stage reruns when its settings change, not only its input files -------
+# $(call stamp,NAME,VALUE) names a file whose content is VALUE; it is rewritten (and so newer)
+# only when VALUE differs from what it holds.
+stamp = $(OUTPUT_DIR)/.$(1).settings
+define stamp_rule
+$(call stamp,$(1)): FORCE
+	@mkdir -p $$(@D)
+	@printf '%s\n' '$(2)' | cmp -s - $$@ 2>/dev/null || printf '%s\n' '$(2)' > $$@
+endef
+EXTRACT_SETTINGS := $(NUM_SAMPLES) $(SEED) $(PROMPT) $(SPLIT) $(IMAGE_ROOT)
+PREPROCESS_SETTINGS := $(MODEL_DIR) $(MIN_PIXELS) $(MAX_PIXELS)
+SCORE_SETTINGS := $(MODEL_DIR) $(METHOD) $(DEVICE) $(DTYPE) $(DISABLE) $(EXCLUDE_COST) $(SCORE_FLAGS)
+SEARCH_SETTINGS := $(BITS) $(DISABLE) $(EXCLUDE_COST) $(SEARCH_FLAGS)
+$(eval $(call stamp_rule,extract,$(EXTRACT_SETTINGS)))
+$(eval $(call stamp_rule,preprocess,$(PREPROCESS_SETTINGS)))
+$(eval $(call stamp_rule,score,$(SCORE_SETTINGS)))
+$(eval $(call stamp_rule,search,$(SEARCH_SETTINGS)))
+FORCE:
+
+opt = $(if $(2),$(1) '$(2)')
+glob_flags = $(foreach g,$(2),$(1) '$(g)')
+
+# ---- stage 1: calib-extract ------------------------------------------------------------------
+ifneq ($(COCO_JSON),)
+$(CALIB_DB): $(COCO_JSON) | $(BIN_DIR)/calib-extract
+	@mkdir -p $(@D)
+	$(BIN_DIR)/calib-extract --from-coco $(COCO_JSON) --db $@ $(call opt,--split,$(SPLIT))
+endif
+
+$(CALIBRATION): $(CALIB_DB) $(call stamp,extract) | $(BIN_DIR)/calib-extract
+	$(BIN_DIR)/calib-extract --db $(CALIB_DB) --image-root $(IMAGE_ROOT) --num $(NUM_SAMPLES) \
+	    --seed $(SEED) --prompt '$(PROMPT)' $(call opt,--split,$(SPLIT)) -o $@
+
+# ---- stage 2: preprocess ---------------------------------------------------------------------
+$(INPUTS): $(CALIBRATION) $(MODEL_DIR)/config.json $(call stamp,preprocess) | $(BIN_DIR)/preprocess
+	$(BIN_DIR)/preprocess --calibration $(CALIBRATION) --model $(MODEL_DIR) \
+	    $(call opt,--min-pixels,$(MIN_PIXELS)) $(call opt,--max-pixels,$(MAX_PIXELS)) -o $@
+
+# ---- stage 3: score-layers (resumes an interrupted run from $(SCORES).partial) ------------------
+$(SCORES): $(INPUTS) $(MODEL_DIR)/config.json $(call stamp,score) | $(BIN_DIR)/score-layers
+	$(BIN_DIR)/score-layers --model $(MODEL_DIR) --inputs $(INPUTS) --method $(METHOD) \
+	    --device $(DEVICE) --dtype $(DTYPE) $(call glob_flags,--disable,$(DISABLE)) \
+	    $(call glob_flags,--exclude-cost,$(EXCLUDE_COST)) --resume $(SCORE_FLAGS) -o $@
+
+# ---- stage 4: search -------------------------------------------------------------------------
+$(MANIFEST): $(SCORES) $(call stamp,search) | $(BIN_DIR)/search
+	$(BIN_DIR)/search --scores $(SCORES) --effective-bits $(BITS) \
+	    $(call glob_flags,--disable,$(DISABLE)) $(call glob_flags,--exclude-cost,$(EXCLUDE_COST)) \
+	    --export-dir $(EXPORT_DIR) $(SEARCH_FLAGS) -o $@
+
+# ---- stage 5: manifest-to-md -----------------------------------------------------------------
+$(REPORT): $(MANIFEST) | $(BIN_DIR)/manifest-to-md
+	$(BIN_DIR)/manifest-to-md --manifest $(MANIFEST) -o $@
+
+report: $(REPORT)
+	@echo "report: $(REPORT)"
+
+clean-output:
+	rm -rf $(OUTPUT_DIR)
+
+# ---- tests and benchmarks --------------------------------------------------------------------
 test:
 	$(CARGO) test --all-targets
+
+bench: bench-preprocess bench-model bench-score
+
+bench-preprocess:
+	scripts/bench_preprocess.sh
+
+bench-model:
+	scripts/bench_model.sh
+
+bench-score:
+	scripts/bench_score.sh

@@ -318,16 +318,35 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
         bail!("--resume needs a state file: write the output to a file (-o FILE) or pass --state FILE");
     }
 
-    // Resume or calibrate.
-    let mut run = match (&state_path, opts.resume) {
+    // Resume (when the saved state belongs to this very run) or calibrate.
+    let saved = match (&state_path, opts.resume) {
         (Some(p), true) if p.exists() => {
             let loc = Location::File(p.clone());
-            let saved: Artifact<Scores> = artifact::read(loc.clone())?;
-            state::check_resumable(&saved, &provenance, &loc)?;
-            reporter.note(format!("resuming from {} ({} of {} samples done)", p.display(), saved.payload.samples.len(), plan.to_score.len()));
-            saved
+            let saved = artifact::read::<Scores>(loc.clone()).and_then(|s| {
+                state::check_resumable(&s, &provenance, &loc)?;
+                Ok(s)
+            });
+            match saved {
+                Ok(s) => {
+                    reporter.note(format!(
+                        "resuming from {} ({} of {} samples done)",
+                        p.display(),
+                        s.payload.samples.len(),
+                        plan.to_score.len()
+                    ));
+                    Some(s)
+                }
+                Err(e) => {
+                    reporter.note(format!("not resuming: {}; starting over", crate::cli::one_line(&e)));
+                    None
+                }
+            }
         }
-        _ => {
+        _ => None,
+    };
+    let mut run = match saved {
+        Some(s) => s,
+        None => {
             let mut fresh = Artifact::new(TOOL, provenance.clone(), skeleton);
             calibrate(&model, &inputs, &plan, &mut fresh.payload, reporter)?;
             if let Some(p) = &state_path {

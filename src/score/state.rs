@@ -84,7 +84,7 @@ pub fn push_sample(
 pub fn check_resumable(state: &Artifact<Scores>, provenance: &Provenance, location: &Location) -> Result<()> {
     if state.provenance != *provenance {
         let diff = describe_difference(&state.provenance, provenance);
-        bail!("{location}: saved state comes from a different run ({diff}); delete it or run without --resume");
+        bail!("{location}: saved state comes from a different run ({diff})");
     }
     Ok(())
 }
