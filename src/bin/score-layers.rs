@@ -58,6 +58,9 @@ struct Args {
     /// State file for --resume (default: <output>.partial).
     #[arg(long, value_name = "FILE")]
     state: Option<PathBuf>,
+    /// Write wall time per phase as JSON to FILE (not part of the artifact).
+    #[arg(long, value_name = "FILE")]
+    timings: Option<PathBuf>,
     /// Merge shard artifacts into one (instead of scoring).
     #[arg(long, value_name = "SHARD", num_args = 1.., conflicts_with_all = ["model", "inputs", "shard", "resume"])]
     merge: Vec<String>,
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
             shard: args.shard,
             resume: args.resume,
             state: args.state.clone(),
+            timings: args.timings.clone(),
         };
         score::run(&opts, &reporter)
     })

@@ -73,6 +73,23 @@ pub struct ScoreOptions {
     pub resume: bool,
     /// Where the running state is saved (default `<output>.partial`).
     pub state: Option<PathBuf>,
+    /// Write wall time per phase (JSON) here; kept out of the artifact so it stays deterministic.
+    pub timings: Option<PathBuf>,
+}
+
+/// Wall time per phase of a run, in seconds.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Timings {
+    pub read_inputs: f64,
+    pub hash_model: f64,
+    pub load_model: f64,
+    pub calibration: f64,
+    pub scoring: f64,
+    pub write: f64,
+    pub total: f64,
+    pub samples_scored: usize,
+    pub device: String,
+    pub dtype: String,
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.
@@ -280,13 +297,23 @@ fn dtype_name(dtype: DType) -> &'static str {
 
 /// Runs `score-layers`.
 pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut clock = std::time::Instant::now();
+    let mut lap = || {
+        let now = std::time::Instant::now();
+        let dt = now.duration_since(clock).as_secs_f64();
+        clock = now;
+        dt
+    };
+    let mut timings = Timings { device: opts.device.clone(), dtype: dtype_name(opts.dtype).into(), ..Default::default() };
     let input_bytes = artifact::read_bytes(&opts.inputs)?;
     let inputs: Artifact<ModelInputs> = artifact::from_bytes(&input_bytes).with_context(|| format!("{}", opts.inputs))?;
     let inputs = inputs.payload;
-
     let mut provenance = Provenance::default();
     provenance.source("inputs", &opts.inputs, artifact::sha256_bytes(&input_bytes));
+    timings.read_inputs = lap();
     model_provenance(&opts.model_dir, &mut provenance)?;
+    timings.hash_model = lap();
     provenance
         .param("method", opts.method.as_str())
         .param("dtype", dtype_name(opts.dtype))
@@ -308,6 +335,7 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
     let model = Qwen3VL::load(&opts.model_dir, opts.dtype, &device)
         .with_context(|| format!("loading model from {}", opts.model_dir.display()))?;
     let (plan, skeleton) = plan(opts, &model, &inputs)?;
+    timings.load_model = lap();
 
     let state_path = match (&opts.state, &opts.output) {
         (Some(p), _) => Some(p.clone()),
@@ -355,6 +383,7 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
             fresh
         }
     };
+    timings.calibration = lap();
 
     let input_amax: Vec<f32> = run.payload.layers.iter().map(|l| l.input_amax as f32).collect();
     let weight_stats: Vec<quant::WeightStats> =
@@ -405,12 +434,25 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    timings.scoring = lap();
+    timings.samples_scored = pending.len();
 
     state::recompute_totals(&mut run.payload);
     artifact::write(opts.output.clone(), &run)?;
     if let Some(p) = &state_path {
         // The finished artifact supersedes the state; a failure to remove it is harmless.
         let _ = std::fs::remove_file(p);
+    }
+    timings.write = lap();
+    timings.total = started.elapsed().as_secs_f64();
+    reporter.detail(format!(
+        "timings: read inputs {:.2} s, hash model {:.2} s, load model {:.2} s, calibration {:.2} s, scoring {:.2} s ({} samples), write {:.2} s, total {:.2} s",
+        timings.read_inputs, timings.hash_model, timings.load_model, timings.calibration, timings.scoring,
+        timings.samples_scored, timings.write, timings.total
+    ));
+    if let Some(path) = &opts.timings {
+        let json = serde_json::to_vec_pretty(&timings)?;
+        artifact::write_file_atomic(path, &json)?;
     }
     reporter.note(format!(
         "scored {} samples × {} layers ({} groups), method {}, → {}",

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Builds what the GPU benchmark carries to the device machine into .carry/ (git-ignored):
+# compressed CUDA binaries (the 64 MiB carry limit), ModelOpt's wheels (pulp trimmed to its
+# linux-x86_64 CBC), the 4B architecture config, and a CPU reference run on the demo set.
+# Needs the CUDA build environment (docs/cuda.md) and network access to PyPI the first time.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+CUDA_ENV=${CUDA_ENV:-$HOME/.qsens-cuda/env.sh}
+CUDA_TARGET=${CUDA_TARGET:-target/cuda}
+SHARED=${SHARED:-../shared}
+mkdir -p .carry/wheels .carry/bin
+grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
+
+# 1. binaries: score-layers with CUDA; search and manifest-to-md need none.
+( source "$CUDA_ENV" && CARGO_TARGET_DIR=$CUDA_TARGET cargo build -q --release --features cuda --bin score-layers )
+cargo build -q --release --bin search --bin manifest-to-md --bin preprocess --bin calib-extract
+strip -o .carry/bin/score-layers "$CUDA_TARGET/release/score-layers"
+for b in search manifest-to-md; do strip -o .carry/bin/$b target/release/$b; done
+tar -C .carry -cJf .carry/qsens-bin.tar.xz bin && rm -rf .carry/bin
+
+# 2. ModelOpt 0.47 and what it needs beyond the machine's packages.
+if ! ls .carry/wheels/nvidia_modelopt-0.47.0-*.whl >/dev/null 2>&1; then
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d .carry/wheels nvidia-modelopt==0.47.0 omegaconf 'pulp<4' pydantic pydantic-core \
+    annotated-types typing-inspection
+  pulp=$(ls .carry/wheels/pulp-*.whl)
+  zip -q -d "$pulp" 'pulp/solverdir/cbc/osx/*' 'pulp/solverdir/cbc/win/*' 'pulp/solverdir/cbc/linux/arm64/*' \
+    'pulp/solverdir/cbc/linux/i32/*' 'pulp/tests/*'
+fi
+
+# 3. the architecture and a CPU reference run on the demo set (for the CUDA correctness check).
+cp "$SHARED/bench/qwen3-vl-4b-instruct.config.json" .carry/
+make -s demo >/dev/null
+rm -rf .carry/demo && mkdir -p .carry/demo
+cp -r target/demo/model .carry/demo/model
+cp tmp/demo/model_inputs.msgpack .carry/demo/
+for dt in f32 bf16; do
+  target/release/score-layers -q --model target/demo/model --inputs tmp/demo/model_inputs.msgpack \
+    --dtype $dt -o .carry/demo/scores-cpu-$dt.msgpack
+done
+du -sh .carry; du -sh .carry/*

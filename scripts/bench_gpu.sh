@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# GPU benchmark, run ON the GPU machine (device tool) from the repo root after scripts/bench/pack.sh
+# filled .carry/ here. In one call: checks CUDA scores against the CPU on the demo set, makes the
+# random-weight Qwen3-VL-4B checkpoint, N synthetic samples, runs qsens (score-layers + search) and
+# ModelOpt auto_quantize on the same checkpoint and tensors, and prints one comparison table.
+#   scripts/bench_gpu.sh [N...]        e.g. scripts/bench_gpu.sh 32 128
+# Environment: OUT (results folder, default $OUT or /tmp/qsens-bench), SKIP_MODELOPT=1, LONG=1
+# (also score one ~1,000-image-token sample), QSENS_FLAGS (extra score-layers flags).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/qsens-bench}; mkdir -p "$OUT"
+SIZES=${*:-32}
+W=.bench; mkdir -p $W
+export PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+FAILED=""   # qsens steps that failed; ModelOpt still runs so the baseline is measured
+log() { echo "[bench $(date +%H:%M:%S)] $*"; }
+
+tar -C $W -xJf .carry/qsens-bin.tar.xz
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .carry/wheels/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c 'import torch, transformers, modelopt; print("torch", torch.__version__, "transformers", transformers.__version__, "modelopt", modelopt.__version__)' | tee "$OUT/versions.txt"
+
+log "CUDA correctness on the demo set (vs the CPU run made by pack.sh)"
+for dt in f32 bf16; do
+  $W/bin/score-layers -q --model .carry/demo/model --inputs .carry/demo/model_inputs.msgpack --device cuda \
+    --dtype $dt -o $W/demo-cuda-$dt.msgpack || { FAILED="$FAILED demo-$dt"; continue; }
+  python3 scripts/bench/same_scores.py --label "demo $dt cuda vs cpu" $W/demo-cuda-$dt.msgpack \
+    .carry/demo/scores-cpu-$dt.msgpack --min-spearman 0.98 | tee -a "$OUT/correctness.txt"
+done
+
+log "checkpoint"
+python3 scripts/bench/make_checkpoint.py --config .carry/qwen3-vl-4b-instruct.config.json --out $W/qwen3-vl-4b || exit 1
+CKPT=$W/qwen3-vl-4b
+cat $CKPT/*.safetensors > /dev/null   # page cache: both tools load from memory
+
+for N in $SIZES; do
+  log "N=$N: inputs"
+  python3 scripts/bench/make_inputs.py --num "$N" --out $W/inputs-$N.msgpack || exit 1
+  log "N=$N: qsens score-layers"
+  python3 scripts/bench/gpumem.py "$OUT/qsens-$N.mem.json" -- $W/bin/score-layers --model $CKPT \
+    --inputs $W/inputs-$N.msgpack --device cuda --dtype bf16 -v --timings "$OUT/qsens-$N.timings.json" \
+    -o $W/scores-$N.msgpack ${QSENS_FLAGS:-} || FAILED="$FAILED score-$N"
+  S0=$(date +%s.%N)
+  for b in 10 12; do
+    $W/bin/search -q --scores $W/scores-$N.msgpack --effective-bits $b --bootstrap 200 -o "$OUT/manifest-$N-$b.json" \
+      || FAILED="$FAILED search-$N-$b"
+  done
+  SEARCH_S=$(python3 -c "import time; print((time.time() - $S0) / 2)")
+  if [ -z "${SKIP_MODELOPT:-}" ]; then
+    log "N=$N: ModelOpt auto_quantize"
+    python3 scripts/bench/gpumem.py "$OUT/modelopt-$N.mem.json" -- python3 scripts/bench/modelopt_autoquant.py \
+      --model $CKPT --inputs $W/inputs-$N.msgpack --out "$OUT/modelopt-$N.json" || exit 1
+    [ -z "$FAILED" ] && python3 scripts/bench/compare.py --scores $W/scores-$N.msgpack --timings "$OUT/qsens-$N.timings.json" \
+      --mem "$OUT/qsens-$N.mem.json" --manifests 10="$OUT/manifest-$N-10.json" 12="$OUT/manifest-$N-12.json" \
+      --search-s "$SEARCH_S" --modelopt "$OUT/modelopt-$N.json" --modelopt-mem "$OUT/modelopt-$N.mem.json" \
+      --json "$OUT/compare-$N.json" | tee "$OUT/table-$N.md"
+  fi
+done
+
+if [ -n "${LONG:-}" ]; then
+  log "long sample: one 1024x1024 image (1,024 image tokens)"
+  python3 scripts/bench/make_inputs.py --num 1 --size 1024 --out $W/inputs-long.msgpack || exit 1
+  python3 scripts/bench/gpumem.py "$OUT/qsens-long.mem.json" -- $W/bin/score-layers --model $CKPT \
+    --inputs $W/inputs-long.msgpack --device cuda --dtype bf16 -v --timings "$OUT/qsens-long.timings.json" \
+    -o $W/scores-long.msgpack || FAILED="$FAILED long"
+fi
+log "done${FAILED:+; FAILED:$FAILED}"
+[ -z "$FAILED" ]
