@@ -12,9 +12,11 @@ mkdir -p .carry/wheels .carry/bin
 grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
 
 # 1. binaries: score-layers with CUDA; search and manifest-to-md need none.
-( source "$CUDA_ENV" && CARGO_TARGET_DIR=$CUDA_TARGET cargo build -q --release --features cuda --bin score-layers )
+( source "$CUDA_ENV" && CARGO_TARGET_DIR=$CUDA_TARGET cargo build -q --release --features cuda --bin score-layers \
+    --example profile_scoring )
 cargo build -q --release --bin search --bin manifest-to-md --bin preprocess --bin calib-extract
 strip -o .carry/bin/score-layers "$CUDA_TARGET/release/score-layers"
+strip -o .carry/bin/profile_scoring "$CUDA_TARGET/release/examples/profile_scoring"
 for b in search manifest-to-md; do strip -o .carry/bin/$b target/release/$b; done
 tar -C .carry -cJf .carry/qsens-bin.tar.xz bin && rm -rf .carry/bin
 
