@@ -120,7 +120,7 @@ fn main() -> Result<()> {
     println!("  fake-quant x                     {:8.3} ms", timed(&device, 20, || Ok(qsens::quant::fp8::fake_quant_tensor(&x, 3.0)?))?);
     println!("  fake-quant w                     {:8.3} ms", timed(&device, 20, || Ok(formats[0].quantize_weight(lin.weight(), &stats[id])?))?);
     println!("  quantized output                 {:8.3} ms", timed(&device, 20, || Ok(quant.quantized_output(id, 0, lin, &x)?))?);
-    println!("  gradient score (given yq)        {:8.3} ms", timed(&device, 20, || Ok(qsens::score::gradient::gradient_score(&y, &y, &y)?))?);
+    println!("  gradient score (given yq)        {:8.3} ms", timed(&device, 20, || Ok(qsens::quant::sensitivity::gradient_score(&y, &y, &y)?))?);
 
     // Segment profile (syncs at each tap: absolute numbers inflate, the split is what matters).
     for backward in [false, true] {

@@ -1,4 +1,5 @@
-//! CUDA launches of `kernels/fp8.cu` (feature `cuda`). The arithmetic is that of `fp8.rs`.
+//! CUDA launches of `kernels/quant.cu` (feature `cuda`); the arithmetic is that of `fp8.rs` and
+//! `sensitivity.rs`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -8,8 +9,8 @@ use half::{bf16, f16};
 
 use super::fp8::FakeQuantE4M3;
 
-const FP8_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8.ptx"));
-const MODULE: &str = "qsens_fp8";
+const QUANT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quant.ptx"));
+const MODULE: &str = "qsens_quant";
 
 pub fn fake_quant_e4m3(op: &FakeQuantE4M3, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
     let Some((start, end)) = layout.contiguous_offsets() else {
@@ -35,7 +36,7 @@ fn launch<T>(
 where
     T: DeviceRepr + candle_core::cuda_backend::CudaDType,
 {
-    let func = dev.get_or_load_custom_func(kernel, MODULE, FP8_PTX)?;
+    let func = dev.get_or_load_custom_func(kernel, MODULE, QUANT_PTX)?;
     // SAFETY: every element is written by the kernel below.
     let dst = unsafe { dev.alloc::<T>(n)? };
     let blocks = n.div_ceil(256).clamp(1, 65_535 * 8) as u32;
@@ -49,4 +50,60 @@ where
     // SAFETY: argument types match the kernel signature (ptr, ptr, size_t, float, float).
     unsafe { b.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
+}
+
+/// Fused gradient score (`sensitivity.rs`): partial sums per block, then one block adds them.
+pub fn gradient_score(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let range = |l: &Layout| {
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("gradient score: non-contiguous input".into()))
+    };
+    let ((a0, a1), (b0, b1), (c0, c1)) = (range(l1)?, range(l2)?, range(l3)?);
+    let n = a1 - a0;
+    let dev = s1.device();
+    const THREADS: u32 = 512;
+    let blocks = (n.div_ceil(THREADS as usize * 8)).clamp(1, 1024) as u32;
+    // SAFETY: every partial is written by stage 1.
+    let partials = unsafe { dev.alloc::<f32>(blocks as usize)? };
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    macro_rules! stage1 {
+        ($kernel:literal, $g:expr, $y:expr, $q:expr) => {{
+            let func = dev.get_or_load_custom_func($kernel, MODULE, QUANT_PTX)?;
+            let (g, y, q) = ($g.slice(a0..a1), $y.slice(b0..b1), $q.slice(c0..c1));
+            let mut b = func.builder();
+            b.arg(&g);
+            b.arg(&y);
+            b.arg(&q);
+            b.arg(&n);
+            b.arg(&partials);
+            // SAFETY: argument types match (3 pointers, size_t, float*).
+            unsafe { b.launch(cfg) }.w()?;
+        }};
+    }
+    match (&s1.slice, &s2.slice, &s3.slice) {
+        (CudaStorageSlice::F32(g), CudaStorageSlice::F32(y), CudaStorageSlice::F32(q)) => stage1!("grad_score_f32", g, y, q),
+        (CudaStorageSlice::BF16(g), CudaStorageSlice::BF16(y), CudaStorageSlice::BF16(q)) => {
+            stage1!("grad_score_bf16", g, y, q)
+        }
+        (CudaStorageSlice::F16(g), CudaStorageSlice::F16(y), CudaStorageSlice::F16(q)) => stage1!("grad_score_f16", g, y, q),
+        _ => candle_core::bail!("gradient score: unsupported dtype {:?} on CUDA", s1.dtype()),
+    }
+    // SAFETY: written by stage 2.
+    let out = unsafe { dev.alloc::<f32>(1)? };
+    let func = dev.get_or_load_custom_func("sum_partials", MODULE, QUANT_PTX)?;
+    let nb = blocks as usize;
+    let mut b = func.builder();
+    b.arg(&partials);
+    b.arg(&nb);
+    b.arg(&out);
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: argument types match (float*, size_t, float*).
+    unsafe { b.launch(cfg) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(1)))
 }

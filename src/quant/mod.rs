@@ -3,6 +3,7 @@
 pub mod format;
 pub mod fp8;
 pub mod groups;
+pub mod sensitivity;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 

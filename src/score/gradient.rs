@@ -4,10 +4,10 @@
 //! sample give every layer's ∂L/∂Y; `Y_q` is computed in the backward, right where ∂L/∂Y arrives,
 //! so nothing extra is kept from the forward.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use crate::model::{LayerId, Linear, Tap};
-use crate::quant::{Format, WeightStats};
+use crate::quant::{self, Format, WeightStats};
 
 /// Per-layer quantization state shared by the scoring taps.
 pub struct LayerQuant<'a> {
@@ -84,13 +84,6 @@ impl<'a> GradientTap<'a> {
     }
 }
 
-/// `Σ (dy ⊙ (yq − y))²` in f32 (ModelOpt clamps the product to ±1e10 before squaring).
-pub fn gradient_score(dy: &Tensor, y: &Tensor, yq: &Tensor) -> Result<Tensor> {
-    let diff = (yq.to_dtype(DType::F32)? - y.to_dtype(DType::F32)?)?;
-    let prod = (dy.to_dtype(DType::F32)? * diff)?.clamp(-1e10f32, 1e10f32)?;
-    prod.sqr()?.sum_all()
-}
-
 impl Tap for GradientTap<'_> {
     fn backward(&mut self, id: LayerId, linear: &Linear, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<()> {
         if self.quant.skip[id] {
@@ -98,7 +91,7 @@ impl Tap for GradientTap<'_> {
         }
         for f in 0..self.quant.formats.len() {
             let yq = self.quant.quantized_output(id, f, linear, x)?;
-            let s = gradient_score(dy, y, &yq)?;
+            let s = quant::sensitivity::gradient_score(dy, y, &yq)?;
             self.scores[id][f] = Some(match self.scores[id][f].take() {
                 Some(prev) => (prev + s)?,
                 None => s,

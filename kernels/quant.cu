@@ -1,0 +1,96 @@
+// qsens CUDA kernels of src/quant: FP8 E4M3 fake quantization and the gradient-score reduction.
+// Same arithmetic as src/quant/{fp8,sensitivity}.rs (the CPU paths), which are the reference.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+// Nearest E4M3FN value (ties to even) of v, |v| <= 448 or NaN.
+__device__ __forceinline__ float round_to_e4m3(float v) {
+    float a = fabsf(v);
+    if (!isfinite(a)) return v;
+    float step, inv_step;
+    if (a < 0.015625f) {           // below 2^-6: subnormal spacing 2^-9
+        step = 0.001953125f;
+        inv_step = 512.0f;
+    } else {
+        int e = (int)((__float_as_uint(a) >> 23) & 0xff) - 127;
+        step = __uint_as_float((unsigned)(e - 3 + 127) << 23);
+        inv_step = __uint_as_float((unsigned)(3 - e + 127) << 23);
+    }
+    // Power-of-two scalings are exact; rintf rounds half to even.
+    float r = rintf(a * inv_step) * step;
+    return copysignf(r, v);
+}
+
+__device__ __forceinline__ float fake_quant(float x, float scale, float inv_scale) {
+    float v = x * scale;
+    v = v > 448.0f ? 448.0f : (v < -448.0f ? -448.0f : v);   // NaN passes through
+    return round_to_e4m3(v) * inv_scale;
+}
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ void from_f32(float v, float *out) { *out = v; }
+__device__ __forceinline__ void from_f32(float v, __nv_bfloat16 *out) { *out = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void from_f32(float v, __half *out) { *out = __float2half_rn(v); }
+
+#define FAKE_QUANT(NAME, T)                                                                     \
+    extern "C" __global__ void NAME(const T *x, T *y, const size_t n, const float scale,         \
+                                    const float inv_scale) {                                    \
+        for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;                   \
+             i += (size_t)blockDim.x * gridDim.x) {                                             \
+            from_f32(fake_quant(to_f32(x[i]), scale, inv_scale), &y[i]);                       \
+        }                                                                                       \
+    }
+
+FAKE_QUANT(fake_quant_e4m3_f32, float)
+FAKE_QUANT(fake_quant_e4m3_bf16, __nv_bfloat16)
+FAKE_QUANT(fake_quant_e4m3_f16, __half)
+
+// ModelOpt's gradient score Σ clamp((yq − y)·dy, ±1e10)² in f32, stage 1: one partial sum per
+// block (grid-stride), reduced in shared memory. Stage 2 (sum_partials) adds the partials.
+template <typename T>
+__device__ void grad_score_partials(const T *dy, const T *y, const T *yq, const size_t n, float *partials) {
+    __shared__ float shared[32];
+    float acc = 0.0f;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)blockDim.x * gridDim.x) {
+        float p = (to_f32(yq[i]) - to_f32(y[i])) * to_f32(dy[i]);
+        p = fminf(fmaxf(p, -1e10f), 1e10f);
+        acc += p * p;
+    }
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffff, acc, off);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) shared[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        acc = lane < (blockDim.x + 31) / 32 ? shared[lane] : 0.0f;
+        for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffff, acc, off);
+        if (lane == 0) partials[blockIdx.x] = acc;
+    }
+}
+
+#define GRAD_SCORE(NAME, T)                                                                      \
+    extern "C" __global__ void NAME(const T *dy, const T *y, const T *yq, const size_t n,         \
+                                    float *partials) {                                          \
+        grad_score_partials<T>(dy, y, yq, n, partials);                                         \
+    }
+GRAD_SCORE(grad_score_f32, float)
+GRAD_SCORE(grad_score_bf16, __nv_bfloat16)
+GRAD_SCORE(grad_score_f16, __half)
+
+// Stage 2: one block adds `n` partials into out[0] (fixed order: deterministic).
+extern "C" __global__ void sum_partials(const float *partials, const size_t n, float *out) {
+    __shared__ float shared[32];
+    float acc = 0.0f;
+    for (size_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffff, acc, off);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) shared[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        acc = lane < (blockDim.x + 31) / 32 ? shared[lane] : 0.0f;
+        for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffff, acc, off);
+        if (lane == 0) out[0] = acc;
+    }
+}
