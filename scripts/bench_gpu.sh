@@ -4,7 +4,7 @@
 # random-weight Qwen3-VL-4B checkpoint, N synthetic samples, runs qsens (score-layers + search) and
 # ModelOpt auto_quantize on the same checkpoint and tensors, and prints one comparison table.
 #   scripts/bench_gpu.sh [N...]        e.g. scripts/bench_gpu.sh 32 128
-# Environment: OUT (results folder, default $OUT or /tmp/qsens-bench), SKIP_MODELOPT=1, LONG=1
+# Environment: OUT (results folder, default $OUT or /tmp/qsens-bench), SKIP_MODELOPT=1, SKIP_CHECKS=1, LONG=1
 # (also score one ~1,000-image-token sample), QSENS_FLAGS (extra score-layers flags).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,14 @@ for dt in f32 bf16; do
   python3 scripts/bench/same_scores.py --label "demo $dt cuda vs cpu" $W/demo-cuda-$dt.msgpack \
     .carry/demo/scores-cpu-$dt.msgpack --min-spearman 0.98 | tee -a "$OUT/correctness.txt"
 done
+
+if [ -z "${SKIP_CHECKS:-}" ]; then
+  log "HF transformers loads the generated demo set"
+  python3 scripts/check_demo_with_hf.py .carry/demo/set --json "$OUT/demo-hf.json" 2>&1 | tail -15 || FAILED="$FAILED demo-hf"
+  log "ModelOpt mtq.quantize accepts our exported recipe"
+  python3 scripts/check_modelopt_export.py .carry/demo/modelopt_quant_cfg.json .carry/demo/set/model --device cuda \
+    2>&1 | tail -15 || FAILED="$FAILED modelopt-export"
+fi
 
 log "checkpoint"
 python3 scripts/bench/make_checkpoint.py --config .carry/qwen3-vl-4b-instruct.config.json --out $W/qwen3-vl-4b || exit 1

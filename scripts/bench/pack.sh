@@ -36,7 +36,8 @@ cp "$SHARED/bench/qwen3-vl-4b-instruct.config.json" .carry/
 make -s demo >/dev/null
 rm -rf .carry/demo && mkdir -p .carry/demo
 cp -r target/demo/model .carry/demo/model
-cp tmp/demo/model_inputs.msgpack .carry/demo/
+cp -r target/demo .carry/demo/set
+cp tmp/demo/model_inputs.msgpack tmp/demo/recipes/modelopt_quant_cfg.json .carry/demo/
 for dt in f32 bf16; do
   target/release/score-layers -q --model target/demo/model --inputs tmp/demo/model_inputs.msgpack \
     --dtype $dt -o .carry/demo/scores-cpu-$dt.msgpack
