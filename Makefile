@@ -51,7 +51,7 @@ EXPORT_DIR   := $(OUTPUT_DIR)/recipes
 BINS := calib-extract preprocess score-layers search manifest-to-md
 BIN_FILES := $(addprefix $(BIN_DIR)/,$(BINS))
 
-.PHONY: all demo demo-assets build report test bench bench-preprocess bench-model bench-score \
+.PHONY: all demo demo-assets build build-cuda report test bench bench-preprocess bench-model bench-score \
         fuzz clean-output help FORCE
 all: report
 
@@ -61,6 +61,13 @@ help:
 # ---- build -----------------------------------------------------------------------------------
 build:
 	$(CARGO) build --$(PROFILE) --bins $(CARGO_FLAGS)
+
+# CUDA build (no GPU needed to build; docs/cuda.md): CUDA 13.0 toolchain from PyPI, then the
+# `cuda` feature. Binaries land in target/release as usual.
+CUDA_ENV ?= $(HOME)/.qsens-cuda
+build-cuda:
+	test -f $(CUDA_ENV)/env.sh || scripts/setup-cuda-build-env.sh $(CUDA_ENV)
+	. $(CUDA_ENV)/env.sh && $(CARGO) build --release --bins --features cuda
 
 # Stages depend on the binaries only for ordering: rebuilding qsens does not rerun the pipeline.
 $(BIN_FILES): build
