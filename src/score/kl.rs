@@ -113,13 +113,18 @@ impl KlBase {
         if !(matches!(logits.device(), Device::Cpu) && logits.dtype() == DType::F32 && vocab > 0) {
             return Ok(KlBase { inner: Base::Ops(log_softmax(logits)?) });
         }
-        let x = logits.flatten_all()?.to_vec1::<f32>()?;
+        let logits = logits.contiguous()?;
+        let (storage, layout) = logits.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("kl: base logits must be contiguous f32 on the CPU");
+        };
+        let x = &data[start..end];
         let mut p = vec![0f32; rows * vocab];
         let s = x.par_chunks(vocab).zip(p.par_chunks_mut(vocab)).map(|(x, p)| base_row(x, p)).collect();
         let unit = LANES * BLOCK;
         let width = ((SLICE_BYTES / (4 * rows.max(1))) / unit * unit).clamp(unit, vocab.max(unit));
         let mut base = CpuBase { rows, vocab, width, p, s, base: Vec::new() };
-        base.base = base.fold_whole(&x)?;
+        base.base = base.fold_whole(x)?;
         Ok(KlBase { inner: Base::Cpu(base) })
     }
 

@@ -464,8 +464,9 @@ fn score_gradient(model: &Qwen3VL, input: &Input, quant: &LayerQuant) -> Result<
 /// One sample, kl_div method: `(loss, [group][format] contributions)`.
 fn score_kl(model: &Qwen3VL, input: &Input, quant: &LayerQuant, plan: &Plan, scores: &Scores) -> Result<(f32, Vec<Vec<f64>>)> {
     let opts = ForwardOptions { logits: LogitsMode::All, keep: Keep::Resume, trace: false };
-    let base = model.forward(input, &mut NoTap, &opts)?;
-    let kl_base = kl::KlBase::new(base.logits.as_ref().context("forward returned no logits")?)?;
+    let mut base = model.forward(input, &mut NoTap, &opts)?;
+    // The base distribution replaces the [L, vocab] logits, which are not kept.
+    let kl_base = kl::KlBase::new(&base.logits.take().context("forward returned no logits")?)?;
     let mut values = Vec::with_capacity(scores.groups.len());
     for (g, group) in scores.groups.iter().enumerate() {
         let mut per_format = vec![0.0; plan.formats.len() + 1];
