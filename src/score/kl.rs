@@ -1,6 +1,7 @@
 //! ModelOpt's `kl_div` score: `Σ_positions KL(P_unquantized ‖ P_group-quantized)`, with only
 //! one group quantized at a time. ModelOpt runs a full forward per group and format; we restart
-//! each one from the cached activation at the group's first layer (`Qwen3VL::forward_from`).
+//! each one from the cached activation at the group's first layer, up to `lm_head`'s input
+//! (`Qwen3VL::forward_from_hidden`).
 //!
 //! The KL itself is the other large cost: the logits are `[L, vocab]` (vocab 151 936), and the
 //! op-by-op form (`log_softmax`, `exp`, `−`, `×`, `sum`) allocates and walks several such
@@ -10,14 +11,17 @@
 //! into a per-row running state (online log-sum-exp), rows in parallel:
 //!
 //! ```text
-//! KL_t = Σ_i p_i (log p_i − log q_i) = h_t − Σ_i p_i z_i + lse(z)·s_t,
-//!        h_t = Σ_i p_i log p_i,  s_t = Σ_i p_i   (per row, from the base, in f64)
+//! KL_t = Σ_i p_i (log p_i − log q_i) = (Σ_i p_i x_i − Σ_i p_i z_i) + (lse(z) − lse(x))·s_t,
+//!        s_t = Σ_i p_i
 //! ```
 //!
-//! with `p_i` the f32-rounded base probabilities (the same values enter `h_t`, `s_t` and the dot,
-//! so the identity is exact up to rounding) and `z` the new logits. Every sum has a fixed order,
-//! so the result does not depend on the thread count. Other devices and dtypes use the candle-op
-//! path ([`log_softmax`], [`kl_sum`]).
+//! with `x`, `z` the base and new logits and `p_i` the base probabilities (exact f64 softmax,
+//! rounded to f32; the same values weight both sides). `lse` and the dots of both sides are
+//! summed by the same kernel over the same slices, so unchanged logits give exactly 0; partial
+//! sums are f32 over 32 terms per lane, then f64, which leaves ~1e-9 relative in a row's `lse`
+//! (far below what f32 logits resolve). Every sum has a fixed order, so the result does not
+//! depend on the thread count or on whether the AVX2 kernels ran. Other devices and dtypes use
+//! the candle-op path ([`log_softmax`], [`kl_sum`]).
 
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor, D};
 use rayon::prelude::*;
@@ -141,7 +145,7 @@ impl KlBase {
     }
 
     /// [`KlBase::kl_sum`] of the logits `x Wᵀ + b` (`x` `[L, in]`, `w` `[vocab, in]`). On the CPU
-    /// they are made one vocabulary slice at a time (about [`SLICE_BYTES`] of f32) and folded
+    /// they are made one vocabulary slice at a time (about 8 MiB of f32) and folded
     /// into per-row running sums, so no `[L, vocab]` tensor is allocated and each slice is read
     /// back from cache.
     pub fn kl_sum_linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
