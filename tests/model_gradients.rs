@@ -168,6 +168,11 @@ fn forward_from_reproduces_and_follows_perturbations() {
         let resumed = model.forward_from(&fwd, id, &mut Perturb(id)).unwrap();
         assert!(max_abs_diff(&full, logits) > 0.0, "perturbing {name} changed nothing");
         assert_eq!(max_abs_diff(&resumed, &full), 0.0, "restart at {name} differs from a full forward");
+        // forward_from_hidden stops at lm_head's input and does not ask the tap about lm_head.
+        let hidden = model.forward_from_hidden(&fwd, id, &mut Perturb(id)).unwrap();
+        let head = model.linear(model.lm_head_id()).forward(&hidden).unwrap();
+        let expected = if id == model.lm_head_id() { logits } else { &resumed };
+        assert_eq!(max_abs_diff(&head, expected), 0.0, "forward_from_hidden at {name}");
     }
 }
 

@@ -50,8 +50,8 @@ struct Args {
     #[arg(long, value_name = "N")]
     num_samples: Option<usize>,
     /// Score only the samples with index ≡ i (mod n); merge the shards with --merge.
-    #[arg(long, value_name = "i/n", value_parser = score::parse_shard)]
-    shard: Option<(usize, usize)>,
+    #[arg(long, value_name = "i/n")]
+    shard: Option<String>,
     /// Continue an interrupted run from its state file.
     #[arg(long)]
     resume: bool,
@@ -90,7 +90,8 @@ fn main() -> ExitCode {
             group_rules: (!args.group_rules.is_empty()).then(|| args.group_rules.clone()),
             calib_samples: args.calib_samples,
             num_samples: args.num_samples,
-            shard: args.shard,
+            // Parsed here, not by clap, so a bad value is the one-line error of every fault.
+            shard: args.shard.as_deref().map(score::parse_shard).transpose()?,
             resume: args.resume,
             state: args.state.clone(),
             timings: args.timings.clone(),

@@ -31,9 +31,14 @@ impl LayerQuant<'_> {
 
     /// The layer's output with its input and weight fake-quantized in format `f`.
     pub fn quantized_output(&self, id: LayerId, f: usize, linear: &Linear, x: &Tensor) -> Result<Tensor> {
-        let xq = self.formats[f].quantize_input(x, self.input_amax[id])?;
-        let wq = self.weight(id, f, linear)?;
+        let (xq, wq) = self.quantized_operands(id, f, linear, x)?;
         linear.forward_with(&xq, &wq)
+    }
+
+    /// The fake-quantized input and weight of layer `id` in format `f` (for callers that apply
+    /// the layer themselves).
+    pub fn quantized_operands(&self, id: LayerId, f: usize, linear: &Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.formats[f].quantize_input(x, self.input_amax[id])?, self.weight(id, f, linear)?))
     }
 
     /// Fake-quantizes every weight once (CPU runs, where memory is plentiful and the weights

@@ -506,8 +506,9 @@ fn score_gradient(model: &Qwen3VL, input: &Input, quant: &LayerQuant) -> Result<
 /// One sample, kl_div method: `(loss, [group][format] contributions)`.
 fn score_kl(model: &Qwen3VL, input: &Input, quant: &LayerQuant, plan: &Plan, scores: &Scores) -> Result<(f32, Vec<Vec<f64>>)> {
     let opts = ForwardOptions { logits: LogitsMode::All, keep: Keep::Resume, trace: false };
-    let base = model.forward(input, &mut NoTap, &opts)?;
-    let log_p = kl::log_softmax(base.logits.as_ref().context("forward returned no logits")?)?;
+    let mut base = model.forward(input, &mut NoTap, &opts)?;
+    // The base distribution replaces the [L, vocab] logits, which are not kept.
+    let kl_base = kl::KlBase::new(&base.logits.take().context("forward returned no logits")?)?;
     let mut values = Vec::with_capacity(scores.groups.len());
     for (g, group) in scores.groups.iter().enumerate() {
         let mut per_format = vec![0.0; plan.formats.len() + 1];
@@ -516,13 +517,11 @@ fn score_kl(model: &Qwen3VL, input: &Input, quant: &LayerQuant, plan: &Plan, sco
             let mut kls = Vec::with_capacity(plan.formats.len());
             for f in 0..plan.formats.len() {
                 let mut tap = kl::GroupQuantTap { quant, members, format: f };
-                let logits = model.forward_from(&base, members[0], &mut tap)?;
-                kls.push(kl::kl_sum(&log_p, &kl::log_softmax(&logits)?)?);
+                let hidden = model.forward_from_hidden(&base, members[0], &mut tap)?;
+                kls.push(kl::head_kl(model, quant, members, f, &kl_base, &hidden)?);
             }
-            let kls = Tensor::stack(&kls, 0)?.to_vec1::<f32>()?;
-            for (f, v) in kls.into_iter().enumerate() {
-                per_format[f] = v as f64;
-            }
+            let kls = Tensor::stack(&kls, 0)?.to_vec1::<f64>()?;
+            per_format[..kls.len()].copy_from_slice(&kls);
         }
         values.push(per_format);
     }

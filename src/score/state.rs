@@ -147,10 +147,10 @@ pub fn merge_shards(shards: Vec<(Location, Artifact<Scores>)>) -> Result<Artifac
     }
     let n = merged.payload.num_inputs;
     let got: Vec<usize> = merged.payload.samples.iter().map(|s| s.index).collect();
-    ensure!(
-        got.iter().copied().eq(0..n),
-        "merged shards cover samples {got:?} of {n} inputs; a shard is missing"
-    );
+    if !got.iter().copied().eq(0..n) {
+        let missing: Vec<usize> = (0..n).filter(|i| !got.contains(i)).collect();
+        bail!("the shards cover {} of {n} samples (missing sample indices {missing:?}): a shard is missing", got.len());
+    }
     recompute_totals(&mut merged.payload);
     Ok(merged)
 }

@@ -661,6 +661,37 @@ impl Qwen3VL {
         }
     }
 
+    /// [`Qwen3VL::forward_from`] up to `lm_head`'s input: the final hidden state `[L, hidden]`
+    /// (model dtype), for callers that apply `lm_head` themselves (e.g. by row blocks). The tap
+    /// is not asked about `lm_head`.
+    pub fn forward_from_hidden(&self, fwd: &Forward, start: LayerId, tap: &mut dyn Tap) -> Result<Tensor> {
+        struct HideHead<'a> {
+            inner: &'a mut dyn Tap,
+            head: LayerId,
+        }
+        impl Tap for HideHead<'_> {
+            fn forward(&mut self, id: LayerId, linear: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+                if id == self.head {
+                    return Ok(None);
+                }
+                self.inner.forward(id, linear, x)
+            }
+        }
+        let (Some(prev), Some(s)) = (fwd.resume.as_ref(), fwd.sample.as_ref()) else {
+            bail!("forward_from_hidden needs a Forward made with Keep::Resume")
+        };
+        let mut start = self.start_of(start)?;
+        if s.vision.is_none() && matches!(start, Start::PatchEmbed | Start::VisionBlock(_) | Start::Merger | Start::Deepstack(_)) {
+            start = Start::LmHead;
+        }
+        let mut hide = HideHead { inner: tap, head: self.lm_head };
+        let out = self.run(s, start, Some(prev), &mut hide, Keep::Resume, false, LogitsMode::None)?;
+        match out.resume.and_then(|r| r.final_hidden) {
+            Some(h) => Ok(h),
+            None => bail!("internal: no final hidden state"),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
