@@ -59,8 +59,9 @@ pub struct SampleSummary {
     pub num_tokens: usize,
     pub num_image_tokens: usize,
     pub num_label_tokens: usize,
-    /// Unquantized loss (mean NLL over label tokens).
-    pub loss: f64,
+    /// Unquantized loss (mean NLL over label tokens); absent when the sample has no label
+    /// tokens (possible with kl_div, which needs none).
+    pub loss: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

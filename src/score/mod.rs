@@ -402,25 +402,28 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
 
     let pending: Vec<usize> =
         plan.to_score.iter().copied().filter(|i| !run.payload.samples.iter().any(|s| s.index == *i)).collect();
+    // The state is rewritten whole; space the writes so they cost at most ~10 % of the run
+    // (every sample while the state is small, less often for long runs with large states).
+    let mut last_save = (std::time::Instant::now(), std::time::Duration::ZERO);
     let bar = reporter.bar(plan.to_score.len() as u64, "scoring");
     bar.set_position((plan.to_score.len() - pending.len()) as u64);
     for &index in &pending {
         let sample = &inputs.samples[index];
         bar.set_message(sample.id.clone());
         let input = model_input(sample, &inputs)?;
-        let summary_of = |loss: f32| SampleSummary {
+        let summary_of = |loss: Option<f32>| SampleSummary {
             index,
             id: sample.id.clone(),
             num_tokens: sample.input_ids.len(),
             num_image_tokens: sample.mm_token_type_ids.iter().filter(|&&t| t == 1).count(),
             num_label_tokens: sample.labels.iter().skip(1).filter(|&&l| l != -100).count(),
-            loss: loss as f64,
+            loss: loss.map(f64::from),
         };
         match opts.method {
             Method::Gradient => {
                 let (loss, values) = score_gradient(&model, &input, &quant)
                     .with_context(|| format!("scoring sample {} ({})", index, sample.id))?;
-                state::push_sample(&mut run.payload, summary_of(loss), Some(&values), None);
+                state::push_sample(&mut run.payload, summary_of(Some(loss)), Some(&values), None);
             }
             Method::KlDiv => {
                 let (loss, values) = score_kl(&model, &input, &quant, &plan, &run.payload)
@@ -429,7 +432,11 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
             }
         }
         if let Some(p) = &state_path {
-            artifact::write(Location::File(p.clone()), &run)?;
+            if last_save.0.elapsed() >= last_save.1 * 10 {
+                let t = std::time::Instant::now();
+                artifact::write(Location::File(p.clone()), &run)?;
+                last_save = (std::time::Instant::now(), t.elapsed());
+            }
         }
         bar.inc(1);
     }
@@ -503,8 +510,8 @@ fn score_gradient(model: &Qwen3VL, input: &Input, quant: &LayerQuant) -> Result<
     Ok((loss, values))
 }
 
-/// One sample, kl_div method: `(loss, [group][format] contributions)`.
-fn score_kl(model: &Qwen3VL, input: &Input, quant: &LayerQuant, plan: &Plan, scores: &Scores) -> Result<(f32, Vec<Vec<f64>>)> {
+/// One sample, kl_div method: `(loss if the sample has labels, [group][format] contributions)`.
+fn score_kl(model: &Qwen3VL, input: &Input, quant: &LayerQuant, plan: &Plan, scores: &Scores) -> Result<(Option<f32>, Vec<Vec<f64>>)> {
     let opts = ForwardOptions { logits: LogitsMode::All, keep: Keep::Resume, trace: false };
     let mut base = model.forward(input, &mut NoTap, &opts)?;
     // The base distribution replaces the [L, vocab] logits, which are not kept.
@@ -525,7 +532,7 @@ fn score_kl(model: &Qwen3VL, input: &Input, quant: &LayerQuant, plan: &Plan, sco
         }
         values.push(per_format);
     }
-    Ok((base.loss.unwrap_or(f32::NAN), values))
+    Ok((base.loss, values))
 }
 
 /// `score-layers --merge`: combines shard artifacts into the unsharded result.

@@ -83,23 +83,24 @@ pub fn push_sample(
 /// Checks that a saved state was made by the same run (same inputs, model and settings).
 pub fn check_resumable(state: &Artifact<Scores>, provenance: &Provenance, location: &Location) -> Result<()> {
     if state.provenance != *provenance {
-        let diff = describe_difference(&state.provenance, provenance);
+        let diff = describe_difference(&state.provenance, "saved", provenance, "this run");
         bail!("{location}: saved state comes from a different run ({diff})");
     }
     Ok(())
 }
 
-fn describe_difference(a: &Provenance, b: &Provenance) -> String {
+/// The first difference between two provenances, naming each side (`a_name`, `b_name`).
+fn describe_difference(a: &Provenance, a_name: &str, b: &Provenance, b_name: &str) -> String {
     for s in &b.sources {
         match a.sources.iter().find(|t| t.role == s.role) {
-            Some(t) if t.digest != s.digest => return format!("{} changed", s.role),
-            None => return format!("{} not recorded", s.role),
+            Some(t) if t.digest != s.digest => return format!("{} differs", s.role),
+            None => return format!("{} is not recorded in {a_name}", s.role),
             _ => {}
         }
     }
     for (k, v) in &b.parameters {
         if a.parameters.get(k) != Some(v) {
-            return format!("parameter {k}: was {:?}, now {v:?}", a.parameters.get(k));
+            return format!("parameter {k}: {a_name} {:?}, {b_name} {v:?}", a.parameters.get(k));
         }
     }
     "provenance differs".into()
@@ -122,7 +123,7 @@ pub fn merge_shards(shards: Vec<(Location, Artifact<Scores>)>) -> Result<Artifac
         if strip(&shard.provenance) != provenance {
             bail!(
                 "{loc}: not a shard of the same run as {first_loc} ({})",
-                describe_difference(&strip(&shard.provenance), &provenance)
+                describe_difference(&provenance, &first_loc.to_string(), &strip(&shard.provenance), &loc.to_string())
             );
         }
         let same_shape = shard.payload.layers.len() == merged.payload.layers.len()

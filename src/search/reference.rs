@@ -196,7 +196,7 @@ impl ModelOptRun {
                 num_tokens: 0,
                 num_image_tokens: 0,
                 num_label_tokens: 0,
-                loss: 0.0,
+                loss: None,
             }],
             num_inputs: 1,
             calibration_samples: Vec::new(),

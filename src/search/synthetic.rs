@@ -193,7 +193,7 @@ pub fn scores(spec: &SyntheticSpec) -> Scores {
                 num_tokens: 300,
                 num_image_tokens: 256,
                 num_label_tokens: 12,
-                loss: 2.0,
+                loss: Some(2.0),
             })
             .collect(),
         num_inputs: ns,
