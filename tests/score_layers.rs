@@ -419,7 +419,7 @@ fn resume_ignores_the_state_of_another_run() {
     std::fs::write(&garbage, &reference[..reference.len() / 2]).unwrap();
     let cases: [(&str, &Path, &str); 3] = [
         ("other method", setup.reference_run("kl_div"), "parameter method"),
-        ("other inputs", &other_run, "inputs changed"),
+        ("other inputs", &other_run, "inputs differs"),
         ("truncated state", &garbage, ""),
     ];
     for (what, state, reason) in cases {
