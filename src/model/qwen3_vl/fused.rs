@@ -171,6 +171,45 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Below this many elements the CPU loops run on the calling thread (handing work to rayon's
+/// pool costs more than small ops take).
+const PAR_MIN: usize = 1 << 15;
+
+/// `f(row, out_row, stat)` over the rows (`width` wide) of `out` with one statistic per row.
+fn rows_stat<T: Send, S: Send>(
+    out: &mut [T],
+    width: usize,
+    stats: &mut [S],
+    f: impl Fn(usize, &mut [T], &mut S) + Sync,
+) {
+    let width = width.max(1);
+    if out.len() < PAR_MIN {
+        out.chunks_mut(width).zip(stats.iter_mut()).enumerate().for_each(|(r, (o, s))| f(r, o, s));
+    } else {
+        out.par_chunks_mut(width).zip(stats.par_iter_mut()).enumerate().for_each(|(r, (o, s))| f(r, o, s));
+    }
+}
+
+/// `f(row, a_row, b_row)` over the rows of two outputs.
+fn rows2<T: Send>(a: &mut [T], b: &mut [T], width: usize, f: impl Fn(usize, &mut [T], &mut [T]) + Sync) {
+    let width = width.max(1);
+    if a.len() < PAR_MIN {
+        a.chunks_mut(width).zip(b.chunks_mut(width)).enumerate().for_each(|(r, (x, y))| f(r, x, y));
+    } else {
+        a.par_chunks_mut(width).zip(b.par_chunks_mut(width)).enumerate().for_each(|(r, (x, y))| f(r, x, y));
+    }
+}
+
+/// `f(row, out_row)` over the rows of `out`.
+fn rows1<T: Send>(out: &mut [T], width: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let width = width.max(1);
+    if out.len() < PAR_MIN {
+        out.chunks_mut(width).enumerate().for_each(|(r, o)| f(r, o));
+    } else {
+        out.par_chunks_mut(width).enumerate().for_each(|(r, o)| f(r, o));
+    }
+}
+
 /// Whether `t`'s dtype and device have a fused implementation (else the op chain runs).
 pub fn fusable(t: &Tensor) -> bool {
     if !enabled() {
@@ -306,7 +345,7 @@ fn softmax_lse_cpu<T: Elem>(s: &Tensor, scale: f64, rows: ScoreRows) -> Result<(
     let scale = T::R::c(scale);
     let mut p = vec![T::from_f64(0.0); b * r * k];
     let mut lse = vec![T::R::ZERO; b * r];
-    p.par_chunks_mut(k).zip(lse.par_iter_mut()).enumerate().for_each(|(row, (pr, l))| {
+    rows_stat(&mut p, k, &mut lse, |row, pr, l| {
         let x = &sv[row * k..(row + 1) * k];
         let kv = rows.visible(row, k);
         let mut m = T::R::NEG_INF;
@@ -400,7 +439,7 @@ fn softmax_backward_cpu<T: Elem>(
     let scale = T::R::c(scale);
     let mut p = vec![T::from_f64(0.0); b * r * k];
     let mut ds = vec![T::from_f64(0.0); b * r * k];
-    p.par_chunks_mut(k).zip(ds.par_chunks_mut(k)).enumerate().for_each(|(row, (pr, dsr))| {
+    rows2(&mut p, &mut ds, k, |row, pr, dsr| {
         let at = (row / rows.n) * ld + rows.q0 + row % rows.n;
         let (l, dl) = (lv[at], dv[at]);
         let kv = rows.visible(row, k);
@@ -616,8 +655,11 @@ pub fn rms_norm(x: &Tensor, res: Option<&Tensor>, w: &Tensor, eps: f64) -> Resul
     cpu_dtype!(x.dtype(), "rms_norm", rms_norm_cpu(x, res, w, eps))
 }
 
+/// A row-wise op's input in its arithmetic type and, with a residual, the stored sum.
+type WithRes<T> = (Vec<<T as Elem>::R>, Option<Vec<T>>);
+
 /// The normalized input of row-wise ops with a folded residual: `x`, or `T(x + res)`.
-fn with_res<T: Elem>(x: &Tensor, res: Option<&Tensor>) -> Result<(Vec<T::R>, Option<Vec<T>>)> {
+fn with_res<T: Elem>(x: &Tensor, res: Option<&Tensor>) -> Result<WithRes<T>> {
     let xv: Vec<T> = host(x)?;
     match res {
         None => Ok((xv.iter().map(|v| v.get()).collect(), None)),
@@ -639,7 +681,7 @@ fn rms_norm_cpu<T: Elem>(x: &Tensor, res: Option<&Tensor>, w: &Tensor, eps: f64)
     let n = T::R::c(dd as f64);
     let mut y = vec![T::from_f64(0.0); rows * dd];
     let mut rstd = vec![T::R::ZERO; rows];
-    y.par_chunks_mut(dd.max(1)).zip(rstd.par_iter_mut()).enumerate().for_each(|(r, (yr, rs))| {
+    rows_stat(&mut y, dd, &mut rstd, |r, yr, rs| {
         let xr = &hv[r * dd..(r + 1) * dd];
         let mut ss = Sum::default();
         for &v in xr {
@@ -707,7 +749,7 @@ fn rms_norm_backward_cpu<T: Elem>(
     let rv: Option<Vec<T>> = res.map(host).transpose()?;
     let n = T::R::c(dd as f64);
     let mut dx = vec![T::from_f64(0.0); rows * dd];
-    dx.par_chunks_mut(dd.max(1)).enumerate().for_each(|(r, out)| {
+    rows1(&mut dx, dd, |r, out| {
         let rs = rsv[r];
         let (xr, gr) = (&xv[r * dd..(r + 1) * dd], &dyv[r * dd..(r + 1) * dd]);
         let mut acc = Sum::default();
@@ -777,7 +819,7 @@ fn layer_norm_cpu<T: Elem>(x: &Tensor, res: Option<&Tensor>, w: &Tensor, b: &Ten
     let n = T::R::c(dd as f64);
     let mut y = vec![T::from_f64(0.0); rows * dd];
     let mut stats = vec![(T::R::ZERO, T::R::ZERO); rows];
-    y.par_chunks_mut(dd.max(1)).zip(stats.par_iter_mut()).enumerate().for_each(|(r, (yr, st))| {
+    rows_stat(&mut y, dd, &mut stats, |r, yr, st| {
         let xr = &hv[r * dd..(r + 1) * dd];
         let mut s = Sum::default();
         for &v in xr {
@@ -865,7 +907,7 @@ fn layer_norm_backward_cpu<T: Elem>(
     let rv: Option<Vec<T>> = res.map(host).transpose()?;
     let n = T::R::c(dd as f64);
     let mut dx = vec![T::from_f64(0.0); rows * dd];
-    dx.par_chunks_mut(dd.max(1)).enumerate().for_each(|(r, out)| {
+    rows1(&mut dx, dd, |r, out| {
         let (mu, rs) = (muv[r], rsv[r]);
         let (xr, gr) = (&xv[r * dd..(r + 1) * dd], &dyv[r * dd..(r + 1) * dd]);
         let (mut sg, mut sgx) = (Sum::default(), Sum::default());
@@ -972,7 +1014,7 @@ fn qk_norm_rope_cpu<T: Elem>(
     for (r, rs) in rstd.iter_mut().enumerate() {
         *rs = rs_of(r);
     }
-    out.par_chunks_mut(d).enumerate().for_each(|(o_row, o)| {
+    rows1(&mut out, d, |o_row, o| {
         let (hi, li) = (o_row / l, o_row % l);
         let r = li * h + hi;
         let rs = rstd[r];
@@ -1045,7 +1087,7 @@ fn qk_norm_rope_backward_cpu<T: Elem>(
     let sv: Vec<T> = host(sin)?;
     let n = T::R::c(d as f64);
     let mut dx = vec![T::from_f64(0.0); l * h * d];
-    dx.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
+    rows1(&mut dx, d, |r, o| {
         let (li, hi) = (r / h, r % h);
         let gr = &gv[(hi * l + li) * d..(hi * l + li + 1) * d];
         let xr = &xv[r * d..(r + 1) * d];
@@ -1126,7 +1168,7 @@ fn vision_qkv_rope_cpu<T: Elem>(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads:
     let sv: Vec<T::R> = host(sin)?;
     let mut out = vec![T::from_f64(0.0); 3 * h * n * d];
     // Output row (which, hi, ni) ← input row (ni, which, hi).
-    out.par_chunks_mut(d).enumerate().for_each(|(o_row, o)| {
+    rows1(&mut out, d, |o_row, o| {
         let (which, hi, ni) = (o_row / (h * n), (o_row / n) % h, o_row % n);
         let src = &xv[((ni * 3 + which) * h + hi) * d..((ni * 3 + which) * h + hi + 1) * d];
         if which == 2 {
@@ -1185,7 +1227,7 @@ fn vision_qkv_rope_backward_cpu<T: Elem>(
     let sv: Vec<T::R> = host(sin)?;
     let mut out = vec![T::from_f64(0.0); n * 3 * h * d];
     // Output row (ni, which, hi) ← row (hi, ni) of source `which`.
-    out.par_chunks_mut(d).enumerate().for_each(|(o_row, o)| {
+    rows1(&mut out, d, |o_row, o| {
         let (ni, which, hi) = (o_row / (3 * h), (o_row / h) % 3, o_row % h);
         let src = &srcs[which][(hi * n + ni) * d..(hi * n + ni + 1) * d];
         if which == 2 {
@@ -1252,7 +1294,12 @@ binary_api!(
 fn map2<T: Elem>(a: &Tensor, b: &Tensor, f: impl Fn(T::R, T::R) -> T::R + Sync) -> Result<Tensor> {
     let av: Vec<T> = host(a)?;
     let bv: Vec<T> = host(b)?;
-    let out: Vec<T> = av.par_iter().zip(bv.par_iter()).map(|(x, y)| T::put(f(x.get(), y.get()))).collect();
+    let g = |(x, y): (&T, &T)| T::put(f(x.get(), y.get()));
+    let out: Vec<T> = if av.len() < PAR_MIN {
+        av.iter().zip(&bv).map(g).collect()
+    } else {
+        av.par_iter().zip(bv.par_iter()).map(g).collect()
+    };
     cpu(out, a.dims())
 }
 
@@ -1311,18 +1358,18 @@ fn swiglu_backward_cpu<T: Elem>(gate: &Tensor, up: &Tensor, dm: &Tensor) -> Resu
     let uv: Vec<T> = host(up)?;
     let dv: Vec<T> = host(dm)?;
     let one = k::<T>(1.0);
-    let (dg, du): (Vec<T>, Vec<T>) = gv
-        .par_iter()
-        .zip(uv.par_iter())
-        .zip(dv.par_iter())
-        .map(|((g, u), d)| {
-            let (g, u, d) = (g.get(), u.get(), d.get());
-            let s = one / ((-g).exp() + one);
-            let silu = g * s;
-            let dsilu = s * (g * (s * -one + one) + one);
-            (T::put(d * u * dsilu), T::put(d * silu))
-        })
-        .unzip();
+    let g = |((g, u), d): ((&T, &T), &T)| {
+        let (g, u, d) = (g.get(), u.get(), d.get());
+        let s = one / ((-g).exp() + one);
+        let silu = g * s;
+        let dsilu = s * (g * (s * -one + one) + one);
+        (T::put(d * u * dsilu), T::put(d * silu))
+    };
+    let (dg, du): (Vec<T>, Vec<T>) = if gv.len() < PAR_MIN {
+        gv.iter().zip(&uv).zip(&dv).map(g).unzip()
+    } else {
+        gv.par_iter().zip(uv.par_iter()).zip(dv.par_iter()).map(g).unzip()
+    };
     Ok((cpu(dg, gate.dims())?, cpu(du, gate.dims())?))
 }
 
@@ -1403,7 +1450,10 @@ mod tests {
     fn score_cases() -> Vec<(usize, usize, ScoreRows, usize)> {
         let mut v = Vec::new();
         for g in [1, 4] {
-            for (n, q0, causal) in [(1, 0, true), (7, 0, true), (33, 5, true), (7, 0, false), (33, 0, false)] {
+            // The last case is large enough for the rows to run in parallel (PAR_MIN).
+            for (n, q0, causal) in
+                [(1, 0, true), (7, 0, true), (33, 5, true), (7, 0, false), (33, 0, false), (100, 90, true)]
+            {
                 let k = if causal { q0 + n } else { n + 6 };
                 v.push((2, g, ScoreRows { n, q0, causal }, k));
             }
@@ -1416,7 +1466,7 @@ mod tests {
         for (ci, &(hkv, g, rows, k)) in score_cases().iter().enumerate() {
             let shape = [hkv, g * rows.n, k];
             let s = randn(&shape, 10 + ci as u64, 3.0);
-            compare("softmax_lse", &[s.clone()], |x, fused| {
+            compare("softmax_lse", std::slice::from_ref(&s), |x, fused| {
                 let (p, lse) =
                     if fused { softmax_lse(&x[0], 0.7, rows) } else { softmax_lse_chain(&x[0], 0.7, rows) }.unwrap();
                 vec![p, lse]
@@ -1492,7 +1542,9 @@ mod tests {
 
     #[test]
     fn norms_match_chain() {
-        for (shape, seed) in [(vec![5, 7], 1u64), (vec![3, 600], 2), (vec![2, 3, 64], 3), (vec![1, 1], 4)] {
+        for (shape, seed) in
+            [(vec![5, 7], 1u64), (vec![3, 600], 2), (vec![2, 3, 64], 3), (vec![1, 1], 4), (vec![64, 600], 5)]
+        {
             let dd = *shape.last().unwrap();
             let x = randn(&shape, seed, 1.5).affine(1.0, 0.3).unwrap();
             let r = randn(&shape, seed + 10, 1.0);
@@ -1528,7 +1580,7 @@ mod tests {
 
     #[test]
     fn text_qk_norm_rope_matches_chain() {
-        for (l, h, d) in [(9, 4, 32), (1, 2, 8), (13, 3, 128)] {
+        for (l, h, d) in [(9, 4, 32), (1, 2, 8), (13, 3, 128), (70, 4, 128)] {
             let x = randn(&[l, h * d], 1, 2.0);
             let w = randn(&[d], 2, 0.2).affine(1.0, 1.0).unwrap();
             let ang = randn(&[l, d / 2], 3, 3.0);
@@ -1565,7 +1617,7 @@ mod tests {
 
     #[test]
     fn activations_match_chain() {
-        for shape in [vec![5, 7], vec![3, 1000]] {
+        for shape in [vec![5, 7], vec![3, 1000], vec![40, 1000]] {
             let x = randn(&shape, 1, 2.0);
             let u = randn(&shape, 2, 1.0);
             let dy = randn(&shape, 3, 1.0);
