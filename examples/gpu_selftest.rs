@@ -223,7 +223,11 @@ fn attention_case<'a>(a: &'a Attn, masks: Option<&'a Masks>, seed: u64) -> Case<
     };
     let chunks = l.div_ceil(spec(&Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap()).rows);
     Case {
-        name: format!("attention {} L={l} H={h}/{hkv} d={d} ({chunks} chunk{})", a.name, if chunks > 1 { "s" } else { "" }),
+        name: format!(
+            "attention {} L={l} H={h}/{hkv} d={d} ({chunks} chunk{})",
+            a.name,
+            if chunks > 1 { "s" } else { "" }
+        ),
         inputs: vec![
             (randn(&[h, l, d], seed, 1.0, 0.0), In::Model),
             (randn(&[hkv, l, d], seed + 1, 1.0, 0.0), In::Model),
@@ -267,7 +271,9 @@ fn main() -> Result<()> {
         }
     };
     if gpu.is_cuda() {
-        println!("gpu_selftest: CUDA device 0; outputs poisoned with NaN before each fused kernel, sync-checked after each.");
+        println!(
+            "gpu_selftest: CUDA device 0; outputs poisoned with NaN before each fused kernel, sync-checked after each."
+        );
     }
     println!(
         "tolerances (CUDA vs CPU, ‖Δ‖/‖ref‖ and max|Δ|/max|ref|): f32 1e-5 / 1e-4 (ops), 3e-5 / 3e-4 (attention); \
@@ -347,12 +353,36 @@ fn main() -> Result<()> {
     // delta = rowsum(dO∘O) with O a transposed view, as the model passes it.
     cases.push(Case {
         name: format!("row_dot text [{th}, {tl}, {td}] (strided)"),
-        inputs: vec![(randn(&[th, tl, td], 400, 1.0, 0.0), In::Model), (randn(&[tl, th, td], 401, 1.0, 0.0), In::Model)],
+        inputs: vec![
+            (randn(&[th, tl, td], 400, 1.0, 0.0), In::Model),
+            (randn(&[tl, th, td], 401, 1.0, 0.0), In::Model),
+        ],
         outputs: vec!["delta"],
         attention: false,
         fused: Box::new(|x| Ok(vec![fused::row_dot(&x[0], &x[1].transpose(0, 1)?)?])),
         chain: Box::new(|x| Ok(vec![fused::row_dot_chain(&x[0], &x[1].transpose(0, 1)?)?])),
     });
+
+    // dO to head-major + delta in one pass, at both towers' sizes.
+    for (l, heads, d, seed) in [(tl, th, td, 410u64), (vn, vh, vd, 420)] {
+        cases.push(Case {
+            name: format!("attention_bwd_prep [{l}, {heads}·{d}]"),
+            inputs: vec![
+                (randn(&[l, heads * d], seed, 1.0, 0.0), In::Model),
+                (randn(&[l, heads * d], seed + 1, 1.0, 0.0), In::Model),
+            ],
+            outputs: vec!["dO", "delta"],
+            attention: false,
+            fused: Box::new(move |x| {
+                let (a, b) = fused::attention_bwd_prep(&x[0], &x[1], heads)?;
+                Ok(vec![a, b])
+            }),
+            chain: Box::new(move |x| {
+                let (a, b) = fused::attention_bwd_prep_chain(&x[0], &x[1], heads)?;
+                Ok(vec![a, b])
+            }),
+        });
+    }
 
     // Text q/k: per-head RMSNorm + MRoPE + [H, L, d], and its backward.
     for (heads, seed) in [(th, 500u64), (tkv, 510)] {
@@ -423,21 +453,29 @@ fn main() -> Result<()> {
                     (randn(&[dd], seed + 2, 0.2, 1.0), In::Model),
                     (randn(&[rows, dd], seed + 3, 1.0, 0.0), In::Model),
                 ],
-                outputs: if with_res { vec!["y", "rstd", "dx", "h"] } else { vec!["y", "rstd", "dx"] },
+                outputs: if with_res {
+                    vec!["y", "rstd", "dx", "dx(Σ3)", "h"]
+                } else {
+                    vec!["y", "rstd", "dx", "dx(Σ3)"]
+                },
                 attention: false,
                 fused: Box::new(move |x| {
                     let res = with_res.then_some(&x[1]);
                     let (y, r, h) = fused::rms_norm(&x[0], res, &x[2], 1e-6)?;
-                    let dx = fused::rms_norm_backward(h.as_ref().unwrap_or(&x[0]), &r, &x[2], &x[3], res)?;
-                    let mut o = vec![y, r, dx];
+                    let hx = h.as_ref().unwrap_or(&x[0]);
+                    let dx = fused::rms_norm_backward(hx, &r, &x[2], &[&x[3]], res)?;
+                    let dx3 = fused::rms_norm_backward(hx, &r, &x[2], &[&x[3], &x[1], &x[0]], res)?;
+                    let mut o = vec![y, r, dx, dx3];
                     o.extend(h);
                     Ok(o)
                 }),
                 chain: Box::new(move |x| {
                     let res = with_res.then_some(&x[1]);
                     let (y, r, h) = fused::rms_norm_chain(&x[0], res, &x[2], 1e-6)?;
-                    let dx = fused::rms_norm_backward_chain(h.as_ref().unwrap_or(&x[0]), &r, &x[2], &x[3], res)?;
-                    let mut o = vec![y, r, dx];
+                    let hx = h.as_ref().unwrap_or(&x[0]);
+                    let dx = fused::rms_norm_backward_chain(hx, &r, &x[2], &[&x[3]], res)?;
+                    let dx3 = fused::rms_norm_backward_chain(hx, &r, &x[2], &[&x[3], &x[1], &x[0]], res)?;
+                    let mut o = vec![y, r, dx, dx3];
                     o.extend(h);
                     Ok(o)
                 }),
@@ -468,8 +506,7 @@ fn main() -> Result<()> {
                 chain: Box::new(move |x| {
                     let res = with_res.then_some(&x[1]);
                     let (y, m, r, h) = fused::layer_norm_chain(&x[0], res, &x[2], &x[3], 1e-6)?;
-                    let dx =
-                        fused::layer_norm_backward_chain(h.as_ref().unwrap_or(&x[0]), &m, &r, &x[2], &x[4], res)?;
+                    let dx = fused::layer_norm_backward_chain(h.as_ref().unwrap_or(&x[0]), &m, &r, &x[2], &x[4], res)?;
                     let mut o = vec![y, m, r, dx];
                     o.extend(h);
                     Ok(o)
@@ -537,14 +574,14 @@ fn main() -> Result<()> {
             (o, lse) = ops::attention_forward(&qr, &kr, &v_h, &spec)?;
         }
         let attn = o.transpose(0, 1)?.contiguous()?.reshape((tl, th * td))?;
-        let do_ = x[7].reshape((tl, th, td))?.transpose(0, 1)?.contiguous()?;
         let (dq, dk, dv) = if fuse {
-            let delta = fused::row_dot(&do_, &attn.reshape((tl, th, td))?.transpose(0, 1)?)?;
+            let (do_, delta) = fused::attention_bwd_prep(&x[7], &attn, th)?;
             let (dq, dk, dv) = fused::attention_backward(&qr, &kr, &v_h, &lse, &delta, &do_, &spec)?;
             let dq = fused::qk_norm_rope_backward(&dq, &x[0], &qs, &x[3], &x[5], &x[6])?;
             let dk = fused::qk_norm_rope_backward(&dk, &x[1], &ks, &x[4], &x[5], &x[6])?;
             (dq, dk, dv)
         } else {
+            let do_ = x[7].reshape((tl, th, td))?.transpose(0, 1)?.contiguous()?;
             let o = attn.reshape((tl, th, td))?.transpose(0, 1)?.contiguous()?;
             let (dq, dk, dv) = ops::attention_backward(&qr, &kr, &v_h, &o, &lse, &do_, &spec)?;
             let dq = fused::qk_norm_rope_backward_chain(&dq, &x[0], &qs, &x[3], &x[5], &x[6])?;
@@ -593,15 +630,18 @@ fn main() -> Result<()> {
             fused::vision_qkv_rope_chain(&x[0], &x[1], &x[2], vh)?
         };
         let (q, k, v) = (qkv_h.get(0)?, qkv_h.get(1)?, qkv_h.get(2)?);
-        let (o, lse) =
-            if fuse { fused::attention_forward(&q, &k, &v, &spec)? } else { ops::attention_forward(&q, &k, &v, &spec)? };
+        let (o, lse) = if fuse {
+            fused::attention_forward(&q, &k, &v, &spec)?
+        } else {
+            ops::attention_forward(&q, &k, &v, &spec)?
+        };
         let attn = o.transpose(0, 1)?.contiguous()?.reshape((vn, vhid))?;
-        let do_ = x[3].reshape((vn, vh, vd))?.transpose(0, 1)?.contiguous()?;
         let dqkv = if fuse {
-            let delta = fused::row_dot(&do_, &attn.reshape((vn, vh, vd))?.transpose(0, 1)?)?;
+            let (do_, delta) = fused::attention_bwd_prep(&x[3], &attn, vh)?;
             let (dq, dk, dv) = fused::attention_backward(&q, &k, &v, &lse, &delta, &do_, &spec)?;
             fused::vision_qkv_rope_backward(&dq, &dk, &dv, &x[1], &x[2])?
         } else {
+            let do_ = x[3].reshape((vn, vh, vd))?.transpose(0, 1)?.contiguous()?;
             let o = attn.reshape((vn, vh, vd))?.transpose(0, 1)?.contiguous()?;
             let (dq, dk, dv) = ops::attention_backward(&q, &k, &v, &o, &lse, &do_, &spec)?;
             fused::vision_qkv_rope_backward_chain(&dq, &dk, &dv, &x[1], &x[2])?

@@ -2,6 +2,7 @@
 // - attn_softmax_fwd:  raw scores S → P = softmax(scale·S [causal]) in T and lse in f32;
 // - attn_softmax_bwd:  S, dP, lse, delta → P (for dV = Pᵀ·dO) and dS = P∘(dP − delta)·scale;
 // - attn_rowdot:       delta = rowsum(dO∘O), reading strided [H, L, d] views;
+// - attn_bwd_prep:     dO [L, H·d] (o_proj's input gradient) → dO [H, L, d] and delta, one pass;
 // - qk_norm_rope_*:    text per-head q/k RMSNorm + interleaved-MRoPE rotation + [L,H,d]→[H,L,d];
 // - vis_qkv_rope_*:    vision qkv split + 2-D rotary (f32) + [N,3,H,d]→[3,H,N,d].
 //
@@ -88,6 +89,28 @@ __device__ void rowdot(const T *__restrict__ a, const T *__restrict__ b, float *
     for (int c = lane; c < d; c += 32) acc += to_f32(ar[c]) * to_f32(br[c]);
     acc = warp_sum(acc);
     if (lane == 0) out[r] = acc;
+}
+
+// dattn, attn [L, H, d] (token-major, as o_proj sees them) → dO [H, L, d] (head-major, for the
+// matmuls) and delta[h·L + l] = Σ_c dattn·attn. One warp per (l, h).
+template <typename T>
+__device__ void bwd_prep(const T *__restrict__ da, const T *__restrict__ o, T *__restrict__ dout,
+                         float *__restrict__ delta, const int ll, const int hh, const int d) {
+    const int r = blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (r >= ll * hh) return;
+    const int l = r / hh, h = r % hh;
+    const T *dr = da + (size_t)r * d;
+    const T *orow = o + (size_t)r * d;
+    T *w = dout + ((size_t)h * ll + l) * d;
+    float acc = 0.f;
+    for (int c = lane; c < d; c += 32) {
+        const T g = dr[c];
+        w[c] = g;
+        acc += to_f32(g) * to_f32(orow[c]);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) delta[(size_t)h * ll + l] = acc;
 }
 
 // Text q/k: x [L, H, d] → xn = T(T(x·rstd)·w) (HF Qwen3VLTextRMSNorm) → rotated in T like HF
@@ -226,6 +249,11 @@ __device__ void vis_qkv_rope_bwd(const T *__restrict__ dq, const T *__restrict__
         attn_rowdot_##SUF(const T *a, const T *b, float *out, const int hh, const int ll, const int d,           \
                           const long long sah, const long long sal, const long long sbh, const long long sbl) {   \
         rowdot<T>(a, b, out, hh, ll, d, sah, sal, sbh, sbl);                                                      \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(WARPS_PER_BLOCK * 32)                                            \
+        attn_bwd_prep_##SUF(const T *da, const T *o, T *dout, float *delta, const int ll, const int hh,          \
+                            const int d) {                                                                        \
+        bwd_prep<T>(da, o, dout, delta, ll, hh, d);                                                               \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(WARPS_PER_BLOCK * 32)                                            \
         qk_norm_rope_fwd_##SUF(const T *x, const T *w, const T *cs, const T *sn, T *out, float *rstd,            \

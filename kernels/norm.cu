@@ -1,7 +1,8 @@
 // Fused RMSNorm / LayerNorm forward and backward over the last dim (rows × D), optionally with
 // the residual add folded in:
 // - rms_fwd:  h = T(x + res) (if res) → y = T(T(h·rstd)·w) (HF Qwen3VLTextRMSNorm), rstd f32;
-// - rms_bwd:  dx = T((g − xhat·mean(g·xhat))·rstd), g = dy·w, then T(dx + res) (if res);
+// - rms_bwd:  dx = T((g − xhat·mean(g·xhat))·rstd), g = dy·w, then T(dx + res) (if res); dy may
+//             come as up to three summands, added like the chain adds them: T(T(dy + dy2) + dy3);
 // - ln_fwd:   h as above → y = T((h − mean)·rstd·w + b) in f32, mean/rstd f32;
 // - ln_bwd:   dx = T((g − mean(g) − xhat·mean(g·xhat))·rstd), then T(dx + res) (if res).
 // TPR threads per row: a warp (TPR = 32, 8 rows per 256-thread block) for short rows, the whole
@@ -43,20 +44,30 @@ __device__ void rms_fwd(const T *__restrict__ x, const T *__restrict__ res, cons
     }
 }
 
+// dy, or the chain's sum of its summands T(T(dy + dy2) + dy3).
+template <typename T>
+__device__ __forceinline__ float load_dy(const T *dy, const T *dy2, const T *dy3, size_t i) {
+    float v = to_f32(dy[i]);
+    if (dy2) v = rnd<T>(v + to_f32(dy2[i]));
+    if (dy3) v = rnd<T>(v + to_f32(dy3[i]));
+    return v;
+}
+
 template <typename T, int TPR>
 __device__ void rms_bwd(const T *__restrict__ x, const float *__restrict__ rstd, const T *__restrict__ w,
-                        const T *__restrict__ dy, const T *__restrict__ res, T *__restrict__ dx, const int rows,
-                        const int dd) {
+                        const T *__restrict__ dy, const T *__restrict__ dy2, const T *__restrict__ dy3,
+                        const T *__restrict__ res, T *__restrict__ dx, const int rows, const int dd) {
     __shared__ float shm[NORM_THREADS / 32];
     const int r = norm_row<TPR>(), lane = norm_lane<TPR>();
     if (r >= rows) return;
     const size_t off = (size_t)r * dd;
     const float rs = rstd[r];
     float acc = 0.f;
-    for (int c = lane; c < dd; c += TPR) acc += mul(to_f32(dy[off + c]), to_f32(w[c])) * mul(to_f32(x[off + c]), rs);
+    for (int c = lane; c < dd; c += TPR)
+        acc += mul(load_dy(dy, dy2, dy3, off + c), to_f32(w[c])) * mul(to_f32(x[off + c]), rs);
     const float m = group_sum<TPR>(acc, shm) / (float)dd;
     for (int c = lane; c < dd; c += TPR) {
-        const float g = mul(to_f32(dy[off + c]), to_f32(w[c]));
+        const float g = mul(load_dy(dy, dy2, dy3, off + c), to_f32(w[c]));
         const float xh = mul(to_f32(x[off + c]), rs);
         float v = mul(sub(g, mul(xh, m)), rs);
         if (res) v = rnd<T>(v) + to_f32(res[off + c]);
@@ -128,9 +139,9 @@ __device__ void ln_bwd(const T *__restrict__ x, const float *__restrict__ mean, 
         rms_fwd<T, TPR>(x, res, w, y, hsum, rstd, rows, dd, eps);                                                 \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                                    \
-        rms_bwd_##TAG##_##SUF(const T *x, const float *rstd, const T *w, const T *dy, const T *res, T *dx,       \
-                              const int rows, const int dd) {                                                     \
-        rms_bwd<T, TPR>(x, rstd, w, dy, res, dx, rows, dd);                                                       \
+        rms_bwd_##TAG##_##SUF(const T *x, const float *rstd, const T *w, const T *dy, const T *dy2,              \
+                              const T *dy3, const T *res, T *dx, const int rows, const int dd) {                  \
+        rms_bwd<T, TPR>(x, rstd, w, dy, dy2, dy3, res, dx, rows, dd);                                             \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                                    \
         ln_fwd_##TAG##_##SUF(const T *x, const T *res, const T *w, const T *b, T *y, T *hsum, float *mean,       \

@@ -509,6 +509,50 @@ pub fn row_dot_chain(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     (a.to_dtype(acc)? * b.to_dtype(acc)?)?.sum(D::Minus1)
 }
 
+/// The attention backward's inputs from o_proj's: `dattn` and `attn` `[L, H·d]` (token-major) →
+/// `(dO [H, L, d], delta [H, L] acc)` with `delta = rowsum(dO∘O)`, one pass.
+pub fn attention_bwd_prep(dattn: &Tensor, attn: &Tensor, heads: usize) -> Result<(Tensor, Tensor)> {
+    let (_, hd) = dattn.dims2()?;
+    same_shape("attention_bwd_prep", dattn, attn)?;
+    if heads == 0 || hd % heads != 0 {
+        bail!("attention_bwd_prep: {hd} columns are not {heads} heads")
+    }
+    if !fusable(dattn) {
+        return attention_bwd_prep_chain(dattn, attn, heads);
+    }
+    on_cuda!(dattn, super::fused_cuda::attention_bwd_prep(dattn, attn, heads));
+    cpu_dtype!(dattn.dtype(), "attention_bwd_prep", attention_bwd_prep_cpu(dattn, attn, heads))
+}
+
+fn attention_bwd_prep_cpu<T: Elem>(dattn: &Tensor, attn: &Tensor, heads: usize) -> Result<(Tensor, Tensor)> {
+    let (l, hd) = dattn.dims2()?;
+    let (h, d) = (heads, hd / heads);
+    let gv: Vec<T> = host(dattn)?;
+    let ov: Vec<T> = host(attn)?;
+    let mut out = vec![T::from_f64(0.0); l * hd];
+    let mut delta = vec![T::R::ZERO; h * l];
+    // Output row (hi, li) ← input row (li, hi).
+    rows_stat(&mut out, d, &mut delta, |o_row, o, dl| {
+        let r = (o_row % l) * h + o_row / l;
+        let (g, x) = (&gv[r * d..(r + 1) * d], &ov[r * d..(r + 1) * d]);
+        o.copy_from_slice(g);
+        let mut acc = Sum::default();
+        for c in 0..d {
+            acc.add(g[c].get() * x[c].get());
+        }
+        *dl = acc.get();
+    });
+    Ok((cpu(out, (h, l, d))?, cpu(delta, (h, l))?))
+}
+
+pub fn attention_bwd_prep_chain(dattn: &Tensor, attn: &Tensor, heads: usize) -> Result<(Tensor, Tensor)> {
+    let (l, hd) = dattn.dims2()?;
+    let to_hld = |t: &Tensor| t.reshape((l, heads, hd / heads))?.transpose(0, 1);
+    let do_ = to_hld(dattn)?.contiguous()?;
+    let delta = row_dot_chain(&do_, &to_hld(attn)?)?;
+    Ok((do_, delta))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention around the fused softmax (chunked over query rows as `ops::attention_forward`)
 
@@ -709,11 +753,24 @@ pub fn rms_norm_chain(x: &Tensor, res: Option<&Tensor>, w: &Tensor, eps: f64) ->
     Ok((y, rstd, h))
 }
 
-/// Backward of [`rms_norm`] given its (summed) input `x`, `rstd` and `dy`; with `res`, returns
-/// `res + dx` (the chain's residual add, rounded like it).
-pub fn rms_norm_backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, res: Option<&Tensor>) -> Result<Tensor> {
+/// Backward of [`rms_norm`] given its (summed) input `x`, `rstd` and `dy`; `dy` may be given as
+/// up to three summands (added as the chain adds them, `(dy₀ + dy₁) + dy₂` in the dtype: the
+/// gradients of several projections reading the norm's output). With `res`, returns `res + dx`
+/// (the chain's residual add, rounded like it).
+pub fn rms_norm_backward(
+    x: &Tensor,
+    rstd: &Tensor,
+    w: &Tensor,
+    dy: &[&Tensor],
+    res: Option<&Tensor>,
+) -> Result<Tensor> {
     let (rows, dd) = rows_cols(x)?;
-    same_shape("rms_norm_backward", x, dy)?;
+    if dy.is_empty() || dy.len() > 3 {
+        bail!("rms_norm_backward: {} gradient summands (1 to 3)", dy.len())
+    }
+    for d in dy {
+        same_shape("rms_norm_backward", x, d)?;
+    }
     same_dtype("rms_norm_backward", x, w)?;
     if w.dims() != [dd] || rstd.elem_count() != rows || rstd.dtype() != acc_dtype(x.dtype()) {
         bail!(
@@ -734,16 +791,27 @@ pub fn rms_norm_backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, res
     cpu_dtype!(x.dtype(), "rms_norm_backward", rms_norm_backward_cpu(x, rstd, w, dy, res))
 }
 
+/// The sum of gradient summands, rounded to `T` after each add as the chain does.
+fn sum_dy<T: Elem>(dy: &[&Tensor]) -> Result<Vec<T::R>> {
+    let mut acc: Vec<T::R> = host::<T>(dy[0])?.into_iter().map(|v| v.get()).collect();
+    for d in &dy[1..] {
+        for (a, v) in acc.iter_mut().zip(host::<T>(d)?) {
+            *a = rnd::<T>(*a + v.get());
+        }
+    }
+    Ok(acc)
+}
+
 fn rms_norm_backward_cpu<T: Elem>(
     x: &Tensor,
     rstd: &Tensor,
     w: &Tensor,
-    dy: &Tensor,
+    dy: &[&Tensor],
     res: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (rows, dd) = rows_cols(x)?;
     let xv: Vec<T> = host(x)?;
-    let dyv: Vec<T> = host(dy)?;
+    let dyv = sum_dy::<T>(dy)?;
     let wv: Vec<T> = host(w)?;
     let rsv: Vec<T::R> = host(rstd)?;
     let rv: Option<Vec<T>> = res.map(host).transpose()?;
@@ -754,11 +822,11 @@ fn rms_norm_backward_cpu<T: Elem>(
         let (xr, gr) = (&xv[r * dd..(r + 1) * dd], &dyv[r * dd..(r + 1) * dd]);
         let mut acc = Sum::default();
         for c in 0..dd {
-            acc.add(gr[c].get() * wv[c].get() * (xr[c].get() * rs));
+            acc.add(gr[c] * wv[c].get() * (xr[c].get() * rs));
         }
         let m = acc.get::<T::R>() / n;
         for c in 0..dd {
-            let g = gr[c].get() * wv[c].get();
+            let g = gr[c] * wv[c].get();
             let v = (g - xr[c].get() * rs * m) * rs;
             out[c] = match &rv {
                 Some(rv) => T::put(rnd::<T>(v) + rv[r * dd + c].get()),
@@ -773,10 +841,14 @@ pub fn rms_norm_backward_chain(
     x: &Tensor,
     rstd: &Tensor,
     w: &Tensor,
-    dy: &Tensor,
+    dy: &[&Tensor],
     res: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let dx = ops::RmsNorm::new(w.clone(), 0.0).backward_chain(x, rstd, dy)?;
+    let mut g = dy[0].clone();
+    for d in &dy[1..] {
+        g = (g + *d)?;
+    }
+    let dx = ops::RmsNorm::new(w.clone(), 0.0).backward_chain(x, rstd, &g)?;
     match res {
         Some(r) => r + dx,
         None => Ok(dx),
@@ -1503,6 +1575,19 @@ mod tests {
     }
 
     #[test]
+    fn attention_bwd_prep_matches_chain() {
+        for (l, h, d) in [(11, 3, 8), (274, 4, 64)] {
+            let g = randn(&[l, h * d], 1, 1.0);
+            let o = randn(&[l, h * d], 2, 1.0);
+            compare("attention_bwd_prep", &[g, o], |x, fused| {
+                let f = if fused { attention_bwd_prep } else { attention_bwd_prep_chain };
+                let (do_, delta) = f(&x[0], &x[1], h).unwrap();
+                vec![do_, delta]
+            });
+        }
+    }
+
+    #[test]
     fn attention_matches_chain() {
         let dev = Device::Cpu;
         for (h, g, l, d) in [(4, 1, 37, 8), (8, 4, 29, 16), (2, 2, 5, 4)] {
@@ -1558,8 +1643,10 @@ mod tests {
                     let (y, rstd, h) = f(&t[0], res, &t[2], 1e-6).unwrap();
                     let hx = h.clone().unwrap_or_else(|| t[0].clone());
                     let fb = if fused { rms_norm_backward } else { rms_norm_backward_chain };
-                    let dx = fb(&hx, &rstd, &t[2], &t[3], res).unwrap();
-                    let mut out = vec![y, rstd, dx];
+                    let dx = fb(&hx, &rstd, &t[2], &[&t[3]], res).unwrap();
+                    // Three gradient summands (the q/k/v projections' input gradients).
+                    let dx3 = fb(&hx, &rstd, &t[2], &[&t[3], &t[1], &t[0]], res).unwrap();
+                    let mut out = vec![y, rstd, dx, dx3];
                     out.extend(h);
                     out
                 });

@@ -285,6 +285,33 @@ fn row_dot_t<T: Ty>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(wrap(out, &dev, (h, l)))
 }
 
+pub fn attention_bwd_prep(dattn: &Tensor, attn: &Tensor, heads: usize) -> Result<(Tensor, Tensor)> {
+    cuda_dtype!(dattn.dtype(), attention_bwd_prep_t(dattn, attn, heads))
+}
+
+fn attention_bwd_prep_t<T: Ty>(dattn: &Tensor, attn: &Tensor, heads: usize) -> Result<(Tensor, Tensor)> {
+    let dev = device(dattn)?;
+    let (g, o) = (dattn.contiguous()?, attn.contiguous()?);
+    let (l, hd) = g.dims2()?;
+    let d = hd / heads;
+    let (gs, gl) = g.storage_and_layout();
+    let (os, ol) = o.storage_and_layout();
+    let gv = view::<T>(&gs, gl, "dattn")?;
+    let ov = view::<T>(&os, ol, "attn")?;
+    let mut dout = alloc::<T>(&dev, l * hd)?;
+    let mut delta = alloc::<f32>(&dev, l * heads)?;
+    let (l_i, h_i, d_i) = (i32_of(l, "rows")?, i32_of(heads, "heads")?, i32_of(d, "head dim")?);
+    launch!(
+        &dev,
+        Module::Attn,
+        "attn_bwd_prep",
+        T::DTYPE,
+        warp_rows(l * heads),
+        [&gv, &ov, &mut dout, &mut delta, &l_i, &h_i, &d_i,]
+    );
+    Ok((wrap(dout, &dev, (heads, l, d)), wrap(delta, &dev, (heads, l))))
+}
+
 pub fn qk_norm_rope(
     x: &Tensor,
     w: &Tensor,
@@ -515,7 +542,13 @@ fn rms_norm_t<T: Ty>(x: &Tensor, res: Option<&Tensor>, w: &Tensor, eps: f64) -> 
     Ok((wrap(y, &dev, x.dims()), wrap(rstd, &dev, stat_dims(&x)), h))
 }
 
-pub fn rms_norm_backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, res: Option<&Tensor>) -> Result<Tensor> {
+pub fn rms_norm_backward(
+    x: &Tensor,
+    rstd: &Tensor,
+    w: &Tensor,
+    dy: &[&Tensor],
+    res: Option<&Tensor>,
+) -> Result<Tensor> {
     cuda_dtype!(x.dtype(), rms_norm_backward_t(x, rstd, w, dy, res))
 }
 
@@ -523,23 +556,24 @@ fn rms_norm_backward_t<T: Ty>(
     x: &Tensor,
     rstd: &Tensor,
     w: &Tensor,
-    dy: &Tensor,
+    dy: &[&Tensor],
     res: Option<&Tensor>,
 ) -> Result<Tensor> {
     let dev = device(x)?;
-    let (x, rstd, w, dy) = (x.contiguous()?, rstd.contiguous()?, w.contiguous()?, dy.contiguous()?);
+    let (x, rstd, w) = (x.contiguous()?, rstd.contiguous()?, w.contiguous()?);
+    let dys = dy.iter().map(|d| d.contiguous()).collect::<Result<Vec<_>>>()?;
     let res = res.map(|r| r.contiguous()).transpose()?;
     let dd = x.dim(candle_core::D::Minus1)?;
     let rows = x.elem_count() / dd.max(1);
     let (xs, xl) = x.storage_and_layout();
     let (rs, rl) = rstd.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
-    let (gs, gl) = dy.storage_and_layout();
+    let gg: Vec<_> = dys.iter().map(|d| d.storage_and_layout()).collect();
     let rg = res.as_ref().map(|r| r.storage_and_layout());
     let xv = view::<T>(&xs, xl, "x")?;
     let rsv = view::<f32>(&rs, rl, "rstd")?;
     let wv = view::<T>(&ws, wl, "weight")?;
-    let gv = view::<T>(&gs, gl, "dy")?;
+    let gv = gg.iter().map(|(g, l)| view::<T>(g, l, "dy")).collect::<Result<Vec<_>>>()?;
     let rv = match &rg {
         Some((g, l)) => Some(view::<T>(g, l, "res")?),
         None => None,
@@ -556,7 +590,12 @@ fn rms_norm_backward_t<T: Ty>(
         b.arg(&xv);
         b.arg(&rsv);
         b.arg(&wv);
-        b.arg(&gv);
+        for i in 0..3 {
+            match gv.get(i) {
+                Some(v) => b.arg(v),
+                None => b.arg(&null),
+            };
+        }
         match &rv {
             Some(v) => b.arg(v),
             None => b.arg(&null),
@@ -564,7 +603,8 @@ fn rms_norm_backward_t<T: Ty>(
         b.arg(&mut dx);
         b.arg(&rows_i);
         b.arg(&dd_i);
-        // SAFETY: arguments match rms_bwd_* (x, rstd, w, dy, res|null, dx, rows, dd).
+        // SAFETY: arguments match rms_bwd_* (x, rstd, w, dy, dy2|null, dy3|null, res|null, dx, rows, dd);
+        // fused.rs checked 1 ≤ dy.len() ≤ 3.
         unsafe { b.launch(cfg) }.w()?;
     }
     done(&dev, &name)?;

@@ -70,12 +70,13 @@ impl RmsNorm {
 
     /// ∂/∂x given the forward input `x`, its `rstd` and `dy` (fused).
     pub fn backward(&self, x: &Tensor, rstd: &Tensor, dy: &Tensor) -> Result<Tensor> {
-        fused::rms_norm_backward(x, rstd, &self.weight, dy, None)
+        fused::rms_norm_backward(x, rstd, &self.weight, &[dy], None)
     }
 
-    /// `res + ∂/∂x`: the backward of a residual branch `res` around this norm, one fused pass.
-    pub fn backward_add(&self, x: &Tensor, rstd: &Tensor, dy: &Tensor, res: &Tensor) -> Result<Tensor> {
-        fused::rms_norm_backward(x, rstd, &self.weight, dy, Some(res))
+    /// `res + ∂/∂x` for `dy = Σ dys` (up to three summands, added in order): the backward of a
+    /// residual branch `res` around this norm whose output feeds several projections, one pass.
+    pub fn backward_add(&self, x: &Tensor, rstd: &Tensor, dys: &[&Tensor], res: &Tensor) -> Result<Tensor> {
+        fused::rms_norm_backward(x, rstd, &self.weight, dys, Some(res))
     }
 
     /// The op chain of [`RmsNorm::backward`] (reference and fallback).

@@ -4,7 +4,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::fused::{self, attention_backward, attention_forward, row_dot};
+use super::fused::{self, attention_backward, attention_forward};
 use super::ops::{AttnSpec, CausalMask, RmsNorm};
 use super::rope::CosSin;
 use super::{tapped, Registry};
@@ -147,15 +147,15 @@ impl DecoderLayer {
         let (dg, du) = fused::swiglu_backward(&s.gate, &s.up, &dact)?;
         tap.backward(self.up_proj, up, &s.n2, &s.up_y, &du)?;
         tap.backward(self.gate_proj, gate, &s.n2, &s.gate_y, &dg)?;
-        let dn2 = (up.backward_input(&du)? + gate.backward_input(&dg)?)?;
-        let dh_mid = self.post_attention_layernorm.backward_add(&s.h_mid, &s.r2, &dn2, dout)?;
+        // ∂/∂n2 = up + gate input gradients, summed inside the norm's backward
+        let (dn2_up, dn2_gate) = (up.backward_input(&du)?, gate.backward_input(&dg)?);
+        let dh_mid = self.post_attention_layernorm.backward_add(&s.h_mid, &s.r2, &[&dn2_up, &dn2_gate], dout)?;
         // Attention
         let o_proj = reg.linear(self.o_proj);
         tap.backward(self.o_proj, o_proj, &s.attn, &s.o_y, &dh_mid)?;
         let dattn = o_proj.backward_input(&dh_mid)?;
-        let do_ = dattn.reshape((l, h, d))?.transpose(0, 1)?.contiguous()?;
-        // delta = rowsum(dO∘O), O read in place from the (L, H·d) o_proj input
-        let delta = row_dot(&do_, &s.attn.reshape((l, h, d))?.transpose(0, 1)?)?;
+        // (L, H·d) → dO (H, L, d) and delta = rowsum(dO∘O) with O the o_proj input, one pass
+        let (do_, delta) = fused::attention_bwd_prep(&dattn, &s.attn, h)?;
         let spec = AttnSpec::causal(h / hkv, 1.0 / (d as f64).sqrt(), ts.mask);
         let (dq_rot, dk_rot, dv_h) = attention_backward(&s.q_rot, &s.k_rot, &s.v_h, &s.lse, &delta, &do_, &spec)?;
         // Inverse RoPE and the per-head norms, (H, L, d) → (L, H·d)
@@ -166,8 +166,8 @@ impl DecoderLayer {
         tap.backward(self.v_proj, vp, &s.n1, &s.v_y, &dv)?;
         tap.backward(self.k_proj, kp, &s.n1, &s.k_y, &dk)?;
         tap.backward(self.q_proj, qp, &s.n1, &s.q_y, &dq)?;
-        let dn1 = ((qp.backward_input(&dq)? + kp.backward_input(&dk)?)? + vp.backward_input(&dv)?)?;
-        self.input_layernorm.backward_add(&s.x, &s.r1, &dn1, &dh_mid)
+        let dn1 = [qp.backward_input(&dq)?, kp.backward_input(&dk)?, vp.backward_input(&dv)?];
+        self.input_layernorm.backward_add(&s.x, &s.r1, &[&dn1[0], &dn1[1], &dn1[2]], &dh_mid)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::fused::{self, attention_backward, attention_forward, row_dot};
+use super::fused::{self, attention_backward, attention_forward};
 use super::ops::{AttnSpec, LayerNorm, LnStats};
 use super::rope::CosSin;
 use super::{tapped, Registry};
@@ -155,9 +155,8 @@ impl VisionBlock {
         let (qkv, proj) = (reg.linear(self.qkv), reg.linear(self.proj));
         tap.backward(self.proj, proj, &s.attn, &s.proj_y, &dh_mid)?;
         let dattn = proj.backward_input(&dh_mid)?;
-        let do_ = dattn.reshape((n, h, hd))?.transpose(0, 1)?.contiguous()?;
-        // delta = rowsum(dO∘O) [H, N], O read in place from the (N, H·hd) proj input
-        let delta = row_dot(&do_, &s.attn.reshape((n, h, hd))?.transpose(0, 1)?)?;
+        // (N, H·hd) → dO (H, N, hd) and delta = rowsum(dO∘O) [H, N] with O the proj input
+        let (do_, delta) = fused::attention_bwd_prep(&dattn, &s.attn, h)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
         for &(st, len) in &vs.segments {
