@@ -11,7 +11,10 @@
 //! Numerics follow the chains: reductions and derivative formulas in the accumulation dtype
 //! ([`acc_dtype`]), each stored value rounded once to the storage dtype, except where HF (and
 //! the chain) round an intermediate to the model dtype (RMSNorm before its weight, SwiGLU's silu,
-//! the text rotary), which the fused ops round too.
+//! the text rotary), which the fused ops round too. Row sums run in f64 on the CPU (at least as
+//! accurate as the chains' f32 sums) and as f32 lane/warp trees on the GPU.
+//!
+//! `QSENS_FUSED=0` in the environment (or [`set_enabled`]) runs the chains instead, for A/B runs.
 
 use candle_core::{bail, DType, Device, Result, Tensor, WithDType, D};
 use half::{bf16, f16};
