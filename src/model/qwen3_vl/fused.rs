@@ -260,6 +260,7 @@ fn stat_shape(t: &Tensor) -> Vec<usize> {
 /// Switches for the GPU self-test: `poison` fills every fused output with NaN bytes before the
 /// kernel runs (so an element a kernel forgets to write is caught); `sync_check` synchronizes
 /// after every launch and reports an asynchronous error with the kernel's name. No-op on CPU.
+/// (`QSENS_FUSED_DEBUG=1` in the environment turns both on for a whole run.)
 pub fn set_debug(poison: bool, sync_check: bool) {
     #[cfg(feature = "cuda")]
     super::fused_cuda::set_debug(poison, sync_check);

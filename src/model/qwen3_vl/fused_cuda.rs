@@ -45,8 +45,21 @@ const WARP_ROW_MAX: usize = 512;
 
 static POISON: AtomicBool = AtomicBool::new(false);
 static SYNC_CHECK: AtomicBool = AtomicBool::new(false);
+static FROM_ENV: std::sync::Once = std::sync::Once::new();
+
+/// `QSENS_FUSED_DEBUG=1` turns both debug switches on for a whole run (e.g. a model forward and
+/// backward under `profile_scoring`): slow, but every fused kernel is checked where it runs.
+fn debug_from_env() {
+    FROM_ENV.call_once(|| {
+        if std::env::var("QSENS_FUSED_DEBUG").is_ok_and(|v| v != "0") {
+            POISON.store(true, Ordering::Relaxed);
+            SYNC_CHECK.store(true, Ordering::Relaxed);
+        }
+    });
+}
 
 pub fn set_debug(poison: bool, sync_check: bool) {
+    debug_from_env();
     POISON.store(poison, Ordering::Relaxed);
     SYNC_CHECK.store(sync_check, Ordering::Relaxed);
 }
@@ -72,6 +85,7 @@ fn kernel(dev: &CudaDevice, m: Module, name: &str, dt: DType) -> Result<CudaFunc
 
 /// After a launch: with `sync_check`, waits for the kernel and names it in the error.
 fn done(dev: &CudaDevice, name: &str) -> Result<()> {
+    debug_from_env();
     if SYNC_CHECK.load(Ordering::Relaxed) {
         if let Err(e) = dev.synchronize() {
             bail!("CUDA kernel {name} failed: {e}")
@@ -115,6 +129,7 @@ fn view_from<'a, T: CudaDType + DeviceRepr>(s: &'a Storage, l: &Layout, what: &s
 fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: the launching kernel writes every element before anything reads it.
     let mut s = unsafe { dev.alloc::<T>(n.max(1))? };
+    debug_from_env();
     if POISON.load(Ordering::Relaxed) {
         let bytes = n.max(1) * std::mem::size_of::<T>();
         let v = 0xffu8;
