@@ -1510,6 +1510,12 @@ mod tests {
             let xs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dt).unwrap()).collect();
             let fused = f(&xs, true);
             let chain = f(&xs, false);
+            let worst = fused
+                .iter()
+                .zip(&chain)
+                .map(|(a, b)| err(a, b))
+                .fold((0f64, 0f64), |w, e| (w.0.max(e.0), w.1.max(e.1)));
+            eprintln!("{what:20} {dt:?}: fused vs chain, worst output rel {:.2e} max|Δ| {:.2e}", worst.0, worst.1);
             for (i, ((a, b), t)) in fused.iter().zip(&chain).zip(&truth).enumerate() {
                 let (rel, _) = err(a, b);
                 assert!(rel <= tol(dt), "{what} output {i} {dt:?}: fused vs chain rel {rel:.3e}");
