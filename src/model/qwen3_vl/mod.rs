@@ -14,6 +14,9 @@
 //! text cos/sin cast to the model dtype, vision q/k rotated in f32.
 
 pub mod config;
+pub mod fused;
+#[cfg(feature = "cuda")]
+mod fused_cuda;
 pub mod ops;
 pub mod rope;
 pub mod text;

@@ -1,11 +1,17 @@
 //! Building blocks with a hand-written backward: RMSNorm, LayerNorm, the activations, chunked
 //! (flash-style) softmax attention and the causal-LM cross-entropy.
 //!
+//! These are the op-chain implementations (one candle op per step); the model runs the fused
+//! equivalents of the hot ones ([`super::fused`]), which keep these as their test reference and
+//! as the fallback where no fused kernel exists. The norms' `forward`/`backward` are fused.
+//!
 //! Reductions and the derivative formulas run in the *accumulation dtype* (`acc`: F32, or F64 for
 //! an F64 model), like HF which upcasts norms, softmax and the loss to f32. Matmuls run in the
 //! model dtype.
 
 use candle_core::{DType, Device, Result, Tensor, D};
+
+use super::fused;
 
 /// Accumulation dtype for reductions: f64 for an f64 model, f32 otherwise.
 pub fn acc_dtype(dt: DType) -> DType {
@@ -28,8 +34,32 @@ impl RmsNorm {
         RmsNorm { weight, eps }
     }
 
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// Returns `(y, rstd)`; `rstd` is `[.., 1]` in the accumulation dtype (kept for backward).
+    /// Fused ([`fused::rms_norm`]).
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (y, rstd, _) = fused::rms_norm(x, None, &self.weight, self.eps)?;
+        Ok((y, rstd))
+    }
+
+    /// The norm of the residual sum `h = x + res`: returns `(h, y, rstd)`, one fused pass.
+    pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (y, rstd, h) = fused::rms_norm(x, Some(res), &self.weight, self.eps)?;
+        match h {
+            Some(h) => Ok((h, y, rstd)),
+            None => candle_core::bail!("internal: rms_norm without its residual sum"),
+        }
+    }
+
+    /// The op chain of [`RmsNorm::forward`] (reference and fallback).
+    pub fn forward_chain(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let dt = x.dtype();
         let xf = x.to_dtype(acc_dtype(dt))?;
         let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -38,8 +68,19 @@ impl RmsNorm {
         Ok((y, rstd))
     }
 
-    /// ∂/∂x given the forward input `x`, its `rstd` and `dy`.
+    /// ∂/∂x given the forward input `x`, its `rstd` and `dy` (fused).
     pub fn backward(&self, x: &Tensor, rstd: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        fused::rms_norm_backward(x, rstd, &self.weight, &[dy], None)
+    }
+
+    /// `res + ∂/∂x` for `dy = Σ dys` (up to three summands, added in order): the backward of a
+    /// residual branch `res` around this norm whose output feeds several projections, one pass.
+    pub fn backward_add(&self, x: &Tensor, rstd: &Tensor, dys: &[&Tensor], res: &Tensor) -> Result<Tensor> {
+        fused::rms_norm_backward(x, rstd, &self.weight, dys, Some(res))
+    }
+
+    /// The op chain of [`RmsNorm::backward`] (reference and fallback).
+    pub fn backward_chain(&self, x: &Tensor, rstd: &Tensor, dy: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
         let acc = acc_dtype(dt);
         let xhat = x.to_dtype(acc)?.broadcast_mul(rstd)?;
@@ -70,7 +111,23 @@ impl LayerNorm {
         LayerNorm { weight, bias, eps }
     }
 
+    /// Fused ([`fused::layer_norm`]).
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, LnStats)> {
+        let (y, mean, rstd, _) = fused::layer_norm(x, None, &self.weight, &self.bias, self.eps)?;
+        Ok((y, LnStats { mean, rstd }))
+    }
+
+    /// The norm of the residual sum `h = x + res`: returns `(h, y, stats)`, one fused pass.
+    pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<(Tensor, Tensor, LnStats)> {
+        let (y, mean, rstd, h) = fused::layer_norm(x, Some(res), &self.weight, &self.bias, self.eps)?;
+        match h {
+            Some(h) => Ok((h, y, LnStats { mean, rstd })),
+            None => candle_core::bail!("internal: layer_norm without its residual sum"),
+        }
+    }
+
+    /// The op chain of [`LayerNorm::forward`] (reference and fallback).
+    pub fn forward_chain(&self, x: &Tensor) -> Result<(Tensor, LnStats)> {
         let dt = x.dtype();
         let acc = acc_dtype(dt);
         let xf = x.to_dtype(acc)?;
@@ -86,7 +143,18 @@ impl LayerNorm {
         Ok((y, LnStats { mean, rstd }))
     }
 
+    /// Fused.
     pub fn backward(&self, x: &Tensor, st: &LnStats, dy: &Tensor) -> Result<Tensor> {
+        fused::layer_norm_backward(x, &st.mean, &st.rstd, &self.weight, dy, None)
+    }
+
+    /// `res + ∂/∂x`, one fused pass.
+    pub fn backward_add(&self, x: &Tensor, st: &LnStats, dy: &Tensor, res: &Tensor) -> Result<Tensor> {
+        fused::layer_norm_backward(x, &st.mean, &st.rstd, &self.weight, dy, Some(res))
+    }
+
+    /// The op chain of [`LayerNorm::backward`] (reference and fallback).
+    pub fn backward_chain(&self, x: &Tensor, st: &LnStats, dy: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
         let acc = acc_dtype(dt);
         let xhat = x.to_dtype(acc)?.broadcast_sub(&st.mean)?.broadcast_mul(&st.rstd)?;
@@ -171,7 +239,12 @@ pub struct CausalMask {
 impl CausalMask {
     /// For a sequence of `len` tokens attended by `heads` query heads.
     pub fn new(heads: usize, len: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let rows = chunk_rows(heads, len, len).min(len.max(1));
+        Self::with_rows(len, chunk_rows(heads, len, len), dtype, device)
+    }
+
+    /// With `rows` query rows per chunk (tests force several chunks with it).
+    pub fn with_rows(len: usize, rows: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let rows = rows.min(len.max(1)).max(1);
         let mut tri = vec![0f32; rows * rows];
         for i in 0..rows {
             for v in &mut tri[i * rows + i + 1..(i + 1) * rows] {
@@ -180,6 +253,11 @@ impl CausalMask {
         }
         let tri = Tensor::from_vec(tri, (rows, rows), device)?.to_dtype(dtype)?;
         Ok(CausalMask { tri, rows })
+    }
+
+    /// Query rows per chunk.
+    pub fn rows(&self) -> usize {
+        self.rows
     }
 
     fn chunk(&self, q0: usize, n: usize) -> Result<Tensor> {
@@ -288,12 +366,27 @@ pub fn attention_backward(
     do_: &Tensor,
     spec: &AttnSpec,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let acc = acc_dtype(q.dtype());
+    // D_i = Σ_d dO·O  [H, L]
+    let delta = (do_.to_dtype(acc)? * o.to_dtype(acc)?)?.sum(D::Minus1)?;
+    attention_backward_delta(q, k, v, lse, &delta, do_, spec)
+}
+
+/// [`attention_backward`] given `delta = Σ_d dO∘O` `[H, L]` (acc) instead of `o`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_delta(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lse: &Tensor,
+    delta: &Tensor,
+    do_: &Tensor,
+    spec: &AttnSpec,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (h, l, d) = q.dims3()?;
     let hkv = h / spec.groups;
     let dt = q.dtype();
     let acc = acc_dtype(dt);
-    // D_i = Σ_d dO·O  [H, L]
-    let delta = (do_.to_dtype(acc)? * o.to_dtype(acc)?)?.sum(D::Minus1)?;
     let rows = spec.rows;
     let mut dqs = Vec::new();
     let mut dk = Tensor::zeros((hkv, l, d), acc, q.device())?;

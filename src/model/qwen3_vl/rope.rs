@@ -8,9 +8,10 @@
 //! - `cu_seqlens` as `(start, len)` segments.
 //!
 //! HF computes the frequencies in f32; so do we, with `pow`/`cos`/`sin` evaluated in f64 and rounded
-//! once (torch's vectorized f32 versions are within an ulp of that). Rotations themselves use
-//! candle's fused rope kernel (`x·cos + rotate_half(x)·sin`, HF's formula term by term); the
-//! backward is the inverse rotation, i.e. the same kernel with `−sin`.
+//! once (torch's vectorized f32 versions are within an ulp of that). The model rotates with the
+//! fused kernels (`fused::qk_norm_rope`, `fused::vision_qkv_rope`: `x·cos + rotate_half(x)·sin`,
+//! HF's formula term by term, fused with the layout change); their op-chain references use
+//! candle's rope kernel ([`CosSin::apply_thd`]). The backward is the inverse rotation (`−sin`).
 
 use candle_core::{DType, Device, Result, Tensor};
 

@@ -4,7 +4,8 @@
 
 use candle_core::{Result, Tensor};
 
-use super::ops::{attention_backward, attention_forward, swiglu, swiglu_backward, AttnSpec, CausalMask, RmsNorm};
+use super::fused::{self, attention_backward, attention_forward};
+use super::ops::{AttnSpec, CausalMask, RmsNorm};
 use super::rope::CosSin;
 use super::{tapped, Registry};
 use crate::model::{LayerId, Tap};
@@ -82,24 +83,20 @@ impl DecoderLayer {
         let (q, q_y) = tapped(reg, self.q_proj, &n1, tap, save)?;
         let (k, k_y) = tapped(reg, self.k_proj, &n1, tap, save)?;
         let (v, v_y) = tapped(reg, self.v_proj, &n1, tap, save)?;
-        // 2. Per-head RMSNorm on (L·H, d), RoPE on (1, L, H, d), then (H, L, d)
-        let (qn, qr) = self.q_norm.forward(&q.reshape((l * h, d))?)?;
-        let (kn, kr) = self.k_norm.forward(&k.reshape((l * hkv, d))?)?;
-        let q_rot = ts.rope.apply_thd(&qn.reshape((1, l, h, d))?)?.reshape((l, h, d))?.transpose(0, 1)?.contiguous()?;
-        let k_rot =
-            ts.rope.apply_thd(&kn.reshape((1, l, hkv, d))?)?.reshape((l, hkv, d))?.transpose(0, 1)?.contiguous()?;
+        // 2. Per-head RMSNorm + MRoPE, (L, H·d) → (H, L, d), one fused pass each
+        let (q_rot, qr) = self.q_norm.qk_rope(&q, ts.rope, h)?;
+        let (k_rot, kr) = self.k_norm.qk_rope(&k, ts.rope, hkv)?;
         let v_h = v.reshape((l, hkv, d))?.transpose(0, 1)?.contiguous()?;
-        // 3. Causal GQA attention, (H, L, d) → (L, H·d) → o_proj, residual
+        // 3. Causal GQA attention, (H, L, d) → (L, H·d) → o_proj; residual fused into the next norm
         let spec = AttnSpec::causal(h / hkv, 1.0 / (d as f64).sqrt(), ts.mask);
         let (o, lse) = attention_forward(&q_rot, &k_rot, &v_h, &spec)?;
         let attn = o.transpose(0, 1)?.contiguous()?.reshape((l, h * d))?;
         let (a, o_y) = tapped(reg, self.o_proj, &attn, tap, save)?;
-        let h_mid = (x + a)?;
         // 4. SwiGLU MLP, residual
-        let (n2, r2) = self.post_attention_layernorm.forward(&h_mid)?;
+        let (h_mid, n2, r2) = self.post_attention_layernorm.forward_add(x, &a)?;
         let (gate, gate_y) = tapped(reg, self.gate_proj, &n2, tap, save)?;
         let (up, up_y) = tapped(reg, self.up_proj, &n2, tap, save)?;
-        let act = swiglu(&gate, &up)?;
+        let act = fused::swiglu(&gate, &up)?;
         let (down, down_y) = tapped(reg, self.down_proj, &act, tap, save)?;
         let out = (&h_mid + down)?;
         let saved = save.then(|| DecoderLayerSaved {
@@ -147,38 +144,43 @@ impl DecoderLayer {
         let (gate, up, down) = (reg.linear(self.gate_proj), reg.linear(self.up_proj), reg.linear(self.down_proj));
         tap.backward(self.down_proj, down, &s.act, &s.down_y, dout)?;
         let dact = down.backward_input(dout)?;
-        let (dg, du) = swiglu_backward(&s.gate, &s.up, &dact)?;
+        let (dg, du) = fused::swiglu_backward(&s.gate, &s.up, &dact)?;
         tap.backward(self.up_proj, up, &s.n2, &s.up_y, &du)?;
         tap.backward(self.gate_proj, gate, &s.n2, &s.gate_y, &dg)?;
-        let dn2 = (up.backward_input(&du)? + gate.backward_input(&dg)?)?;
-        let dh_mid = (dout + self.post_attention_layernorm.backward(&s.h_mid, &s.r2, &dn2)?)?;
+        // ∂/∂n2 = up + gate input gradients, summed inside the norm's backward
+        let (dn2_up, dn2_gate) = (up.backward_input(&du)?, gate.backward_input(&dg)?);
+        let dh_mid = self.post_attention_layernorm.backward_add(&s.h_mid, &s.r2, &[&dn2_up, &dn2_gate], dout)?;
         // Attention
         let o_proj = reg.linear(self.o_proj);
         tap.backward(self.o_proj, o_proj, &s.attn, &s.o_y, &dh_mid)?;
         let dattn = o_proj.backward_input(&dh_mid)?;
-        let do_ = dattn.reshape((l, h, d))?.transpose(0, 1)?.contiguous()?;
-        let o = s.attn.reshape((l, h, d))?.transpose(0, 1)?.contiguous()?;
+        // (L, H·d) → dO (H, L, d) and delta = rowsum(dO∘O) with O the o_proj input, one pass
+        let (do_, delta) = fused::attention_bwd_prep(&dattn, &s.attn, h)?;
         let spec = AttnSpec::causal(h / hkv, 1.0 / (d as f64).sqrt(), ts.mask);
-        let (dq_rot, dk_rot, dv_h) = attention_backward(&s.q_rot, &s.k_rot, &s.v_h, &o, &s.lse, &do_, &spec)?;
-        // Inverse RoPE on (1, H, L, d), back to (L·H, d), through the per-head norms
-        let unrotate = |t: &Tensor, heads: usize| -> Result<Tensor> {
-            ts.rope
-                .unapply_htd(&t.reshape((1, heads, l, d))?)?
-                .reshape((heads, l, d))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((l * heads, d))
-        };
-        let dq = self.q_norm.backward(&s.q.reshape((l * h, d))?, &s.qr, &unrotate(&dq_rot, h)?)?.reshape((l, h * d))?;
-        let dk =
-            self.k_norm.backward(&s.k.reshape((l * hkv, d))?, &s.kr, &unrotate(&dk_rot, hkv)?)?.reshape((l, hkv * d))?;
+        let (dq_rot, dk_rot, dv_h) = attention_backward(&s.q_rot, &s.k_rot, &s.v_h, &s.lse, &delta, &do_, &spec)?;
+        // Inverse RoPE and the per-head norms, (H, L, d) → (L, H·d)
+        let dq = self.q_norm.qk_rope_backward(&dq_rot, &s.q, &s.qr, ts.rope)?;
+        let dk = self.k_norm.qk_rope_backward(&dk_rot, &s.k, &s.kr, ts.rope)?;
         let dv = dv_h.transpose(0, 1)?.contiguous()?.reshape((l, hkv * d))?;
         let (qp, kp, vp) = (reg.linear(self.q_proj), reg.linear(self.k_proj), reg.linear(self.v_proj));
         tap.backward(self.v_proj, vp, &s.n1, &s.v_y, &dv)?;
         tap.backward(self.k_proj, kp, &s.n1, &s.k_y, &dk)?;
         tap.backward(self.q_proj, qp, &s.n1, &s.q_y, &dq)?;
-        let dn1 = ((qp.backward_input(&dq)? + kp.backward_input(&dk)?)? + vp.backward_input(&dv)?)?;
-        dh_mid + self.input_layernorm.backward(&s.x, &s.r1, &dn1)?
+        let dn1 = [qp.backward_input(&dq)?, kp.backward_input(&dk)?, vp.backward_input(&dv)?];
+        self.input_layernorm.backward_add(&s.x, &s.r1, &[&dn1[0], &dn1[1], &dn1[2]], &dh_mid)
+    }
+}
+
+impl RmsNorm {
+    /// q/k path of the attention: this per-head norm over `x` `[L, heads·d]`, then the text
+    /// rotary → `([heads, L, d], rstd)` ([`fused::qk_norm_rope`]).
+    fn qk_rope(&self, x: &Tensor, rope: &CosSin, heads: usize) -> Result<(Tensor, Tensor)> {
+        fused::qk_norm_rope(x, self.weight(), &rope.cos, &rope.sin, heads, self.eps())
+    }
+
+    /// Backward of [`RmsNorm::qk_rope`]: `g` `[heads, L, d]` → `[L, heads·d]`.
+    fn qk_rope_backward(&self, g: &Tensor, x: &Tensor, rstd: &Tensor, rope: &CosSin) -> Result<Tensor> {
+        fused::qk_norm_rope_backward(g, x, rstd, self.weight(), &rope.cos, &rope.sin)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::ops::{acc_dtype, attention_backward, attention_forward, gelu_erf_backward, gelu_tanh_backward};
+use super::fused::{self, attention_backward, attention_forward};
 use super::ops::{AttnSpec, LayerNorm, LnStats};
 use super::rope::CosSin;
 use super::{tapped, Registry};
@@ -80,6 +80,9 @@ impl VisionBlock {
             os.push(o);
             lses.push(lse);
         }
+        if os.len() == 1 {
+            return Ok((os.swap_remove(0), lses.swap_remove(0)));
+        }
         Ok((Tensor::cat(&os, 1)?, Tensor::cat(&lses, 1)?))
     }
 
@@ -92,27 +95,17 @@ impl VisionBlock {
         save: bool,
     ) -> Result<(Tensor, Option<VisionBlockSaved>)> {
         let (n, dim) = x.dims2()?;
-        let (h, hd) = (self.heads, self.head_dim);
-        let dt = x.dtype();
-        let acc = acc_dtype(dt);
-        // 1. Attention: norm1 → qkv → (N, 3, H, hd) → rotary in f32 on q, k → (H, N, hd)
+        // 1. Attention: norm1 → qkv → rotary (f32) on q, k → (3, H, N, hd), one fused pass
         let (n1, ln1) = self.norm1.forward(x)?;
         let (qkv, qkv_y) = tapped(reg, self.qkv, &n1, tap, save)?;
-        let qkv4 = qkv.reshape((n, 3, h, hd))?;
-        let rotate = |i: usize| -> Result<Tensor> {
-            let t = qkv4.narrow(1, i, 1)?.to_dtype(acc)?.contiguous()?.reshape((1, n, h, hd))?;
-            vs.rope.apply_thd(&t)?.to_dtype(dt)?.reshape((n, h, hd))?.transpose(0, 1)?.contiguous()
-        };
-        let q = rotate(0)?;
-        let k = rotate(1)?;
-        let v = qkv4.narrow(1, 2, 1)?.reshape((n, h, hd))?.transpose(0, 1)?.contiguous()?;
+        let qkv_h = fused::vision_qkv_rope(&qkv, &vs.rope.cos, &vs.rope.sin, self.heads)?;
+        let (q, k, v) = (qkv_h.get(0)?, qkv_h.get(1)?, qkv_h.get(2)?);
         let (o, lse) = self.attend(&q, &k, &v, vs)?;
-        // 2. (H, N, hd) → (N, H·hd) → proj, residual
+        // 2. (H, N, hd) → (N, H·hd) → proj; residual fused into norm2
         let attn = o.transpose(0, 1)?.contiguous()?.reshape((n, dim))?;
         let (a, proj_y) = tapped(reg, self.proj, &attn, tap, save)?;
-        let h_mid = (x + a)?;
         // 3. MLP: norm2 → fc1 → gelu(tanh) → fc2, residual
-        let (n2, ln2) = self.norm2.forward(&h_mid)?;
+        let (h_mid, n2, ln2) = self.norm2.forward_add(x, &a)?;
         let (f1, fc1_y) = tapped(reg, self.fc1, &n2, tap, save)?;
         let act = f1.gelu()?;
         let (f2, fc2_y) = tapped(reg, self.fc2, &act, tap, save)?;
@@ -148,25 +141,22 @@ impl VisionBlock {
         reg: &Registry,
         tap: &mut dyn Tap,
     ) -> Result<Tensor> {
-        let (n, dim) = s.x.dims2()?;
+        let n = s.x.dim(0)?;
         let (h, hd) = (self.heads, self.head_dim);
-        let dt = s.x.dtype();
-        let acc = acc_dtype(dt);
         // MLP branch
         let (fc1, fc2) = (reg.linear(self.fc1), reg.linear(self.fc2));
         tap.backward(self.fc2, fc2, &s.act, &s.fc2_y, dout)?;
         let dact = fc2.backward_input(dout)?;
-        let df1 = gelu_tanh_backward(&s.fc1_used, &dact)?;
+        let df1 = fused::gelu_tanh_backward(&s.fc1_used, &dact)?;
         tap.backward(self.fc1, fc1, &s.n2, &s.fc1_y, &df1)?;
         let dn2 = fc1.backward_input(&df1)?;
-        let dh_mid = (dout + self.norm2.backward(&s.h_mid, &s.ln2, &dn2)?)?;
+        let dh_mid = self.norm2.backward_add(&s.h_mid, &s.ln2, &dn2, dout)?;
         // Attention branch
         let (qkv, proj) = (reg.linear(self.qkv), reg.linear(self.proj));
         tap.backward(self.proj, proj, &s.attn, &s.proj_y, &dh_mid)?;
         let dattn = proj.backward_input(&dh_mid)?;
-        let to_hnd = |t: &Tensor| t.reshape((n, h, hd))?.transpose(0, 1)?.contiguous();
-        let do_ = to_hnd(&dattn)?;
-        let o = to_hnd(&s.attn)?;
+        // (N, H·hd) → dO (H, N, hd) and delta = rowsum(dO∘O) [H, N] with O the proj input
+        let (do_, delta) = fused::attention_bwd_prep(&dattn, &s.attn, h)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
         for &(st, len) in &vs.segments {
@@ -175,8 +165,8 @@ impl VisionBlock {
                 &seg(&s.q, st, len, n)?,
                 &seg(&s.k, st, len, n)?,
                 &seg(&s.v, st, len, n)?,
-                &seg(&o, st, len, n)?,
-                &seg(&s.lse, st, len, n)?,
+                &s.lse.narrow(1, st, len)?,
+                &delta.narrow(1, st, len)?,
                 &seg(&do_, st, len, n)?,
                 &spec,
             )?;
@@ -184,19 +174,18 @@ impl VisionBlock {
             dks.push(dk);
             dvs.push(dv);
         }
-        // Inverse rotation (in f32, as the forward rotated in f32): (H, N, hd) → (N, H, hd)
-        let unrotate = |parts: Vec<Tensor>| -> Result<Tensor> {
-            let d = Tensor::cat(&parts, 1)?.to_dtype(acc)?.reshape((1, h, n, hd))?;
-            vs.rope.unapply_htd(&d)?.to_dtype(dt)?.reshape((h, n, hd))?.transpose(0, 1)
+        let cat = |mut parts: Vec<Tensor>| -> Result<Tensor> {
+            if parts.len() == 1 {
+                Ok(parts.swap_remove(0))
+            } else {
+                Tensor::cat(&parts, 1)
+            }
         };
-        let dq = unrotate(dqs)?;
-        let dk = unrotate(dks)?;
-        let dv = Tensor::cat(&dvs, 1)?.transpose(0, 1)?;
-        // (N, 3, H, hd) → (N, 3·hidden)
-        let dqkv = Tensor::stack(&[dq, dk, dv], 1)?.reshape((n, 3 * dim))?;
+        // Inverse rotation (f32) and (H, N, hd) ×3 → (N, 3·hidden), one fused pass
+        let dqkv = fused::vision_qkv_rope_backward(&cat(dqs)?, &cat(dks)?, &cat(dvs)?, &vs.rope.cos, &vs.rope.sin)?;
         tap.backward(self.qkv, qkv, &s.n1, &s.qkv_y, &dqkv)?;
         let dn1 = qkv.backward_input(&dqkv)?;
-        dh_mid + self.norm1.backward(&s.x, &s.ln1, &dn1)?
+        self.norm1.backward_add(&s.x, &s.ln1, &dn1, &dh_mid)
     }
 }
 
@@ -250,7 +239,7 @@ impl PatchMerger {
         let (fc1, fc2) = (reg.linear(self.fc1), reg.linear(self.fc2));
         tap.backward(self.fc2, fc2, &s.act, &s.fc2_y, dout)?;
         let dact = fc2.backward_input(dout)?;
-        let df1 = gelu_erf_backward(&s.fc1_used, &dact)?;
+        let df1 = fused::gelu_erf_backward(&s.fc1_used, &dact)?;
         tap.backward(self.fc1, fc1, &s.normed, &s.fc1_y, &df1)?;
         let dnormed = fc1.backward_input(&df1)?;
         let shape = s.x.shape().clone();
