@@ -217,16 +217,25 @@ impl Problem {
         let mut allowed = Vec::with_capacity(scores.groups.len());
         let mut classes = Vec::with_capacity(scores.groups.len());
         let mut counted_params = 0u128;
+        // Σ over groups of the dearest item: every sum the solver forms stays below it, so
+        // checking it here rules out overflow there.
+        let mut max_total = 0u128;
+        let overflow = || anyhow::anyhow!("the costs (params × bits) overflow 128-bit arithmetic; params are absurd");
         for g in &scores.groups {
             let disabled = g.disabled | matches(g, &disable, &mut used_disable);
             let cost_excluded = g.cost_excluded | matches(g, &exclude, &mut used_exclude);
             let formats: Vec<usize> = if disabled { vec![none] } else { (0..nf).collect() };
             let weight = u128::from(!cost_excluded);
-            counted_params += weight * g.params as u128;
-            let items = formats
+            counted_params = counted_params.checked_add(weight * g.params as u128).ok_or_else(overflow)?;
+            let items: Vec<Item> = formats
                 .iter()
-                .map(|&j| Item { cost: weight * g.params as u128 * units[j], score: g.scores[j] })
-                .collect();
+                .map(|&j| {
+                    let cost = (weight * g.params as u128).checked_mul(units[j]).ok_or_else(overflow)?;
+                    Ok(Item { cost, score: g.scores[j] })
+                })
+                .collect::<Result<_>>()?;
+            let dearest = items.iter().map(|it| it.cost).max().unwrap_or(0);
+            max_total = max_total.checked_add(dearest).ok_or_else(overflow)?;
             classes.push(items);
             allowed.push(formats);
             groups.push(GroupSpec {
@@ -256,7 +265,7 @@ impl Problem {
             mckp: Mckp { classes },
             shift,
             counted_params,
-            denominator: counted_params * none_units,
+            denominator: counted_params.checked_mul(none_units).ok_or_else(overflow)?,
         })
     }
 
