@@ -155,6 +155,11 @@ impl Processor {
                 );
             }
             let path = image_root.join(rel);
+            // Only regular files: a FIFO would block the read forever, a device never end it.
+            let meta = std::fs::metadata(&path).map_err(|e| anyhow!(e)).with_context(|| path.display().to_string())?;
+            if !meta.is_file() {
+                bail!("{}: not a regular file (a directory, device or pipe)", path.display());
+            }
             let bytes =
                 std::fs::read(&path).map_err(|e| anyhow!(e)).with_context(|| path.display().to_string())?;
             let digest = artifact::sha256_bytes(&bytes);
