@@ -23,8 +23,8 @@ use crate::support::*;
 /// Bad inputs tried per stage; the test fails if a list shrinks (or grows) unnoticed.
 const EXPECTED: [(&str, usize, usize); 5] = [
     // (stage, refused, accepted)
-    ("calib-extract", 44, 5),
-    ("preprocess", 42, 5),
+    ("calib-extract", 45, 5),
+    ("preprocess", 44, 5),
     ("score-layers", 64, 1),
     ("search", 29, 0),
     ("manifest-to-md", 19, 0),
@@ -328,6 +328,7 @@ fn calib_extract() -> Stage {
     std::fs::copy(images.join("000000000001.jpg"), outside.join("secret.jpg")).unwrap();
     std::os::unix::fs::symlink(outside.join("secret.jpg"), root.join("link.jpg")).unwrap();
     std::fs::create_dir(root.join("folder.jpg")).unwrap();
+    mkfifo(&root.join("fifo.jpg"));
     let jpeg = std::fs::read(images.join("000000000002.jpg")).unwrap();
     let files: Vec<(&str, Vec<u8>)> = vec![
         ("zero.jpg", Vec::new()),
@@ -367,7 +368,8 @@ fn calib_extract() -> Stage {
     image_case(&mut c, "image path empty", "", "not a relative path inside the image root");
     image_case(&mut c, "image symlink escaping the root", "link.jpg", "outside the image root");
     image_case(&mut c, "image missing", "nope.jpg", "No such file");
-    image_case(&mut c, "image is a folder", "folder.jpg", "directory");
+    image_case(&mut c, "image is a folder", "folder.jpg", "not a regular file");
+    image_case(&mut c, "image is a FIFO (would block forever)", "fifo.jpg", "not a regular file");
     image_case(&mut c, "image 0 bytes", "zero.jpg", "empty file (0 bytes)");
     image_case(&mut c, "JPEG truncated", "truncated.jpg", "truncated");
     image_case(&mut c, "JPEG garbled", "garbled.jpg", "corrupt JPEG");
@@ -420,7 +422,8 @@ fn calibration_of(root: &Path, files: &[&str]) -> Artifact<CalibrationSet> {
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let bytes = std::fs::read(root.join(f)).unwrap_or_default();
+            let p = root.join(f);
+            let bytes = if p.is_file() { std::fs::read(&p).unwrap() } else { Vec::new() };
             let (width, height) = qsens::preprocess::decode_rgb(&bytes).map(|r| (r.width, r.height)).unwrap_or((1, 1));
             let mut sample = template.clone();
             sample.id = format!("{}", i + 1);
@@ -511,6 +514,12 @@ fn preprocess() -> Stage {
     image_case(&mut c, "image changed since calib-extract", a, &["000000000001.jpg: image changed since calib-extract"]);
     let a = calibration_of(&root, &["nope.jpg"]);
     image_case(&mut c, "image missing", a, &["nope.jpg", "No such file"]);
+    std::os::unix::fs::symlink("/dev/zero", root.join("endless.jpg")).unwrap();
+    let a = calibration_of(&root, &["endless.jpg"]);
+    image_case(&mut c, "image linked to /dev/zero (would never end)", a, &["endless.jpg: not a regular file"]);
+    mkfifo(&root.join("fifo.jpg"));
+    let a = calibration_of(&root, &["fifo.jpg"]);
+    image_case(&mut c, "image is a FIFO (would block forever)", a, &["fifo.jpg: not a regular file"]);
     let a = calibration_of(&root, &["zero.jpg"]);
     image_case(&mut c, "image 0 bytes", a, &["zero.jpg", "empty file (0 bytes)"]);
     let a = calibration_of(&root, &["bomb.png"]);

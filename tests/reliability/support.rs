@@ -84,45 +84,55 @@ pub struct Base {
 
 pub fn base() -> &'static Base {
     static BASE: OnceLock<Base> = OnceLock::new();
-    BASE.get_or_init(|| {
-        let demo = demo();
-        let dir = scratch("base");
-        let b = Base {
-            db: dir.join("calibration.db"),
-            calibration: dir.join("calibration.msgpack"),
-            inputs: dir.join("inputs.msgpack"),
-            scores: dir.join("scores.msgpack"),
-            manifest: dir.join("manifest.json"),
-        };
-        let model = demo.join("model");
-        ok("calib-extract", &args!["--from-coco", s(&demo.join("captions.json")), "--db", s(&b.db), "-q"]);
-        ok(
-            "calib-extract",
-            &args!["--db", s(&b.db), "--image-root", s(&demo.join("images")), "--num", 3, "-o", s(&b.calibration)],
-        );
-        ok("preprocess", &args!["--calibration", s(&b.calibration), "--model", s(&model), "-o", s(&b.inputs)]);
-        ok(
-            "score-layers",
-            &args!["--model", s(&model), "--inputs", s(&b.inputs), "--exclude-cost", "*lm_head*", "-q", "-o", s(&b.scores)],
-        );
-        ok(
-            "search",
-            &args![
-                "--scores",
-                s(&b.scores),
-                "--effective-bits",
-                12,
-                "--exclude-cost",
-                "*lm_head*",
-                "--bootstrap",
-                100,
-                "-q",
-                "-o",
-                s(&b.manifest)
-            ],
-        );
-        b
-    })
+    BASE.get_or_init(|| build_base("base", 3, &[]))
+}
+
+/// The same on two samples with images of at most 4096 pixels: small seeds for fuzzing.
+pub fn small_base() -> &'static Base {
+    static BASE: OnceLock<Base> = OnceLock::new();
+    BASE.get_or_init(|| build_base("small-base", 2, &args!["--max-pixels", 4096]))
+}
+
+fn build_base(name: &str, num: usize, preprocess_args: &[String]) -> Base {
+    let demo = demo();
+    let dir = scratch(name);
+    let b = Base {
+        db: dir.join("calibration.db"),
+        calibration: dir.join("calibration.msgpack"),
+        inputs: dir.join("inputs.msgpack"),
+        scores: dir.join("scores.msgpack"),
+        manifest: dir.join("manifest.json"),
+    };
+    let model = demo.join("model");
+    ok("calib-extract", &args!["--from-coco", s(&demo.join("captions.json")), "--db", s(&b.db), "-q"]);
+    ok(
+        "calib-extract",
+        &args!["--db", s(&b.db), "--image-root", s(&demo.join("images")), "--num", num, "-o", s(&b.calibration)],
+    );
+    let mut a = args!["--calibration", s(&b.calibration), "--model", s(&model), "-o", s(&b.inputs)];
+    a.extend(preprocess_args.iter().cloned());
+    ok("preprocess", &a);
+    ok(
+        "score-layers",
+        &args!["--model", s(&model), "--inputs", s(&b.inputs), "--exclude-cost", "*lm_head*", "-q", "-o", s(&b.scores)],
+    );
+    ok(
+        "search",
+        &args![
+            "--scores",
+            s(&b.scores),
+            "--effective-bits",
+            12,
+            "--exclude-cost",
+            "*lm_head*",
+            "--bootstrap",
+            100,
+            "-q",
+            "-o",
+            s(&b.manifest)
+        ],
+    );
+    b
 }
 
 pub fn read<P: Payload>(path: &Path) -> Artifact<P> {
@@ -162,6 +172,12 @@ pub fn tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut out = std::collections::BTreeMap::new();
     walk(dir, dir, &mut out);
     out
+}
+
+/// A named pipe at `path` (`mkfifo`).
+pub fn mkfifo(path: &Path) {
+    let st = Command::new("mkfifo").arg(path).status().expect("mkfifo");
+    assert!(st.success(), "mkfifo {}", path.display());
 }
 
 // ---- safetensors ------------------------------------------------------------------------------
