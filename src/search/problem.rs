@@ -138,9 +138,6 @@ pub fn validate(scores: &Scores) -> Result<()> {
         prev = f.effective_bits;
     }
     ensure!(!scores.groups.is_empty(), "no groups");
-    // The solver sums scores exactly in fixed point: their total must be a finite number.
-    let total = scores.groups.iter().flat_map(|g| &g.scores).fold(0.0, |a: f64, s| a + s.abs());
-    ensure!(total.is_finite(), "the scores add up to more than the largest float; they cannot be compared");
     let ns = scores.samples.len();
     let mut names = std::collections::HashSet::new();
     for g in &scores.groups {
@@ -161,6 +158,9 @@ pub fn validate(scores: &Scores) -> Result<()> {
         }
         check_per_sample(&g.per_sample, nf, ns).with_context(|| format!("group '{}'", g.name))?;
     }
+    // The solver sums scores exactly in fixed point: their total must be a finite number.
+    let total = scores.groups.iter().flat_map(|g| &g.scores).fold(0.0, |a: f64, s| a + s.abs());
+    ensure!(total.is_finite(), "the scores add up to more than the largest float; they cannot be compared");
     let mut layer_names = std::collections::HashSet::new();
     for l in &scores.layers {
         ensure!(layer_names.insert(l.name.as_str()), "layer '{}' appears twice", l.name);

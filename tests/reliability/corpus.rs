@@ -26,8 +26,8 @@ const EXPECTED: [(&str, usize, usize); 5] = [
     ("calib-extract", 45, 5),
     ("preprocess", 44, 5),
     ("score-layers", 64, 1),
-    ("search", 29, 0),
-    ("manifest-to-md", 19, 0),
+    ("search", 30, 0),
+    ("manifest-to-md", 19, 2),
 ];
 
 /// The cases of one stage and what became of them.
@@ -162,8 +162,13 @@ fn corpus() {
         failures.extend(st.failures.iter().cloned());
     }
     let total: usize = stages.iter().map(|s| s.refused + s.accepted).sum();
-    eprintln!("{:<16} {:>8} {:>9} {:>7}", "total", total - stages.iter().map(|s| s.accepted).sum::<usize>(),
-        stages.iter().map(|s| s.accepted).sum::<usize>(), failures.len());
+    eprintln!(
+        "{:<16} {:>8} {:>9} {:>7}",
+        "total",
+        total - stages.iter().map(|s| s.accepted).sum::<usize>(),
+        stages.iter().map(|s| s.accepted).sum::<usize>(),
+        failures.len()
+    );
     assert!(failures.is_empty(), "{} corpus cases failed:\n{}", failures.len(), failures.join("\n"));
     for (tool, refused, accepted) in EXPECTED {
         assert_eq!(counts[tool], (refused, accepted), "{tool}: the number of corpus cases changed");
@@ -355,15 +360,17 @@ fn calib_extract() -> Stage {
         let db = d.join(format!("image-{k}.db"));
         let conn = rusqlite::Connection::open(&db).unwrap();
         conn.execute_batch(schema).unwrap();
-        conn.execute(
-            "INSERT INTO samples VALUES (1, 1, 'good.jpg', 'fine', 's'), (2, 2, ?1, 'bad', 's')",
-            [file],
-        )
-        .unwrap();
+        conn.execute("INSERT INTO samples VALUES (1, 1, 'good.jpg', 'fine', 's'), (2, 2, ?1, 'bad', 's')", [file])
+            .unwrap();
         let shown = root.join(file);
         c.refuse(what, args!["--db", s(&db), "--image-root", s(&root), "-o", "{out}/c.msgpack"], &[&s(&shown), expect]);
     };
-    image_case(&mut c, "image path escaping the root (../)", "../outside/secret.jpg", "not a relative path inside the image root");
+    image_case(
+        &mut c,
+        "image path escaping the root (../)",
+        "../outside/secret.jpg",
+        "not a relative path inside the image root",
+    );
     image_case(&mut c, "image path absolute", "/etc/hostname", "not a relative path inside the image root");
     image_case(&mut c, "image path empty", "", "not a relative path inside the image root");
     image_case(&mut c, "image symlink escaping the root", "link.jpg", "outside the image root");
@@ -465,7 +472,11 @@ fn preprocess() -> Stage {
     c.refuse("calibration garbage", pp(&p, &model), &[&s(&p), "not a qsens artifact"]);
     let p = d.join("scores.msgpack");
     std::fs::copy(&base().scores, &p).unwrap();
-    c.refuse("calibration of the wrong kind", pp(&p, &model), &[&s(&p), "artifact kind is 'qsens.scores', expected 'qsens.calibration'"]);
+    c.refuse(
+        "calibration of the wrong kind",
+        pp(&p, &model),
+        &[&s(&p), "artifact kind is 'qsens.scores', expected 'qsens.calibration'"],
+    );
     let mut a: Artifact<CalibrationSet> = read(good);
     a.schema_version = 99;
     let p = d.join("v99.json");
@@ -476,7 +487,11 @@ fn preprocess() -> Stage {
         br#"{"kind": "qsens.calibration", "schema_version": 1, "tool": "x", "tool_version": "0",
             "provenance": {"sources": [], "parameters": {}}, "payload": {"image_root": 3}}"#,
     );
-    c.refuse("calibration with a malformed payload", pp(&p, &model), &[&s(&p), "malformed 'qsens.calibration' payload"]);
+    c.refuse(
+        "calibration with a malformed payload",
+        pp(&p, &model),
+        &[&s(&p), "malformed 'qsens.calibration' payload"],
+    );
     let mut a: Artifact<CalibrationSet> = read(good);
     a.payload.samples.clear();
     let p = d.join("no-samples.msgpack");
@@ -505,13 +520,23 @@ fn preprocess() -> Stage {
     let mut a = calibration_of(&root, &["000000000001.jpg"]);
     a.payload.image_root = s(&sub);
     a.payload.samples[0].images[0].path = "../000000000001.jpg".into();
-    image_case(&mut c, "image path escaping the root (../)", a, &["sub/../000000000001.jpg", "not a relative path inside the image root"]);
+    image_case(
+        &mut c,
+        "image path escaping the root (../)",
+        a,
+        &["sub/../000000000001.jpg", "not a relative path inside the image root"],
+    );
     let mut a = calibration_of(&root, &["000000000001.jpg"]);
     a.payload.samples[0].images[0].path = s(&root.join("000000000001.jpg"));
     image_case(&mut c, "image path absolute", a, &["not a relative path inside the image root"]);
     let mut a = calibration_of(&root, &["000000000001.jpg"]);
     a.payload.samples[0].images[0].sha256 = artifact::sha256_bytes(b"something else");
-    image_case(&mut c, "image changed since calib-extract", a, &["000000000001.jpg: image changed since calib-extract"]);
+    image_case(
+        &mut c,
+        "image changed since calib-extract",
+        a,
+        &["000000000001.jpg: image changed since calib-extract"],
+    );
     let a = calibration_of(&root, &["nope.jpg"]);
     image_case(&mut c, "image missing", a, &["nope.jpg", "No such file"]);
     std::os::unix::fs::symlink("/dev/zero", root.join("endless.jpg")).unwrap();
@@ -549,9 +574,24 @@ fn preprocess() -> Stage {
     };
     let nodir = d.join("no-such-model");
     c.refuse("model folder missing", pp(good, &nodir), &[&s(&nodir), "not a model directory"]);
-    model_case(&mut c, "config.json missing", &|m| std::fs::remove_file(m.join("config.json")).unwrap(), &["{model}/config.json", "No such file"]);
-    model_case(&mut c, "config.json malformed", &|m| std::fs::write(m.join("config.json"), b"{\"image_token_id\": ").unwrap(), &["{model}/config.json", "malformed JSON"]);
-    model_case(&mut c, "config.json 0 bytes", &|m| std::fs::write(m.join("config.json"), b"").unwrap(), &["{model}/config.json", "malformed JSON"]);
+    model_case(
+        &mut c,
+        "config.json missing",
+        &|m| std::fs::remove_file(m.join("config.json")).unwrap(),
+        &["{model}/config.json", "No such file"],
+    );
+    model_case(
+        &mut c,
+        "config.json malformed",
+        &|m| std::fs::write(m.join("config.json"), b"{\"image_token_id\": ").unwrap(),
+        &["{model}/config.json", "malformed JSON"],
+    );
+    model_case(
+        &mut c,
+        "config.json 0 bytes",
+        &|m| std::fs::write(m.join("config.json"), b"").unwrap(),
+        &["{model}/config.json", "malformed JSON"],
+    );
     model_case(
         &mut c,
         "config.json image_token_id negative",
@@ -571,7 +611,12 @@ fn preprocess() -> Stage {
         &["{model}/tokenizer.json", "image_token_id 999999 is not in the tokenizer"],
     );
     let pre = "{model}/preprocessor_config.json";
-    model_case(&mut c, "preprocessor_config.json missing", &|m| std::fs::remove_file(m.join("preprocessor_config.json")).unwrap(), &[pre, "No such file"]);
+    model_case(
+        &mut c,
+        "preprocessor_config.json missing",
+        &|m| std::fs::remove_file(m.join("preprocessor_config.json")).unwrap(),
+        &[pre, "No such file"],
+    );
     model_case(
         &mut c,
         "preprocessor_config.json patch_size 0",
@@ -624,8 +669,18 @@ fn preprocess() -> Stage {
         &[pre, "malformed JSON"],
     );
     let tok = "{model}/tokenizer.json";
-    model_case(&mut c, "tokenizer.json missing", &|m| std::fs::remove_file(m.join("tokenizer.json")).unwrap(), &[tok, "cannot load tokenizer"]);
-    model_case(&mut c, "tokenizer.json garbage", &|m| std::fs::write(m.join("tokenizer.json"), b"{ not json").unwrap(), &[tok, "cannot load tokenizer"]);
+    model_case(
+        &mut c,
+        "tokenizer.json missing",
+        &|m| std::fs::remove_file(m.join("tokenizer.json")).unwrap(),
+        &[tok, "cannot load tokenizer"],
+    );
+    model_case(
+        &mut c,
+        "tokenizer.json garbage",
+        &|m| std::fs::write(m.join("tokenizer.json"), b"{ not json").unwrap(),
+        &[tok, "cannot load tokenizer"],
+    );
     model_case(
         &mut c,
         "tokenizer.json without <|im_start|>",
@@ -701,7 +756,8 @@ fn score_layers() -> Stage {
     let demo = demo();
     let model = demo.join("model");
     let good = &base().inputs;
-    let sl = |model: &Path, inputs: &Path| args!["--model", s(model), "--inputs", s(inputs), "-q", "-o", "{out}/s.msgpack"];
+    let sl =
+        |model: &Path, inputs: &Path| args!["--model", s(model), "--inputs", s(inputs), "-q", "-o", "{out}/s.msgpack"];
 
     // The model-inputs artifact.
     let d = c.dir("inputs");
@@ -752,11 +808,35 @@ fn score_layers() -> Stage {
         &|m| m.samples[1].labels.iter_mut().for_each(|l| *l = -100),
         &["sample 1", "no label tokens"],
     );
-    inputs_case(&mut c, "a token id outside the vocabulary", &|m| m.samples[0].input_ids[3] = 100_000, &["sample 0", "input id 100000"]);
-    inputs_case(&mut c, "a label outside the vocabulary", &|m| *m.samples[0].labels.last_mut().unwrap() = 7777, &["label 7777"]);
-    inputs_case(&mut c, "labels shorter than input_ids", &|m| { m.samples[2].labels.pop(); }, &["sample 2", "labels has length"]);
+    inputs_case(
+        &mut c,
+        "a token id outside the vocabulary",
+        &|m| m.samples[0].input_ids[3] = 100_000,
+        &["sample 0", "input id 100000"],
+    );
+    inputs_case(
+        &mut c,
+        "a label outside the vocabulary",
+        &|m| *m.samples[0].labels.last_mut().unwrap() = 7777,
+        &["label 7777"],
+    );
+    inputs_case(
+        &mut c,
+        "labels shorter than input_ids",
+        &|m| {
+            m.samples[2].labels.pop();
+        },
+        &["sample 2", "labels has length"],
+    );
     inputs_case(&mut c, "empty input_ids", &|m| m.samples[0].input_ids.clear(), &["input_ids is empty"]);
-    inputs_case(&mut c, "position_ids with 2 rows", &|m| { m.samples[0].position_ids.pop(); }, &["position_ids is not [3]"]);
+    inputs_case(
+        &mut c,
+        "position_ids with 2 rows",
+        &|m| {
+            m.samples[0].position_ids.pop();
+        },
+        &["position_ids is not [3]"],
+    );
     inputs_case(
         &mut c,
         "image bytes shorter than its size",
@@ -769,12 +849,7 @@ fn score_layers() -> Stage {
         &|m| m.samples[0].images[0].grid_thw[1] += 2,
         &["does not match its size"],
     );
-    inputs_case(
-        &mut c,
-        "image grid_t 0",
-        &|m| m.samples[0].images[0].grid_thw[0] = 0,
-        &["grid_t is 0"],
-    );
+    inputs_case(&mut c, "image grid_t 0", &|m| m.samples[0].images[0].grid_thw[0] = 0, &["grid_t is 0"]);
     inputs_case(
         &mut c,
         "one image token too few",
@@ -786,9 +861,19 @@ fn score_layers() -> Stage {
         },
         &["image tokens in input_ids"],
     );
-    inputs_case(&mut c, "processor patch size disagreeing with the model", &|m| m.processor.patch_size = 14, &["processor patch_size is 14"]);
+    inputs_case(
+        &mut c,
+        "processor patch size disagreeing with the model",
+        &|m| m.processor.patch_size = 14,
+        &["processor patch_size is 14"],
+    );
     inputs_case(&mut c, "processor merge size 0", &|m| m.processor.merge_size = 0, &["merge_size is 0"]);
-    inputs_case(&mut c, "image token id disagreeing with the model", &|m| m.special_tokens.image_pad = 3, &["image token id is 3"]);
+    inputs_case(
+        &mut c,
+        "image token id disagreeing with the model",
+        &|m| m.special_tokens.image_pad = 3,
+        &["image token id is 3"],
+    );
 
     // The checkpoint: config.json and the safetensors files.
     let d = c.dir("models");
@@ -815,10 +900,25 @@ fn score_layers() -> Stage {
     let cfg = "{model}/config.json";
     let nodir = d.join("no-such-model");
     c.refuse("model folder missing", sl(&nodir, good), &[&s(&nodir), "No such file"]);
-    model_case(&mut c, "config.json missing", &|m| std::fs::remove_file(m.join("config.json")).unwrap(), &[cfg, "No such file"]);
-    model_case(&mut c, "config.json malformed", &|m| std::fs::write(m.join("config.json"), b"{\"text_config\": {").unwrap(), &[cfg, "EOF"]);
+    model_case(
+        &mut c,
+        "config.json missing",
+        &|m| std::fs::remove_file(m.join("config.json")).unwrap(),
+        &[cfg, "No such file"],
+    );
+    model_case(
+        &mut c,
+        "config.json malformed",
+        &|m| std::fs::write(m.join("config.json"), b"{\"text_config\": {").unwrap(),
+        &[cfg, "EOF"],
+    );
     model_case(&mut c, "config.json 0 bytes", &|m| std::fs::write(m.join("config.json"), b"").unwrap(), &[cfg, "EOF"]);
-    model_case(&mut c, "config.json without text_config", &config(|v| drop(v.as_object_mut().unwrap().remove("text_config"))), &[cfg, "missing field `text_config`"]);
+    model_case(
+        &mut c,
+        "config.json without text_config",
+        &config(|v| drop(v.as_object_mut().unwrap().remove("text_config"))),
+        &[cfg, "missing field `text_config`"],
+    );
     model_case(
         &mut c,
         "config.json without hidden_size",
@@ -843,14 +943,54 @@ fn score_layers() -> Stage {
         }),
         &[cfg, "not divisible by num_attention_heads 3"],
     );
-    model_case(&mut c, "config.json vocab_size 10^12", &config(|v| v["text_config"]["vocab_size"] = 1_000_000_000_000u64.into()), &[cfg, "vocab_size = 1000000000000 is out of range"]);
-    model_case(&mut c, "config.json 2^40 layers", &config(|v| v["text_config"]["num_hidden_layers"] = (1u64 << 40).into()), &[cfg, "num_hidden_layers"]);
-    model_case(&mut c, "config.json vision num_heads 0", &config(|v| v["vision_config"]["num_heads"] = 0.into()), &[cfg, "num_heads = 0"]);
-    model_case(&mut c, "config.json patch_size 2^63", &config(|v| v["vision_config"]["patch_size"] = (1u64 << 63).into()), &[cfg, "patch_size"]);
-    model_case(&mut c, "config.json hidden_size a string", &config(|v| v["text_config"]["hidden_size"] = "64".into()), &[cfg, "invalid type: string"]);
-    model_case(&mut c, "config.json depth negative", &config(|v| v["vision_config"]["depth"] = (-1).into()), &[cfg, "invalid value"]);
-    model_case(&mut c, "config.json another model type", &config(|v| v["model_type"] = "llama".into()), &[cfg, "model_type `llama` is not supported"]);
-    model_case(&mut c, "config.json rope_type yarn", &config(|v| v["text_config"]["rope_scaling"]["rope_type"] = "yarn".into()), &[cfg, "rope_type `yarn`"]);
+    model_case(
+        &mut c,
+        "config.json vocab_size 10^12",
+        &config(|v| v["text_config"]["vocab_size"] = 1_000_000_000_000u64.into()),
+        &[cfg, "vocab_size = 1000000000000 is out of range"],
+    );
+    model_case(
+        &mut c,
+        "config.json 2^40 layers",
+        &config(|v| v["text_config"]["num_hidden_layers"] = (1u64 << 40).into()),
+        &[cfg, "num_hidden_layers"],
+    );
+    model_case(
+        &mut c,
+        "config.json vision num_heads 0",
+        &config(|v| v["vision_config"]["num_heads"] = 0.into()),
+        &[cfg, "num_heads = 0"],
+    );
+    model_case(
+        &mut c,
+        "config.json patch_size 2^63",
+        &config(|v| v["vision_config"]["patch_size"] = (1u64 << 63).into()),
+        &[cfg, "patch_size"],
+    );
+    model_case(
+        &mut c,
+        "config.json hidden_size a string",
+        &config(|v| v["text_config"]["hidden_size"] = "64".into()),
+        &[cfg, "invalid type: string"],
+    );
+    model_case(
+        &mut c,
+        "config.json depth negative",
+        &config(|v| v["vision_config"]["depth"] = (-1).into()),
+        &[cfg, "invalid value"],
+    );
+    model_case(
+        &mut c,
+        "config.json another model type",
+        &config(|v| v["model_type"] = "llama".into()),
+        &[cfg, "model_type `llama` is not supported"],
+    );
+    model_case(
+        &mut c,
+        "config.json rope_type yarn",
+        &config(|v| v["text_config"]["rope_scaling"]["rope_type"] = "yarn".into()),
+        &[cfg, "rope_type `yarn`"],
+    );
     model_case(
         &mut c,
         "config.json deepstack index beyond the depth",
@@ -859,9 +999,19 @@ fn score_layers() -> Stage {
     );
     let st = "{model}/model.safetensors";
     let write_st = |m: &Path, b: &[u8]| std::fs::write(m.join("model.safetensors"), b).unwrap();
-    model_case(&mut c, "safetensors missing", &|m| std::fs::remove_file(m.join("model.safetensors")).unwrap(), &["{model}: no .safetensors weights"]);
+    model_case(
+        &mut c,
+        "safetensors missing",
+        &|m| std::fs::remove_file(m.join("model.safetensors")).unwrap(),
+        &["{model}: no .safetensors weights"],
+    );
     model_case(&mut c, "safetensors 0 bytes", &|m| write_st(m, b""), &[st, "not a valid safetensors file"]);
-    model_case(&mut c, "safetensors of 4 bytes", &|m| write_st(m, b"\x10\0\0\0"), &[st, "not a valid safetensors file"]);
+    model_case(
+        &mut c,
+        "safetensors of 4 bytes",
+        &|m| write_st(m, b"\x10\0\0\0"),
+        &[st, "not a valid safetensors file"],
+    );
     model_case(
         &mut c,
         "safetensors header truncated",
@@ -1037,8 +1187,16 @@ fn score_layers() -> Stage {
     c.refuse("merge: shards of different runs", merge(&[&p1, &p2]), &[&s(&p2), "not a shard of the same run"]);
     let mut part = scores.clone();
     part.payload.samples.pop();
-    part.payload.layers.iter_mut().for_each(|l| l.per_sample.iter_mut().for_each(|r| { r.pop(); }));
-    part.payload.groups.iter_mut().for_each(|g| g.per_sample.iter_mut().for_each(|r| { r.pop(); }));
+    part.payload.layers.iter_mut().for_each(|l| {
+        l.per_sample.iter_mut().for_each(|r| {
+            r.pop();
+        })
+    });
+    part.payload.groups.iter_mut().for_each(|g| {
+        g.per_sample.iter_mut().for_each(|r| {
+            r.pop();
+        })
+    });
     let p = d.join("partial.msgpack");
     write_as(&p, &part, Encoding::MessagePack);
     c.refuse("merge: a shard missing", merge(&[&p]), &["a shard is missing"]);
@@ -1067,7 +1225,17 @@ fn search() -> Stage {
     let mut c = Stage::new("search");
     let good = &base().scores;
     let se = |scores: &Path| {
-        args!["--scores", s(scores), "--effective-bits", 12, "-q", "--export-dir", "{out}/recipes", "-o", "{out}/m.json"]
+        args![
+            "--scores",
+            s(scores),
+            "--effective-bits",
+            12,
+            "-q",
+            "--export-dir",
+            "{out}/recipes",
+            "-o",
+            "{out}/m.json"
+        ]
     };
     let d = c.dir("scores");
     let bytes = std::fs::read(good).unwrap();
@@ -1086,7 +1254,11 @@ fn search() -> Stage {
     c.refuse("scores garbage", se(&p), &[&s(&p), "not a qsens artifact"]);
     let p = d.join("manifest.json");
     std::fs::copy(&base().manifest, &p).unwrap();
-    c.refuse("scores of the wrong kind", se(&p), &[&s(&p), "artifact kind is 'qsens.manifest', expected 'qsens.scores'"]);
+    c.refuse(
+        "scores of the wrong kind",
+        se(&p),
+        &[&s(&p), "artifact kind is 'qsens.manifest', expected 'qsens.scores'"],
+    );
     let mut a: Artifact<Scores> = read(good);
     a.schema_version = 0;
     let p = d.join("v0.json");
@@ -1120,9 +1292,22 @@ fn search() -> Stage {
     case(&mut c, "no groups", &|x| x.groups.clear(), &["no groups"]);
     case(&mut c, "no formats", &|x| x.formats.clear(), &["no formats"]);
     case(&mut c, "last format not NONE", &|x| x.formats.last_mut().unwrap().name = "FP16".into(), &["expected 'NONE'"]);
-    case(&mut c, "a layer in an unknown group", &|x| x.layers[0].group = "nowhere".into(), &["unknown group 'nowhere'"]);
+    case(
+        &mut c,
+        "a layer in an unknown group",
+        &|x| x.layers[0].group = "nowhere".into(),
+        &["unknown group 'nowhere'"],
+    );
     case(&mut c, "a cost disagreeing with params", &|x| x.groups[1].costs[0] *= 2.0, &["is not params × bits / 16"]);
-    case(&mut c, "a group twice", &|x| { let g = x.groups[0].clone(); x.groups.push(g) }, &["appears twice"]);
+    case(
+        &mut c,
+        "a group twice",
+        &|x| {
+            let g = x.groups[0].clone();
+            x.groups.push(g)
+        },
+        &["appears twice"],
+    );
     case(
         &mut c,
         "params of 2^64-1 (cost overflow)",
@@ -1136,8 +1321,31 @@ fn search() -> Stage {
         },
         &["overflow"],
     );
-    case(&mut c, "a per-sample row too short", &|x| { x.groups[0].per_sample[0].pop(); }, &["per-sample scores for"]);
-    case(&mut c, "scores for fewer formats", &|x| { x.groups[3].scores.pop(); }, &["scores for 2 formats"]);
+    case(
+        &mut c,
+        "finite scores whose sum overflows",
+        &|x| {
+            x.groups[0].scores[0] = f64::MAX;
+            x.groups[1].scores[0] = f64::MAX;
+        },
+        &["add up to more than the largest float"],
+    );
+    case(
+        &mut c,
+        "a per-sample row too short",
+        &|x| {
+            x.groups[0].per_sample[0].pop();
+        },
+        &["per-sample scores for"],
+    );
+    case(
+        &mut c,
+        "scores for fewer formats",
+        &|x| {
+            x.groups[3].scores.pop();
+        },
+        &["scores for 2 formats"],
+    );
     let mut a = se(good);
     a[3] = "NaN".into();
     c.refuse("--effective-bits NaN", a, &["effective bits must be a positive number, got NaN"]);
@@ -1184,7 +1392,11 @@ fn manifest_to_md() -> Stage {
     c.refuse("manifest garbage", mm(&p), &[&s(&p), "not a qsens artifact"]);
     let p = d.join("scores.msgpack");
     std::fs::copy(&base().scores, &p).unwrap();
-    c.refuse("manifest of the wrong kind", mm(&p), &[&s(&p), "artifact kind is 'qsens.scores', expected 'qsens.manifest'"]);
+    c.refuse(
+        "manifest of the wrong kind",
+        mm(&p),
+        &[&s(&p), "artifact kind is 'qsens.scores', expected 'qsens.manifest'"],
+    );
     let mut a: Artifact<Manifest> = read(good);
     a.schema_version = 7;
     let p = d.join("v7.json");
@@ -1236,5 +1448,21 @@ fn manifest_to_md() -> Stage {
     a.extend(args!["--template", s(&t)]);
     c.refuse("template not UTF-8", a, &[&s(&t), "UTF-8"]);
     c.refuse("report to stdout", args!["--manifest", s(good), "-o", "-"], &["needs a file path"]);
+
+    // Extreme but finite values: rendered (they used to overflow or hang the plots).
+    let mut a: Artifact<Manifest> = read(good);
+    a.payload.layers[0].block = Some(1_000_000_000_000_000_000);
+    let p = d.join("huge-block.msgpack");
+    write_as(&p, &a, Encoding::MessagePack);
+    c.accept("a layer block index of 10^18", mm(&p));
+    let mut a: Artifact<Manifest> = read(good);
+    for (i, l) in a.payload.layers.iter_mut().enumerate() {
+        l.sensitivity = Some(if i % 2 == 0 { f64::MAX } else { 5e-324 });
+    }
+    a.payload.groups[0].params = u64::MAX;
+    a.payload.groups[1].params = u64::MAX;
+    let p = d.join("extreme-values.msgpack");
+    write_as(&p, &a, Encoding::MessagePack);
+    c.accept("scores of f64::MAX and 5e-324, params of 2^64-1", mm(&p));
     c
 }
