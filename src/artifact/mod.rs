@@ -322,7 +322,10 @@ fn process_may_run(pid: u32) -> bool {
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // `pid (comm) S ...`: the state follows the last ')'.
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()).is_none_or(|s| s != 'Z' && s != 'X'),
+        Ok(stat) => {
+            let state = stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next());
+            state.is_none_or(|s| s != 'Z' && s != 'X')
+        }
         Err(e) => e.kind() != std::io::ErrorKind::NotFound,
     }
 }
@@ -432,13 +435,17 @@ mod tests {
         let path = dir.path().join("out.json");
         // pid 0 never names a user process; our own pid is alive; other names are not ours.
         let keep = [".out.json.%SELF%.abc.tmp", ".other.json.0.abc.tmp", "out.json.0.abc.tmp"];
-        let keep: Vec<String> = keep.iter().map(|k| k.replace("%SELF%", &std::process::id().to_string())).collect();
-        for name in keep.iter().map(String::as_str).chain([".out.json.0.abc.tmp", ".out.json.0.abc.tmp-journal"]) {
+        let pid = std::process::id().to_string();
+        let keep: Vec<String> = keep.iter().map(|k| k.replace("%SELF%", &pid)).collect();
+        let stale = [".out.json.0.abc.tmp", ".out.json.0.abc.tmp-journal"];
+        for name in keep.iter().map(String::as_str).chain(stale) {
             std::fs::write(dir.path().join(name), b"x").unwrap();
         }
         write(path.as_path(), &demo()).unwrap();
-        let mut names: Vec<String> =
-            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         let mut want = keep.clone();
         want.push("out.json".into());

@@ -272,7 +272,8 @@ mod tests {
         assert!(parse(r#"{"merge_size": 4294967295}"#).resolve(None, None).is_err());
         assert!(parse(r#"{"patch_size": 65536}"#).resolve(None, None).is_err());
         assert!(parse("{}").resolve(Some(1_000_000_000_000_000), Some(u64::MAX)).is_err());
-        let inf_std = PreprocessorConfig { image_std: Some(vec![0.5, f64::INFINITY, 0.5]), ..Default::default() };
+        let inf_std =
+            PreprocessorConfig { image_std: Some(vec![0.5, f64::INFINITY, 0.5]), ..Default::default() };
         assert!(inf_std.resolve(None, None).is_err());
     }
 

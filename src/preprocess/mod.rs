@@ -156,7 +156,9 @@ impl Processor {
             }
             let path = image_root.join(rel);
             // Only regular files: a FIFO would block the read forever, a device never end it.
-            let meta = std::fs::metadata(&path).map_err(|e| anyhow!(e)).with_context(|| path.display().to_string())?;
+            let meta = std::fs::metadata(&path)
+                .map_err(|e| anyhow!(e))
+                .with_context(|| path.display().to_string())?;
             if !meta.is_file() {
                 bail!("{}: not a regular file (a directory, device or pipe)", path.display());
             }
@@ -187,8 +189,10 @@ impl Processor {
         let user = Message::user(&refs, &sample.prompt);
         let template = || self.template_path.display().to_string();
         let prefix = self.template.render(std::slice::from_ref(&user), true).with_context(template)?;
-        let full =
-            self.template.render(&[user, Message::assistant(&sample.caption)], false).with_context(template)?;
+        let full = self
+            .template
+            .render(&[user, Message::assistant(&sample.caption)], false)
+            .with_context(template)?;
         if !full.starts_with(&prefix) {
             bail!(
                 "{}: the chat template renders the user turn differently with and without the assistant answer",

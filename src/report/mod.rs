@@ -300,7 +300,8 @@ fn sensitivity_plot(rows: &[Row], level: &str) -> String {
         if part.is_empty() {
             continue;
         }
-        let depth = part.iter().filter(|r| !is_extra(r)).filter_map(|r| r.block).max().map_or(0, |b| b.saturating_add(1));
+        let depth =
+            part.iter().filter(|r| !is_extra(r)).filter_map(|r| r.block).max().map_or(0, |b| b.saturating_add(1));
         let x_of = |r: &Row| -> f64 {
             let s = r.series.as_str();
             match (tower, s) {

@@ -386,11 +386,15 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
             let saved = artifact::read::<Scores>(loc.clone()).and_then(|s| {
                 state::check_resumable(&s, &provenance, &loc)?;
                 let (a, b) = (&s.payload, &skeleton);
+                let layer_keys =
+                    |x: &Scores| x.layers.iter().map(|l| (l.name.clone(), l.group.clone())).collect::<Vec<_>>();
+                let group_keys =
+                    |x: &Scores| x.groups.iter().map(|g| (g.name.clone(), g.disabled)).collect::<Vec<_>>();
                 let same_plan = a.formats == b.formats
                     && a.method == b.method
                     && a.num_inputs == b.num_inputs
-                    && a.layers.iter().map(|l| (&l.name, &l.group)).eq(b.layers.iter().map(|l| (&l.name, &l.group)))
-                    && a.groups.iter().map(|g| (&g.name, g.disabled)).eq(b.groups.iter().map(|g| (&g.name, g.disabled)))
+                    && layer_keys(a) == layer_keys(b)
+                    && group_keys(a) == group_keys(b)
                     && a.samples.iter().all(|x| plan.to_score.contains(&x.index));
                 ensure!(same_plan, "{loc}: saved state does not match this run's layers, groups and samples");
                 Ok(s)

@@ -107,12 +107,21 @@ pub fn check_consistent(scores: &Scores) -> Result<()> {
     ensure!(layers.len() == scores.layers.len(), "a layer name appears twice");
     for l in &scores.layers {
         let rows_ok = if per_layer { l.per_sample.len() == nf } else { l.per_sample.is_empty() };
-        ensure!(rows_ok && l.per_sample.iter().all(|r| r.len() == ns), "layer '{}': per-sample table is not [{nf}][{ns}]", l.name);
+        ensure!(
+            rows_ok && l.per_sample.iter().all(|r| r.len() == ns),
+            "layer '{}': per-sample table is not [{nf}][{ns}]",
+            l.name
+        );
     }
     for g in &scores.groups {
-        ensure!(g.scores.len() == nf && g.costs.len() == nf, "group '{}': scores or costs are not one per format", g.name);
+        ensure!(
+            g.scores.len() == nf && g.costs.len() == nf,
+            "group '{}': scores or costs are not one per format",
+            g.name
+        );
         if per_layer {
-            ensure!(g.members.iter().all(|m| layers.contains(m.as_str())), "group '{}': a member is not a layer", g.name);
+            let known = g.members.iter().all(|m| layers.contains(m.as_str()));
+            ensure!(known, "group '{}': a member is not a layer", g.name);
         }
         // Group rows are filled by `push_sample` (kl_div) or `recompute_totals` (gradient);
         // disabled groups, and gradient groups before the totals, keep empty rows.

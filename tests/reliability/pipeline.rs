@@ -113,7 +113,8 @@ fn score_layers_killed_and_resumed() {
         };
         finish(score_command(&inputs, &out).spawn().unwrap(), &format!("trial {trial}: resumed run"));
         assert_eq!(std::fs::read(&out).unwrap(), want, "trial {trial} (killed {how}, {at}): resumed result differs");
-        let left: Vec<String> = std::fs::read_dir(&tdir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let left: Vec<String> =
+            std::fs::read_dir(&tdir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert_eq!(left, vec!["scores.msgpack".to_string()], "trial {trial}: files left besides the output");
         report.push(format!("  trial {trial:2}: killed {how:<28} {at}"));
     }
@@ -232,7 +233,8 @@ fn make_report_killed_and_rerun() {
             format!("once {m} appeared")
         };
         let pgid = child.id();
-        let st = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).stderr(Stdio::null()).status().unwrap();
+        let st =
+            Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).stderr(Stdio::null()).status().unwrap();
         let _ = st; // the group may have exited already
         let _ = child.wait();
         let seen = check_visible(&out, &want, trial);
@@ -273,7 +275,8 @@ fn pipeline_is_deterministic() {
     let _: qsens::artifact::Artifact<ModelInputs> = read(&out.join("model_inputs.msgpack"));
     let _: qsens::artifact::Artifact<Scores> = read(&out.join("fp8_autoquant_all_layers_fp8_autoquant_state.msgpack"));
     let _: qsens::artifact::Artifact<Manifest> = read(&out.join("fp8_autoquant_all_layers_fp8_quant_manifest.json"));
-    let year = 1970 + std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 31_556_952;
+    let year =
+        1970 + std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 31_556_952;
     for (name, bytes) in &ta {
         let text = String::from_utf8_lossy(bytes);
         for needle in [format!("{year}-"), "timestamp".to_string(), "created_at".to_string()] {

@@ -200,7 +200,8 @@ pub fn st_read(bytes: &[u8]) -> Vec<StTensor> {
         .iter()
         .filter(|(k, _)| *k != "__metadata__")
         .map(|(k, v)| {
-            let off: Vec<usize> = v["data_offsets"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            let off: Vec<usize> =
+                v["data_offsets"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
             let t = StTensor {
                 name: k.clone(),
                 dtype: v["dtype"].as_str().unwrap().to_string(),
@@ -259,8 +260,7 @@ pub fn cmyk_jpeg(w: usize, h: usize) -> Vec<u8> {
 pub fn png16(w: u32, h: u32, color: image::ExtendedColorType) -> Vec<u8> {
     use image::ImageEncoder;
     let channels = color.channel_count() as usize;
-    let samples: Vec<u16> =
-        (0..(w * h) as usize * channels).map(|i| ((i * 7919) % 65536) as u16 | 0x0101).collect();
+    let samples: Vec<u16> = (0..(w * h) as usize * channels).map(|i| ((i * 7919) % 65536) as u16 | 0x0101).collect();
     let bytes: Vec<u8> = samples.iter().flat_map(|v| v.to_ne_bytes()).collect();
     let mut out = Vec::new();
     image::codecs::png::PngEncoder::new(&mut out).write_image(&bytes, w, h, color).unwrap();

@@ -332,7 +332,8 @@ impl Config {
                 return Err(format!("{name} = {value} is out of range (1 to {max})"));
             }
         }
-        for (name, value) in [("text_config.num_hidden_layers", t.num_hidden_layers), ("vision_config.depth", v.depth)] {
+        let layers = [("text_config.num_hidden_layers", t.num_hidden_layers), ("vision_config.depth", v.depth)];
+        for (name, value) in layers {
             if value > MAX_LAYERS {
                 return Err(format!("{name} = {value} is out of range (at most {MAX_LAYERS})"));
             }
@@ -343,7 +344,8 @@ impl Config {
             }
             None if t.hidden_size % t.num_attention_heads != 0 => {
                 return Err(format!(
-                    "text_config.hidden_size {} is not divisible by num_attention_heads {} and no head_dim is given",
+                    "text_config.hidden_size {} is not divisible by num_attention_heads {} \
+                     and no head_dim is given",
                     t.hidden_size, t.num_attention_heads
                 ))
             }

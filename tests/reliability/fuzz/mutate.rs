@@ -31,16 +31,40 @@ const INTERESTING_U64: [u64; 12] =
 
 #[derive(Debug, Clone)]
 pub enum ByteMut {
-    Flip { at: Index, bit: u8 },
-    Set { at: Index, value: u8 },
-    Insert { at: Index, bytes: Vec<u8> },
-    Delete { at: Index, len: u16 },
-    Duplicate { from: Index, len: u16, to: Index },
-    Truncate { at: Index },
+    Flip {
+        at: Index,
+        bit: u8,
+    },
+    Set {
+        at: Index,
+        value: u8,
+    },
+    Insert {
+        at: Index,
+        bytes: Vec<u8>,
+    },
+    Delete {
+        at: Index,
+        len: u16,
+    },
+    Duplicate {
+        from: Index,
+        len: u16,
+        to: Index,
+    },
+    Truncate {
+        at: Index,
+    },
     /// Overwrite the 8 bytes after the n-th `0xcb` (MessagePack float 64) with a poison value.
-    PoisonFloat { nth: Index, which: usize },
+    PoisonFloat {
+        nth: Index,
+        which: usize,
+    },
     /// Replace the byte at `at` by a MessagePack uint 64 holding an interesting value.
-    InjectInt { at: Index, which: usize },
+    InjectInt {
+        at: Index,
+        which: usize,
+    },
 }
 
 pub fn byte_mut() -> impl Strategy<Value = ByteMut> {
@@ -139,10 +163,26 @@ pub fn leaf() -> impl Strategy<Value = Leaf> {
         prop::sample::select(INTERESTING_U64.to_vec()).prop_map(Leaf::UInt),
         any::<u64>().prop_map(Leaf::UInt),
         prop::sample::select(vec![-1i64, -100, i64::MIN, -2_147_483_648]).prop_map(Leaf::Int),
-        prop::sample::select(vec![0.5, -0.5, 1e308, -1e308, 5e-324, 1e-9, 16.0, 8.0, 4.5, 0.0001]).prop_map(Leaf::Float),
+        prop::sample::select(vec![0.5, -0.5, 1e308, -1e308, 5e-324, 1e-9, 16.0, 8.0, 4.5, 0.0001])
+            .prop_map(Leaf::Float),
         prop::sample::select(vec![
-            "", "NONE", "FP8", "gradient", "kl_div", "../x.jpg", "/etc/hostname", "\u{0}", "🦀", "a.b.c",
-            "qsens.scores", "model.visual.blocks.0.attn.qkv", "lm_head", "F32", "I64", "BOOL", "F8_E4M3",
+            "",
+            "NONE",
+            "FP8",
+            "gradient",
+            "kl_div",
+            "../x.jpg",
+            "/etc/hostname",
+            "\u{0}",
+            "🦀",
+            "a.b.c",
+            "qsens.scores",
+            "model.visual.blocks.0.attn.qkv",
+            "lm_head",
+            "F32",
+            "I64",
+            "BOOL",
+            "F8_E4M3",
         ])
         .prop_map(|s| Leaf::Str(s.to_string())),
         "[ -~]{0,12}".prop_map(Leaf::Str),
@@ -154,14 +194,31 @@ pub fn leaf() -> impl Strategy<Value = Leaf> {
 
 #[derive(Debug, Clone)]
 pub enum TreeMut {
-    Replace { node: Index, with: Leaf },
-    Remove { node: Index },
-    CopyOver { from: Index, to: Index },
+    Replace {
+        node: Index,
+        with: Leaf,
+    },
+    Remove {
+        node: Index,
+    },
+    CopyOver {
+        from: Index,
+        to: Index,
+    },
     /// Repeats an array's elements (up to `times` extra copies, capped at 4096 elements).
-    Grow { node: Index, times: u8 },
-    Shrink { node: Index, keep: Index },
+    Grow {
+        node: Index,
+        times: u8,
+    },
+    Shrink {
+        node: Index,
+        keep: Index,
+    },
     /// Changes a number into a related one (keeps the type right, so deeper code sees it).
-    Numeric { node: Index, how: Numeric },
+    Numeric {
+        node: Index,
+        how: Numeric,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -281,7 +338,8 @@ pub fn apply_tree(v: &mut Value, muts: &[TreeMut]) {
                 }
             }
             TreeMut::Numeric { node, how } => {
-                let numbers: Vec<&Vec<Step>> = all.iter().filter(|p| matches!(get_ref(v, p), Some(Value::Number(_)))).collect();
+                let numbers: Vec<&Vec<Step>> =
+                    all.iter().filter(|p| matches!(get_ref(v, p), Some(Value::Number(_)))).collect();
                 if numbers.is_empty() {
                     continue;
                 }
@@ -315,7 +373,13 @@ fn numeric(n: &Value, how: Numeric) -> Value {
             Numeric::Double => Value::from(u.saturating_mul(2)),
             Numeric::Half => Value::from(u / 2),
             Numeric::PlusOne => Value::from(u.saturating_add(1)),
-            Numeric::MinusOne => if u == 0 { Value::from(-1i64) } else { Value::from(u - 1) },
+            Numeric::MinusOne => {
+                if u == 0 {
+                    Value::from(-1i64)
+                } else {
+                    Value::from(u - 1)
+                }
+            }
             Numeric::Huge => Value::from(u.saturating_mul(1 << 20)),
             Numeric::Tiny => float(u as f64 * 1e-300),
             Numeric::Max => Value::from(u64::MAX),

@@ -226,7 +226,8 @@ fn fuzz_tokenizer_config() {
     let template = std::fs::read_to_string(demo().join("model/chat_template.jinja")).unwrap();
     let with_string = json_edit(&tc, |v| v["chat_template"] = template.clone().into());
     let with_list = json_edit(&tc, |v| {
-        v["chat_template"] = serde_json::json!([{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]);
+        v["chat_template"] =
+            serde_json::json!([{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]);
     });
     let seeds = Seeds::new(vec![with_string, with_list]);
     let dir = tempfile::tempdir().unwrap();
@@ -403,7 +404,8 @@ fn fuzz_sqlite() {
             DbPlan::Rows { types, rows, all_captions, num, seed } => {
                 let conn = rusqlite::Connection::open(&db).unwrap();
                 conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA journal_mode = MEMORY; BEGIN").unwrap();
-                let cols: Vec<String> = qsens::calib::db::COLUMNS.iter().zip(types).map(|(c, t)| format!("{c} {t}")).collect();
+                let cols: Vec<String> =
+                    qsens::calib::db::COLUMNS.iter().zip(types).map(|(c, t)| format!("{c} {t}")).collect();
                 conn.execute_batch(&format!("CREATE TABLE samples ({})", cols.join(", "))).unwrap();
                 for r in rows {
                     let vals: Vec<rusqlite::types::Value> = r
