@@ -26,7 +26,7 @@ const EXPECTED: [(&str, usize, usize); 5] = [
     ("calib-extract", 45, 5),
     ("preprocess", 44, 5),
     ("score-layers", 64, 1),
-    ("search", 30, 0),
+    ("search", 32, 0),
     ("manifest-to-md", 19, 2),
 ];
 
@@ -1264,6 +1264,24 @@ fn search() -> Stage {
     let p = d.join("v0.json");
     write_as(&p, &a, Encoding::Json);
     c.refuse("scores of another schema version", se(&p), &[&s(&p), "schema version 0"]);
+    // Deep nesting must be an error, not a stack overflow (an abort).
+    let mut deep = vec![0x86];
+    for (k, v) in [("kind", "qsens.scores"), ("tool", "x"), ("tool_version", "0")] {
+        deep.push(0xa0 | k.len() as u8);
+        deep.extend(k.as_bytes());
+        deep.push(0xa0 | v.len() as u8);
+        deep.extend(v.as_bytes());
+    }
+    deep.extend(b"\xaeschema_version\x01\xaaprovenance\x82\xa7sources\x90\xaaparameters\x80\xa7payload");
+    deep.extend(std::iter::repeat_n(0x91u8, 200_000));
+    let p = file("deep.msgpack", &deep);
+    c.refuse("msgpack nested 200000 levels deep", se(&p), &[&s(&p), "depth limit exceeded"]);
+    let mut deep = br#"{"kind": "qsens.scores", "schema_version": 1, "tool": "x", "tool_version": "0", "provenance": {"sources": [], "parameters": {}}, "payload": "#.to_vec();
+    deep.extend(std::iter::repeat_n(b'[', 200_000));
+    deep.extend(std::iter::repeat_n(b']', 200_000));
+    deep.push(b'}');
+    let p = file("deep.json", &deep);
+    c.refuse("JSON nested 200000 levels deep", se(&p), &[&s(&p), "malformed 'qsens.scores' payload"]);
     let p = file(
         "malformed.json",
         br#"{"kind": "qsens.scores", "schema_version": 1, "tool": "x", "tool_version": "0",
