@@ -25,7 +25,7 @@ const EXPECTED: [(&str, usize, usize); 5] = [
     // (stage, refused, accepted)
     ("calib-extract", 45, 5),
     ("preprocess", 44, 5),
-    ("score-layers", 64, 1),
+    ("score-layers", 65, 1),
     ("search", 32, 0),
     ("manifest-to-md", 19, 2),
 ];
@@ -847,6 +847,12 @@ fn score_layers() -> Stage {
         &mut c,
         "image grid disagreeing with its size",
         &|m| m.samples[0].images[0].grid_thw[1] += 2,
+        &["does not match its size"],
+    );
+    inputs_case(
+        &mut c,
+        "image grid of 2^28 patches (times the patch size overflows u32)",
+        &|m| m.samples[0].images[0].grid_thw[1] = 1 << 28,
         &["does not match its size"],
     );
     inputs_case(&mut c, "image grid_t 0", &|m| m.samples[0].images[0].grid_thw[0] = 0, &["grid_t is 0"]);
