@@ -432,6 +432,14 @@ pub fn plan(msgpack_allowed: bool) -> impl Strategy<Value = Plan> {
     ]
 }
 
+/// Byte-level plans only (for seeds that are not JSON).
+pub fn byte_plan() -> impl Strategy<Value = Plan> {
+    prop_oneof![
+        9 => (any::<Index>(), prop::collection::vec(byte_mut(), 1..8)).prop_map(|(seed, muts)| Plan::Bytes { seed, muts }),
+        1 => prop::collection::vec(any::<u8>(), 0..256).prop_map(Plan::Random),
+    ]
+}
+
 /// The seeds of a target: raw bytes, and (for tree mutations) their JSON trees.
 pub struct Seeds {
     pub bytes: Vec<Vec<u8>>,

@@ -461,3 +461,48 @@ fn fuzz_coco_captions() {
         true
     });
 }
+
+// ---- images -----------------------------------------------------------------------------------
+
+/// Encodes a small gradient image in `format`.
+fn encoded(format: image::ImageFormat, color: image::ColorType) -> Vec<u8> {
+    let (w, h) = (40u32, 24u32);
+    let img = image::DynamicImage::ImageRgba8(image::RgbaImage::from_fn(w, h, |x, y| {
+        image::Rgba([(x * 6) as u8, (y * 10) as u8, ((x + y) * 3) as u8, 255 - (x * 5) as u8])
+    }));
+    let img = match color {
+        image::ColorType::L8 => image::DynamicImage::ImageLuma8(img.to_luma8()),
+        image::ColorType::Rgb8 => image::DynamicImage::ImageRgb8(img.to_rgb8()),
+        image::ColorType::Rgb16 => image::DynamicImage::ImageRgb16(img.to_rgb16()),
+        _ => img,
+    };
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+/// Image files (every format calib-extract and preprocess accept: JPEG incl. CMYK and
+/// grayscale, PNG 8/16-bit with and without alpha, GIF, BMP, WebP, TIFF) → the decoder with its
+/// decompression-bomb guard, the Pillow conversion, `smart_resize` and the resize.
+#[test]
+fn fuzz_images() {
+    use image::{ColorType as C, ImageFormat as F};
+    let mut seeds: Vec<Vec<u8>> = ["000000000001.jpg", "000000000003.png", "000000000005.png", "000000000007.png"]
+        .iter()
+        .map(|f| std::fs::read(demo().join("images").join(f)).unwrap())
+        .collect();
+    seeds.push(cmyk_jpeg(24, 16));
+    seeds.push(png16(20, 12, image::ExtendedColorType::Rgba16));
+    seeds.push(png16(20, 12, image::ExtendedColorType::L16));
+    for (f, c) in [(F::Jpeg, C::L8), (F::Gif, C::Rgba8), (F::Bmp, C::Rgb8), (F::WebP, C::Rgba8), (F::Tiff, C::Rgb16)] {
+        seeds.push(encoded(f, c));
+    }
+    let seeds = Seeds::new(seeds);
+    fuzz("images", mutate::byte_plan(), |plan| {
+        let Ok(rgb) = qsens::preprocess::decode_rgb(&seeds.make(plan)) else { return false };
+        assert_eq!(rgb.data.len(), rgb.width as usize * rgb.height as usize * 3, "decoded size");
+        let Ok((h, w)) = qsens::preprocess::smart_resize(rgb.height, rgb.width, 32, 1024, 16384) else { return false };
+        let _ = qsens::preprocess::resize_bicubic_aa(&rgb, h, w);
+        true
+    });
+}
