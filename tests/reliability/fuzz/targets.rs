@@ -112,9 +112,19 @@ fn fuzz_scores() {
     bytes.push(artifact::to_bytes(&synthetic, Encoding::MessagePack).unwrap());
     bytes.push(artifact::to_bytes(&synthetic, Encoding::Json).unwrap());
     let seeds = Seeds::new(bytes);
-    let strategy = (plans(), prop::sample::select(vec![4.5, 8.0, 9.75, 12.0, 15.99, 16.0, 0.1]));
-    fuzz("scores", strategy, |(plan, bits)| {
-        let Ok(a) = artifact::from_bytes::<Scores>(&seeds.make(plan)) else { return false };
+    let typed: Vec<Scores> = seeds.bytes.iter().step_by(2).map(|b| artifact::from_bytes(b).unwrap().payload).collect();
+    let input = prop_oneof![plans().prop_map(ScoresInput::Bytes), typed_edits().prop_map(ScoresInput::Typed)];
+    let strategy = (input, prop::sample::select(vec![4.5, 8.0, 9.75, 12.0, 15.99, 16.0, 0.1]));
+    fuzz("scores", strategy, |(input, bits)| {
+        let a = match input {
+            ScoresInput::Bytes(plan) => match artifact::from_bytes::<Scores>(&seeds.make(plan)) {
+                Ok(a) => a,
+                Err(_) => return false,
+            },
+            ScoresInput::Typed(edits) => {
+                Artifact::new("fuzz", Provenance::default(), edits.apply(&typed[edits.seed.index(typed.len())]))
+            }
+        };
         if qsens::score::state::check_consistent(&a.payload).is_ok() {
             let mut s = a.payload.clone();
             qsens::score::state::recompute_totals(&mut s);
@@ -125,6 +135,67 @@ fn fuzz_scores() {
         settings.overrides.exclude_cost = vec!["*lm_head*".into()];
         qsens::search::build_manifest(&a.payload, source(), &settings, Reporter::silent()).is_ok()
     });
+}
+
+#[derive(Debug, Clone)]
+enum ScoresInput {
+    Bytes(Plan),
+    Typed(ScoreEdits),
+}
+
+/// Edits of a typed scores artifact that keep it valid (costs follow params and bits), so
+/// that the solver, the frontier and the bootstrap see unusual but acceptable instances.
+#[derive(Debug, Clone)]
+struct ScoreEdits {
+    seed: Index,
+    scores: Vec<(Index, Index, f64)>,
+    params: Vec<(Index, u64)>,
+    flags: Vec<(Index, bool, bool)>,
+    bits: Option<(Index, f64)>,
+}
+
+impl ScoreEdits {
+    fn apply(&self, base: &Scores) -> Scores {
+        let mut s = base.clone();
+        let (ng, nf) = (s.groups.len(), s.formats.len());
+        for (g, f, v) in &self.scores {
+            s.groups[g.index(ng)].scores[f.index(nf)] = *v;
+        }
+        for (g, p) in &self.params {
+            s.groups[g.index(ng)].params = *p;
+        }
+        for (g, disabled, excluded) in &self.flags {
+            let g = &mut s.groups[g.index(ng)];
+            (g.disabled, g.cost_excluded) = (*disabled, *excluded);
+        }
+        if let Some((f, b)) = self.bits {
+            let f = f.index(nf.saturating_sub(1).max(1)); // not NONE
+            s.formats[f].effective_bits = b;
+            s.formats.sort_by(|a, b| a.effective_bits.total_cmp(&b.effective_bits));
+        }
+        for g in &mut s.groups {
+            g.costs = s.formats.iter().map(|f| g.params as f64 * f.effective_bits / 16.0).collect();
+        }
+        s
+    }
+}
+
+fn typed_edits() -> impl Strategy<Value = ScoreEdits> {
+    let value = prop_oneof![
+        4 => 0.0f64..1e3,
+        1 => prop::sample::select(vec![0.0, -0.0, -1.0, 1e-300, 1e300, 5e-324, 1e150, f64::MAX / 4.0]),
+        1 => -1e3f64..0.0,
+    ];
+    let params = prop_oneof![0u64..1_000_000, prop::sample::select(vec![0u64, 1, 1 << 40, u64::MAX / 64])];
+    let bits = prop_oneof![0.001f64..16.0, prop::sample::select(vec![4.5, 8.0, 8.25, 16.0, 1e-3, 15.999999])];
+    (
+        any::<Index>(),
+        prop::collection::vec((any::<Index>(), any::<Index>(), value), 0..20),
+        prop::collection::vec((any::<Index>(), params), 0..6),
+        prop::collection::vec((any::<Index>(), any::<bool>(), any::<bool>()), 0..6),
+        prop::option::of((any::<Index>(), bits)),
+    )
+        .prop_map(|(seed, scores, params, flags, bits)| ScoreEdits { seed, scores, params, flags, bits })
 }
 
 /// `qsens.manifest` → validation and the full render (Markdown template and SVG plots).
