@@ -70,10 +70,17 @@ fn fuzz_calibration() {
 #[test]
 fn fuzz_model_inputs() {
     let seeds = Seeds::new(both_encodings::<ModelInputs>(&small_base().inputs));
+    let typed: ModelInputs = artifact::from_bytes::<ModelInputs>(&seeds.bytes[0]).unwrap().payload;
     let m = model();
-    fuzz("model_inputs", plans(), |plan| {
-        let Ok(a) = artifact::from_bytes::<ModelInputs>(&seeds.make(plan)) else { return false };
-        let inputs = a.payload;
+    let input = prop_oneof![plans().prop_map(Err), input_edits().prop_map(Ok)];
+    fuzz("model_inputs", input, |input| {
+        let inputs = match input {
+            Err(plan) => match artifact::from_bytes::<ModelInputs>(&seeds.make(plan)) {
+                Ok(a) => a.payload,
+                Err(_) => return false,
+            },
+            Ok(edits) => edits.apply(&typed),
+        };
         if qsens::score::validate_inputs(&inputs, m, qsens::score::Method::Gradient).is_err() {
             return false;
         }
@@ -92,6 +99,58 @@ fn fuzz_model_inputs() {
         }
         ok
     });
+}
+
+/// Value edits of typed model inputs that keep lengths consistent: token ids and labels within
+/// the vocabulary, any position ids, any pixel bytes.
+#[derive(Debug, Clone)]
+struct InputEdits {
+    ids: Vec<(Index, Index, u32)>,
+    labels: Vec<(Index, Index, i32)>,
+    positions: Vec<(Index, usize, Index, i64)>,
+    pixels: Vec<(Index, Index, u8)>,
+}
+
+impl InputEdits {
+    fn apply(&self, base: &ModelInputs) -> ModelInputs {
+        let mut m = base.clone();
+        let n = m.samples.len();
+        for (s, i, v) in &self.ids {
+            let ids = &mut m.samples[s.index(n)].input_ids;
+            let k = i.index(ids.len());
+            ids[k] = *v;
+        }
+        for (s, i, v) in &self.labels {
+            let labels = &mut m.samples[s.index(n)].labels;
+            let k = i.index(labels.len());
+            labels[k] = *v;
+        }
+        for (s, axis, i, v) in &self.positions {
+            let p = &mut m.samples[s.index(n)].position_ids[*axis];
+            let k = i.index(p.len());
+            p[k] = *v;
+        }
+        for (s, i, v) in &self.pixels {
+            if let Some(img) = m.samples[s.index(n)].images.first_mut() {
+                let k = i.index(img.rgb.len());
+                img.rgb[k] = *v;
+            }
+        }
+        m
+    }
+}
+
+fn input_edits() -> impl Strategy<Value = InputEdits> {
+    let id = prop_oneof![0u32..512, prop::sample::select(vec![449u32, 450, 451, 452, 453, 511])];
+    let label = prop_oneof![Just(-100i32), 0i32..512];
+    let pos = prop_oneof![-5i64..300, prop::sample::select(vec![i64::MIN, i64::MAX, -1, 1 << 40, 1 << 24])];
+    (
+        prop::collection::vec((any::<Index>(), any::<Index>(), id), 0..4),
+        prop::collection::vec((any::<Index>(), any::<Index>(), label), 0..6),
+        prop::collection::vec((any::<Index>(), 0usize..3, any::<Index>(), pos), 0..8),
+        prop::collection::vec((any::<Index>(), any::<Index>(), any::<u8>()), 0..8),
+    )
+        .prop_map(|(ids, labels, positions, pixels)| InputEdits { ids, labels, positions, pixels })
 }
 
 /// `qsens.scores` → the whole search (validation, solver, frontier, bootstrap, exports), and
