@@ -148,6 +148,12 @@ clean-output:
 test:
 	$(CARGO) test --all-targets
 
+# Fuzzing: the fuzz targets of tests/reliability for FUZZ_SECS seconds each (make test runs them
+# for 60 s each). A crash prints its seed (QSENS_FUZZ_SEED) and the shrunk input.
+FUZZ_SECS    ?= 600
+fuzz:
+	QSENS_FUZZ_SECS=$(FUZZ_SECS) $(CARGO) test --test reliability $(CARGO_FLAGS) -- fuzz_ --nocapture
+
 bench: bench-preprocess bench-model bench-score
 
 bench-preprocess:

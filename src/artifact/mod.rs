@@ -253,21 +253,10 @@ pub fn write_bytes_atomic(location: &Location, bytes: &[u8]) -> Result<()> {
 }
 
 /// Atomically replaces `path` with `bytes`. The temporary file lives in the same directory (so
-/// the rename cannot cross file systems) and is removed if anything fails.
+/// the rename cannot cross file systems) and is removed if anything fails; temporaries that
+/// killed writers left beside `path` are removed after the rename (see [`temp_file_beside`]).
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(
-            ".{}.",
-            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-        ))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let mut tmp = temp_file_beside(path)?;
     tmp.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
     // tempfile creates 0600 files; artifacts are ordinary files (rw-r--r--).
     #[cfg(unix)]
@@ -279,7 +268,66 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     tmp.as_file().sync_all().with_context(|| format!("writing {}", path.display()))?;
     tmp.persist(path).map_err(|e| e.error).with_context(|| format!("writing {}", path.display()))?;
+    remove_stale_temporaries(path);
     Ok(())
+}
+
+/// A new temporary file beside `path` (its directory is created if needed), named
+/// `.<file name>.<pid>.<random>.tmp`: hidden, never read by any stage, and removed on drop. A
+/// writer killed with SIGKILL cannot remove it; the pid in the name lets the next successful
+/// write of the same path recognise it as stale ([`remove_stale_temporaries`]).
+pub fn temp_file_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
+    tempfile::Builder::new()
+        .prefix(&format!(".{}.{}.", file_name(path), std::process::id()))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Removes the temporaries (and SQLite `-journal` companions) of writes to `path` whose writer
+/// process no longer runs: what a write interrupted by SIGKILL leaves. Best effort: errors are
+/// ignored, and where process liveness cannot be told (not Linux) nothing is removed.
+pub fn remove_stale_temporaries(path: &Path) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let prefix = format!(".{}.", file_name(path));
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Some((pid, rest)) = name.strip_prefix(&prefix).and_then(|r| r.split_once('.')) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if !rest.contains(".tmp") || pid == std::process::id() || process_may_run(pid) {
+            continue;
+        }
+        let _ = std::fs::remove_file(entry.path());
+    }
+}
+
+/// False only when `pid` certainly does not run (no `/proc/<pid>`, or a zombie).
+fn process_may_run(pid: u32) -> bool {
+    if !cfg!(target_os = "linux") {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // `pid (comm) S ...`: the state follows the last ')'.
+        Ok(stat) => {
+            let state = stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next());
+            state.is_none_or(|s| s != 'Z' && s != 'X')
+        }
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+    }
 }
 
 /// `sha256:<hex>` of a byte slice.
@@ -379,5 +427,29 @@ mod tests {
         assert_eq!(back, demo());
         let names: Vec<_> = std::fs::read_dir(dir.path().join("sub")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("out.json")]);
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_writers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.json");
+        // pid 0 never names a user process; our own pid is alive; other names are not ours.
+        let keep = [".out.json.%SELF%.abc.tmp", ".other.json.0.abc.tmp", "out.json.0.abc.tmp"];
+        let pid = std::process::id().to_string();
+        let keep: Vec<String> = keep.iter().map(|k| k.replace("%SELF%", &pid)).collect();
+        let stale = [".out.json.0.abc.tmp", ".out.json.0.abc.tmp-journal"];
+        for name in keep.iter().map(String::as_str).chain(stale) {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        write(path.as_path(), &demo()).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let mut want = keep.clone();
+        want.push("out.json".into());
+        want.sort();
+        assert_eq!(names, want);
     }
 }

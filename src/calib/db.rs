@@ -104,17 +104,7 @@ pub fn read_coco(path: &Path, split: &str) -> Result<Vec<Row>> {
 /// Writes `rows` into a new database at `db`, atomically: a temporary file beside it is filled,
 /// closed and renamed over `db`, so a reader never sees a half-built database.
 pub fn write_db(db: &Path, rows: &[Row]) -> Result<()> {
-    let dir = match db.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
-    let name = db.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .with_context(|| format!("{}: creating a temporary file", dir.display()))?;
+    let tmp = crate::artifact::temp_file_beside(db).with_context(|| db.display().to_string())?;
     let fail = |e: rusqlite::Error| anyhow!("{}: writing the database: {e}", db.display());
     {
         let mut conn = Connection::open(tmp.path()).map_err(fail)?;
@@ -142,13 +132,20 @@ pub fn write_db(db: &Path, rows: &[Row]) -> Result<()> {
     }
     tmp.as_file().sync_all().with_context(|| db.display().to_string())?;
     tmp.persist(db).map_err(|e| anyhow!("{}: {}", db.display(), e.error))?;
+    crate::artifact::remove_stale_temporaries(db);
     Ok(())
 }
 
 /// Runs `query` (default [`DEFAULT_QUERY`]) on a database opened read-only and maps the result
 /// columns by name. Errors name the database.
 pub fn read_rows(db: &Path, query: Option<&str>) -> Result<Vec<Row>> {
-    let named = |e: rusqlite::Error| anyhow!("{}: {e}", db.display());
+    let named = |e: rusqlite::Error| match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => anyhow!(
+            "{}: {e} (another connection holds a write lock on it; gave up after waiting 5 s)",
+            db.display()
+        ),
+        _ => anyhow!("{}: {e}", db.display()),
+    };
     match std::fs::metadata(db) {
         Err(e) => return Err(anyhow!("{}: {e}", db.display())),
         Ok(m) if !m.is_file() => bail!("{}: not a file", db.display()),

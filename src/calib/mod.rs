@@ -211,6 +211,11 @@ fn check_image(root: &Path, root_canon: &Path, row: &Row) -> Result<ImageRef> {
     if !canon.starts_with(root_canon) {
         bail!("{}: resolves to {}, outside the image root", shown.display(), canon.display());
     }
+    // Only regular files: a FIFO would block the read forever, a device never end it.
+    let meta = std::fs::metadata(&canon).map_err(|e| anyhow!("{}: {e}", shown.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file (a directory, device or pipe)", shown.display());
+    }
     let bytes = std::fs::read(&canon).map_err(|e| anyhow!("{}: {e}", shown.display()))?;
     let rgb = crate::preprocess::decode_rgb(&bytes).with_context(|| shown.display().to_string())?;
     let path = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");

@@ -16,6 +16,12 @@ pub const DEFAULT_MIN_PIXELS: u64 = 56 * 56;
 pub const DEFAULT_MAX_PIXELS: u64 = 28 * 28 * 1280;
 pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+/// Upper bounds on the patch geometry (Qwen-VL uses 14 or 16, merge 2, temporal 2).
+pub const MAX_PATCH_SIZE: u32 = 1024;
+pub const MAX_MERGE_SIZE: u32 = 64;
+/// Largest image after resizing that `min_pixels` may ask for: Pillow's decompression-bomb
+/// limit, which bounds the decoded images too.
+pub const MAX_RESIZED_PIXELS: u64 = 2 * super::decode::MAX_IMAGE_PIXELS;
 /// `PILImageResampling.BICUBIC`.
 const BICUBIC: u32 = 3;
 
@@ -102,6 +108,26 @@ impl PreprocessorConfig {
         };
         if settings.patch_size == 0 || settings.merge_size == 0 || settings.temporal_patch_size == 0 {
             bail!("patch_size, merge_size and temporal_patch_size must be positive");
+        }
+        // Absurd sizes would overflow the patch arithmetic or allocate without bound.
+        for (name, v, max) in [
+            ("patch_size", settings.patch_size, MAX_PATCH_SIZE),
+            ("merge_size", settings.merge_size, MAX_MERGE_SIZE),
+            ("temporal_patch_size", settings.temporal_patch_size, MAX_MERGE_SIZE),
+        ] {
+            if v > max {
+                bail!("{name} = {v} is out of range (at most {max})");
+            }
+        }
+        if min_pixels > MAX_RESIZED_PIXELS {
+            bail!(
+                "min_pixels {min_pixels} would upscale every image beyond {MAX_RESIZED_PIXELS} pixels \
+                 (the decompression-bomb limit)"
+            );
+        }
+        let values = settings.image_mean.iter().chain(&settings.image_std).chain([&settings.rescale_factor]);
+        if values.into_iter().any(|v| !v.is_finite()) {
+            bail!("image_mean, image_std and rescale_factor must be finite numbers");
         }
         if settings.image_std.contains(&0.0) || settings.rescale_factor == 0.0 {
             bail!("image_std and rescale_factor must be non-zero");
@@ -243,6 +269,12 @@ mod tests {
         assert!(parse(r#"{"do_normalize": false}"#).resolve(None, None).is_err());
         assert!(parse(r#"{"resample": 2}"#).resolve(None, None).is_err());
         assert!(parse("{}").resolve(Some(10), Some(5)).is_err());
+        assert!(parse(r#"{"merge_size": 4294967295}"#).resolve(None, None).is_err());
+        assert!(parse(r#"{"patch_size": 65536}"#).resolve(None, None).is_err());
+        assert!(parse("{}").resolve(Some(1_000_000_000_000_000), Some(u64::MAX)).is_err());
+        let inf_std =
+            PreprocessorConfig { image_std: Some(vec![0.5, f64::INFINITY, 0.5]), ..Default::default() };
+        assert!(inf_std.resolve(None, None).is_err());
     }
 
     #[test]

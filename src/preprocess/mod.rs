@@ -15,7 +15,7 @@ pub mod patches;
 pub mod resize;
 pub mod sequence;
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
@@ -41,6 +41,8 @@ pub struct Processor {
     image_pad: String,
     tokenizer: tokenizers::Tokenizer,
     template: ChatTemplate,
+    /// The file the chat template came from (named in rendering errors).
+    template_path: PathBuf,
     preprocessor_config: config::PreprocessorConfig,
 }
 
@@ -93,6 +95,7 @@ impl Processor {
             image_pad,
             tokenizer,
             template,
+            template_path,
             preprocessor_config,
         })
     }
@@ -141,7 +144,24 @@ impl Processor {
     pub fn sample(&self, sample: &CalibrationSample, image_root: &Path) -> Result<SampleInputs> {
         let mut images = Vec::with_capacity(sample.images.len());
         for r in &sample.images {
-            let path = image_root.join(&r.path);
+            let rel = Path::new(&r.path);
+            let inside = !r.path.is_empty()
+                && rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+            if !inside {
+                bail!(
+                    "{}: image path '{}' is not a relative path inside the image root",
+                    image_root.join(rel).display(),
+                    r.path
+                );
+            }
+            let path = image_root.join(rel);
+            // Only regular files: a FIFO would block the read forever, a device never end it.
+            let meta = std::fs::metadata(&path)
+                .map_err(|e| anyhow!(e))
+                .with_context(|| path.display().to_string())?;
+            if !meta.is_file() {
+                bail!("{}: not a regular file (a directory, device or pipe)", path.display());
+            }
             let bytes =
                 std::fs::read(&path).map_err(|e| anyhow!(e)).with_context(|| path.display().to_string())?;
             let digest = artifact::sha256_bytes(&bytes);
@@ -167,15 +187,20 @@ impl Processor {
     ) -> Result<SampleInputs> {
         let refs: Vec<String> = sample.images.iter().map(|r| r.path.clone()).collect();
         let user = Message::user(&refs, &sample.prompt);
-        let prefix = self.template.render(std::slice::from_ref(&user), true)?;
-        let full = self.template.render(&[user, Message::assistant(&sample.caption)], false)?;
+        let template = || self.template_path.display().to_string();
+        let prefix = self.template.render(std::slice::from_ref(&user), true).with_context(template)?;
+        let full = self
+            .template
+            .render(&[user, Message::assistant(&sample.caption)], false)
+            .with_context(template)?;
         if !full.starts_with(&prefix) {
             bail!(
-                "the chat template renders the user turn differently with and without the assistant answer"
+                "{}: the chat template renders the user turn differently with and without the assistant answer",
+                template()
             );
         }
         let Some(rel) = full[prefix.len()..].find(&sample.caption) else {
-            bail!("the rendered chat does not contain the caption verbatim");
+            bail!("{}: the rendered chat does not contain the caption verbatim", template());
         };
         let counts = self.token_counts(&images);
         let prefix_expanded = sequence::expand_image_pads(&prefix, &self.image_pad, &counts)?;
@@ -190,7 +215,10 @@ impl Processor {
     /// `add_generation_prompt=True`; labels are all −100.
     pub fn prompt(&self, id: &str, images: Vec<ImagePixels>, text: &str) -> Result<SampleInputs> {
         let refs: Vec<String> = (0..images.len()).map(|i| format!("image{i}")).collect();
-        let rendered = self.template.render(&[Message::user(&refs, text)], true)?;
+        let rendered = self
+            .template
+            .render(&[Message::user(&refs, text)], true)
+            .with_context(|| self.template_path.display().to_string())?;
         let counts = self.token_counts(&images);
         let mut inputs = self.encode(id, rendered, &images, &counts, None)?;
         inputs.images = images;
@@ -279,6 +307,9 @@ pub fn build(args: &PreprocessArgs, reporter: Reporter) -> Result<Artifact<Model
     let calib_bytes = artifact::read_bytes(&calib_loc)?;
     let calib: Artifact<CalibrationSet> =
         artifact::from_bytes(&calib_bytes).with_context(|| calib_loc.to_string())?;
+    if calib.payload.samples.is_empty() {
+        bail!("{calib_loc}: the calibration set has no samples (nothing to preprocess)");
+    }
     let calib_digest = artifact::sha256_bytes(&calib_bytes);
     drop(calib_bytes);
     let processor = Processor::from_model_dir(&args.model)?

@@ -86,7 +86,9 @@ pub fn check_image(image: &ImagePixels, settings: &ProcessorSettings) -> Result<
     if gt != 1 {
         bail!("image grid_t is {gt}; a still image has grid_t = 1");
     }
-    if gh * p != image.height || gw * p != image.width || gh % m != 0 || gw % m != 0 {
+    // In u64: a crafted grid times the patch size must not overflow.
+    let (gh64, gw64, p64) = (gh as u64, gw as u64, p as u64);
+    if gh64 * p64 != image.height as u64 || gw64 * p64 != image.width as u64 || gh % m != 0 || gw % m != 0 {
         bail!(
             "image grid {:?} does not match its size {}×{} (patch {p}, merge {m})",
             image.grid_thw,

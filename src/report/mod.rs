@@ -137,7 +137,8 @@ struct Row {
     chosen: String,
 }
 
-fn thousands(x: u64) -> String {
+fn thousands(x: impl Into<u128>) -> String {
+    let x: u128 = x.into();
     let s = x.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
@@ -269,7 +270,7 @@ fn family_stats(rows: &[Row], none: &str) -> Vec<FamilyStat> {
             Some(FamilyStat {
                 name: f.to_string(),
                 entries: members.len(),
-                params_fmt: thousands(members.iter().map(|r| r.params).sum()),
+                params_fmt: thousands(members.iter().map(|r| r.params as u128).sum::<u128>()),
                 score_fmt: fmt_sci(score, 3),
                 share_fmt: pct(if total > 0.0 { score / total } else { 0.0 }),
                 median_fmt: fmt_sci(median(&mut scores), 2),
@@ -299,7 +300,8 @@ fn sensitivity_plot(rows: &[Row], level: &str) -> String {
         if part.is_empty() {
             continue;
         }
-        let depth = part.iter().filter(|r| !is_extra(r)).filter_map(|r| r.block).max().map_or(0, |b| b + 1);
+        let depth =
+            part.iter().filter(|r| !is_extra(r)).filter_map(|r| r.block).max().map_or(0, |b| b.saturating_add(1));
         let x_of = |r: &Row| -> f64 {
             let s = r.series.as_str();
             match (tower, s) {
@@ -338,8 +340,7 @@ fn sensitivity_plot(rows: &[Row], level: &str) -> String {
         let extra_max = part.iter().map(|r| x_of(r)).fold(depth as f64, f64::max);
         let extra_min = part.iter().map(|r| x_of(r)).fold(0.0, f64::min);
         let every = (depth / 12).max(1);
-        let mut ticks: Vec<(f64, String)> =
-            (0..depth).filter(|b| b % every == 0).map(|b| (b as f64, b.to_string())).collect();
+        let mut ticks: Vec<(f64, String)> = (0..depth).step_by(every).map(|b| (b as f64, b.to_string())).collect();
         if tower == "text" && part.iter().any(|r| r.series == "lm_head") {
             ticks.push((depth as f64 + 1.0, "lm_head".into()));
         }

@@ -19,7 +19,9 @@ impl Axis {
         let pos: Vec<f64> = v.iter().copied().filter(|&x| x > 0.0).collect();
         let (pmin, pmax) = pos.iter().fold((f64::INFINITY, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
         if allow_log && !pos.is_empty() && pmax / pmin >= 100.0 {
-            return Axis { min: 10f64.powf(pmin.log10().floor()), max: 10f64.powf(pmax.log10().ceil()), log: true };
+            // Decades kept within the normal f64 range, so both ends stay finite and positive.
+            let (lo, hi) = (pmin.log10().floor().max(-307.0), pmax.log10().ceil().min(308.0));
+            return Axis { min: 10f64.powf(lo), max: 10f64.powf(hi), log: true };
         }
         let (mut lo, mut hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
         if !lo.is_finite() {
@@ -30,7 +32,13 @@ impl Axis {
             hi = lo + 1.0;
         }
         let step = nice_step((hi - lo) / 5.0);
-        Axis { min: (lo / step).floor() * step, max: (hi / step).ceil() * step, log: false }
+        let (min, max) = ((lo / step).floor() * step, (hi / step).ceil() * step);
+        // Rounding out to the step can overflow near ±f64::MAX: keep the data range then.
+        if min.is_finite() && max.is_finite() && min < max {
+            Axis { min, max, log: false }
+        } else {
+            Axis { min: lo, max: hi, log: false }
+        }
     }
 
     /// Position in [0, 1] (values outside clamp; `None` for non-positive values on a log axis).
@@ -46,20 +54,36 @@ impl Axis {
         } else {
             (x - self.min) / (self.max - self.min)
         };
-        Some(f.clamp(0.0, 1.0))
+        // NaN when the axis itself is degenerate (an infinite span over an infinite offset).
+        (!f.is_nan()).then(|| f.clamp(0.0, 1.0))
     }
 
-    /// Tick values and labels.
+    /// Tick values and labels. An axis too degenerate for round ticks (ends not finite, or a
+    /// span the step cannot divide into a few ticks) gets its two ends.
     pub fn ticks(&self) -> Vec<(f64, String)> {
+        let ends = || {
+            [self.min, self.max]
+                .into_iter()
+                .filter(|x| x.is_finite() && (!self.log || *x > 0.0))
+                .map(|x| (x, fmt_number(x)))
+                .collect()
+        };
         if self.log {
-            let (a, b) = (self.min.log10().round() as i32, self.max.log10().round() as i32);
+            let (a, b) = (self.min.log10().round(), self.max.log10().round());
+            if !(a.is_finite() && b.is_finite() && a <= b && b - a <= 700.0) {
+                return ends();
+            }
+            let (a, b) = (a as i32, b as i32);
             let every = ((b - a) / 8 + 1).max(1);
             (a..=b).filter(|k| (k - a) % every == 0).map(|k| (10f64.powi(k), pow10_label(k))).collect()
         } else {
             let step = nice_step((self.max - self.min) / 6.0);
-            let first = (self.min / step - 1e-9).ceil() as i64;
-            let last = (self.max / step + 1e-9).floor() as i64;
-            (first..=last).map(|i| i as f64 * step).map(|x| (x, fmt_number(x))).collect()
+            let first = (self.min / step - 1e-9).ceil();
+            let last = (self.max / step + 1e-9).floor();
+            if !(first.is_finite() && last.is_finite() && first <= last && last - first <= 100.0) {
+                return ends();
+            }
+            (first as i64..=last as i64).map(|i| i as f64 * step).map(|x| (x, fmt_number(x))).collect()
         }
     }
 }
@@ -78,6 +102,9 @@ pub fn nice_step(raw: f64) -> f64 {
         return 1.0;
     }
     let p = 10f64.powf(raw.log10().floor());
+    if !(p > 0.0 && p.is_finite()) {
+        return raw; // subnormal or near f64::MAX: no rounder step exists
+    }
     let m = raw / p;
     let f = if m <= 1.0 {
         1.0
@@ -421,6 +448,16 @@ mod tests {
         assert!(!l.log && l.min == 0.0 && l.max == 5.0);
         assert_eq!(l.ticks().iter().map(|t| t.1.as_str()).collect::<Vec<_>>(), ["0", "1", "2", "3", "4", "5"]);
         assert_eq!(nice_step(0.13), 0.2);
+        // Extreme values give finite axes and a few ticks, not an overflow or a huge range.
+        for values in [vec![0.0, f64::MAX], vec![5e-324, f64::MAX], vec![-f64::MAX, f64::MAX], vec![1.0, 1.0 + 1e-15]] {
+            for allow_log in [false, true] {
+                let a = Axis::fit(values.iter().copied(), allow_log);
+                assert!(a.min.is_finite() && a.max.is_finite() && a.min < a.max, "{values:?}: {a:?}");
+                assert!((1..=101).contains(&a.ticks().len()), "{values:?}: {:?}", a.ticks());
+            }
+        }
+        let degenerate = Axis { min: 0.0, max: f64::INFINITY, log: false };
+        assert!(degenerate.ticks().len() <= 2);
         assert_eq!(fmt_number(2.5e-7), "2.50e-7");
         assert_eq!(fmt_sci(2.81606, 3), "2.816");
         assert_eq!(esc("a<b & \"c\""), "a&lt;b &amp; &quot;c&quot;");

@@ -137,6 +137,7 @@ pub fn model_input(sample: &SampleInputs, inputs: &ModelInputs) -> Result<Input>
     let row = (3 * settings.temporal_patch_size * settings.patch_size * settings.patch_size) as usize;
     let mut pixels = Vec::new();
     for image in &sample.images {
+        crate::preprocess::check_image(image, settings).with_context(|| format!("sample {}", sample.id))?;
         pixels.extend(crate::preprocess::pixel_values(image, settings));
     }
     let rows = pixels.len() / row.max(1);
@@ -152,6 +153,65 @@ pub fn model_input(sample: &SampleInputs, inputs: &ModelInputs) -> Result<Input>
         pixel_values,
         grid_thw: sample.images.iter().map(|i| i.grid_thw).collect(),
     })
+}
+
+/// Checks the model inputs against the model before any work, so that a malformed artifact is
+/// refused up front (and no state file is written): the processor geometry matches the vision
+/// tower, and every sample is internally consistent (lengths, token ids within the vocabulary,
+/// image sizes, as many image tokens as the image grids give, a label token for `gradient`).
+pub fn validate_inputs(inputs: &ModelInputs, model: &Qwen3VL, method: Method) -> Result<()> {
+    let cfg = model.config();
+    let v = &cfg.vision_config;
+    let vocab = cfg.text_config.vocab_size;
+    let s = &inputs.processor;
+    for (name, got, want) in [
+        ("patch_size", s.patch_size as usize, v.patch_size),
+        ("temporal_patch_size", s.temporal_patch_size as usize, v.temporal_patch_size),
+        ("merge_size", s.merge_size as usize, v.spatial_merge_size),
+    ] {
+        ensure!(got == want, "processor {name} is {got}, but the model's vision_config has {want}");
+    }
+    ensure!(
+        inputs.special_tokens.image_pad == cfg.image_token_id,
+        "image token id is {}, but the model's config.json has {}",
+        inputs.special_tokens.image_pad,
+        cfg.image_token_id
+    );
+    ensure!(!inputs.samples.is_empty(), "the inputs contain no samples (empty calibration set)");
+    let merge2 = (s.merge_size as u64).pow(2);
+    for (i, sample) in inputs.samples.iter().enumerate() {
+        let check = || -> Result<()> {
+            let l = sample.input_ids.len();
+            ensure!(l > 0, "input_ids is empty");
+            ensure!(sample.labels.len() == l, "labels has length {}, input_ids {l}", sample.labels.len());
+            ensure!(
+                sample.position_ids.len() == 3 && sample.position_ids.iter().all(|p| p.len() == l),
+                "position_ids is not [3][{l}]"
+            );
+            if let Some(bad) = sample.input_ids.iter().find(|&&t| t as usize >= vocab) {
+                bail!("input id {bad} is outside the model's vocabulary of {vocab}");
+            }
+            if let Some(bad) = sample.labels.iter().find(|&&y| y != -100 && (y < 0 || y as usize >= vocab)) {
+                bail!("label {bad} is neither -100 nor a token id of the model's vocabulary");
+            }
+            if method == Method::Gradient {
+                ensure!(
+                    sample.labels.iter().skip(1).any(|&y| y != -100),
+                    "no label tokens, so there is no loss to differentiate"
+                );
+            }
+            let mut tokens = 0u64;
+            for image in &sample.images {
+                crate::preprocess::check_image(image, s)?;
+                tokens += image.grid_thw.iter().map(|&g| g as u64).product::<u64>() / merge2;
+            }
+            let pads = sample.input_ids.iter().filter(|&&t| t == cfg.image_token_id).count() as u64;
+            ensure!(pads == tokens, "{pads} image tokens in input_ids, but the image grids give {tokens}");
+            Ok(())
+        };
+        check().with_context(|| format!("sample {i} ({})", sample.id))?;
+    }
+    Ok(())
 }
 
 /// Digests of the checkpoint files that determine the model: config and every weight file.
@@ -334,6 +394,7 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
     let device = parse_device(&opts.device)?;
     let model = Qwen3VL::load(&opts.model_dir, opts.dtype, &device)
         .with_context(|| format!("loading model from {}", opts.model_dir.display()))?;
+    validate_inputs(&inputs, &model, opts.method).with_context(|| format!("{}", opts.inputs))?;
     let (plan, skeleton) = plan(opts, &model, &inputs)?;
     timings.load_model = lap();
 
@@ -352,6 +413,18 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
             let loc = Location::File(p.clone());
             let saved = artifact::read::<Scores>(loc.clone()).and_then(|s| {
                 state::check_resumable(&s, &provenance, &loc)?;
+                let (a, b) = (&s.payload, &skeleton);
+                let layer_keys =
+                    |x: &Scores| x.layers.iter().map(|l| (l.name.clone(), l.group.clone())).collect::<Vec<_>>();
+                let group_keys =
+                    |x: &Scores| x.groups.iter().map(|g| (g.name.clone(), g.disabled)).collect::<Vec<_>>();
+                let same_plan = a.formats == b.formats
+                    && a.method == b.method
+                    && a.num_inputs == b.num_inputs
+                    && layer_keys(a) == layer_keys(b)
+                    && group_keys(a) == group_keys(b)
+                    && a.samples.iter().all(|x| plan.to_score.contains(&x.index));
+                ensure!(same_plan, "{loc}: saved state does not match this run's layers, groups and samples");
                 Ok(s)
             });
             match saved {
@@ -445,11 +518,7 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
     timings.samples_scored = pending.len();
 
     state::recompute_totals(&mut run.payload);
-    artifact::write(opts.output.clone(), &run)?;
-    if let Some(p) = &state_path {
-        // The finished artifact supersedes the state; a failure to remove it is harmless.
-        let _ = std::fs::remove_file(p);
-    }
+    finish(&run, state_path.as_deref(), &opts.output)?;
     timings.write = lap();
     timings.total = started.elapsed().as_secs_f64();
     reporter.detail(format!(
@@ -469,6 +538,28 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
         opts.method.as_str(),
         opts.output
     ));
+    Ok(())
+}
+
+/// Writes the finished artifact and retires the state file. Where the state and the output are
+/// files of the same encoding, the artifact is written over the state and then renamed onto the
+/// output: a kill at any point leaves either the state (a rerun with `--resume` finishes from it)
+/// or the output, never both, so an interrupted run leaves no stale state behind.
+fn finish(run: &Artifact<Scores>, state: Option<&Path>, output: &Location) -> Result<()> {
+    if let (Some(p), Location::File(out)) = (state, output) {
+        if Location::from(p).is_json() == output.is_json() {
+            artifact::write(Location::from(p), run)?;
+            // A failed rename (e.g. across file systems) falls back to writing the output.
+            if std::fs::rename(p, out).is_ok() {
+                return Ok(());
+            }
+        }
+    }
+    artifact::write(output.clone(), run)?;
+    if let Some(p) = state {
+        // The finished artifact supersedes the state; a failure to remove it is harmless.
+        let _ = std::fs::remove_file(p);
+    }
     Ok(())
 }
 

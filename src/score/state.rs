@@ -6,7 +6,7 @@
 //! contributions in sample order, so an interrupted-and-resumed run, a merge of shards, and an
 //! uninterrupted run produce byte-identical artifacts.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::artifact::scores::{GroupScores, LayerScores, SampleSummary, Scores};
 use crate::artifact::{Artifact, Location, Provenance};
@@ -86,6 +86,49 @@ pub fn check_resumable(state: &Artifact<Scores>, provenance: &Provenance, locati
         let diff = describe_difference(&state.provenance, "saved", provenance, "this run");
         bail!("{location}: saved state comes from a different run ({diff})");
     }
+    check_consistent(&state.payload).with_context(|| format!("{location}"))
+}
+
+/// Checks the internal consistency that resuming and merging rely on: one row per format in
+/// every per-sample table, one value per scored sample in every row, scored samples in
+/// increasing index order below `num_inputs`, group members that are layers.
+pub fn check_consistent(scores: &Scores) -> Result<()> {
+    let nf = scores.formats.len();
+    let ns = scores.samples.len();
+    ensure!(nf > 0, "no formats");
+    ensure!(
+        scores.samples.windows(2).all(|w| w[0].index < w[1].index)
+            && scores.samples.last().is_none_or(|s| s.index < scores.num_inputs),
+        "scored samples are not in increasing index order below num_inputs {}",
+        scores.num_inputs
+    );
+    let per_layer = scores.has_layer_contributions();
+    let layers: std::collections::HashSet<&str> = scores.layers.iter().map(|l| l.name.as_str()).collect();
+    ensure!(layers.len() == scores.layers.len(), "a layer name appears twice");
+    for l in &scores.layers {
+        let rows_ok = if per_layer { l.per_sample.len() == nf } else { l.per_sample.is_empty() };
+        ensure!(
+            rows_ok && l.per_sample.iter().all(|r| r.len() == ns),
+            "layer '{}': per-sample table is not [{nf}][{ns}]",
+            l.name
+        );
+    }
+    for g in &scores.groups {
+        ensure!(
+            g.scores.len() == nf && g.costs.len() == nf,
+            "group '{}': scores or costs are not one per format",
+            g.name
+        );
+        if per_layer {
+            let known = g.members.iter().all(|m| layers.contains(m.as_str()));
+            ensure!(known, "group '{}': a member is not a layer", g.name);
+        }
+        // Group rows are filled by `push_sample` (kl_div) or `recompute_totals` (gradient);
+        // disabled groups, and gradient groups before the totals, keep empty rows.
+        let rows_ok = g.per_sample.len() == nf
+            && g.per_sample.iter().all(|r| r.len() == ns || ((g.disabled || per_layer) && r.is_empty()));
+        ensure!(rows_ok, "group '{}': per-sample table is not [{nf}][{ns}]", g.name);
+    }
     Ok(())
 }
 
@@ -115,6 +158,9 @@ pub fn merge_shards(shards: Vec<(Location, Artifact<Scores>)>) -> Result<Artifac
         p.parameters.remove("shard");
         p
     };
+    for (loc, shard) in &shards {
+        check_consistent(&shard.payload).with_context(|| format!("{loc}"))?;
+    }
     let (first_loc, first) = &shards[0];
     let provenance = strip(&first.provenance);
     let mut merged = first.clone();
@@ -128,6 +174,12 @@ pub fn merge_shards(shards: Vec<(Location, Artifact<Scores>)>) -> Result<Artifac
         }
         let same_shape = shard.payload.layers.len() == merged.payload.layers.len()
             && shard.payload.groups.len() == merged.payload.groups.len()
+            && shard.payload.formats == merged.payload.formats
+            && shard.payload.method == merged.payload.method
+            && shard.payload.num_inputs == merged.payload.num_inputs
+            && shard.payload.groups.iter().zip(&merged.payload.groups).all(|(a, b)| {
+                a.name == b.name && a.members == b.members && a.disabled == b.disabled
+            })
             && shard.payload.layers.iter().zip(&merged.payload.layers).all(|(a, b)| {
                 a.name == b.name && a.input_amax.to_bits() == b.input_amax.to_bits()
             });

@@ -122,6 +122,8 @@ fn compile(patterns: &[String]) -> Result<Vec<GlobMatcher>> {
 pub fn validate(scores: &Scores) -> Result<()> {
     let nf = scores.formats.len();
     ensure!(nf > 0, "no formats");
+    // The solver stores an item index in a byte.
+    ensure!(nf <= 64, "{nf} formats; at most 64 are supported");
     let last = &scores.formats[nf - 1];
     ensure!(last.name.eq_ignore_ascii_case("NONE"), "the last format is '{}', expected 'NONE'", last.name);
     let mut prev = 0.0;
@@ -156,6 +158,9 @@ pub fn validate(scores: &Scores) -> Result<()> {
         }
         check_per_sample(&g.per_sample, nf, ns).with_context(|| format!("group '{}'", g.name))?;
     }
+    // The solver sums scores exactly in fixed point: their total must be a finite number.
+    let total = scores.groups.iter().flat_map(|g| &g.scores).fold(0.0, |a: f64, s| a + s.abs());
+    ensure!(total.is_finite(), "the scores add up to more than the largest float; they cannot be compared");
     let mut layer_names = std::collections::HashSet::new();
     for l in &scores.layers {
         ensure!(layer_names.insert(l.name.as_str()), "layer '{}' appears twice", l.name);
@@ -176,6 +181,9 @@ fn check_per_sample(per_sample: &[Vec<f64>], nf: usize, ns: usize) -> Result<()>
         if let Some(v) = row.iter().find(|v| !v.is_finite()) {
             bail!("per-sample score is {v}");
         }
+        // A bootstrap resample weights one sample up to `ns` times.
+        let total = row.iter().fold(0.0, |a: f64, v| a + v.abs()) * ns as f64;
+        ensure!(total.is_finite(), "per-sample scores add up to more than the largest float");
     }
     Ok(())
 }
@@ -217,16 +225,28 @@ impl Problem {
         let mut allowed = Vec::with_capacity(scores.groups.len());
         let mut classes = Vec::with_capacity(scores.groups.len());
         let mut counted_params = 0u128;
+        // Σ over groups of the dearest item: every sum the solver forms stays below it, so
+        // checking it here rules out overflow there.
+        let mut max_total = 0u128;
+        // The manifest reports Σ params as a u64.
+        let mut all_params = 0u64;
+        let overflow = || anyhow::anyhow!("the costs (params × bits) overflow 128-bit arithmetic; params are absurd");
         for g in &scores.groups {
             let disabled = g.disabled | matches(g, &disable, &mut used_disable);
             let cost_excluded = g.cost_excluded | matches(g, &exclude, &mut used_exclude);
             let formats: Vec<usize> = if disabled { vec![none] } else { (0..nf).collect() };
             let weight = u128::from(!cost_excluded);
-            counted_params += weight * g.params as u128;
-            let items = formats
+            counted_params = counted_params.checked_add(weight * g.params as u128).ok_or_else(overflow)?;
+            all_params = all_params.checked_add(g.params).ok_or_else(overflow)?;
+            let items: Vec<Item> = formats
                 .iter()
-                .map(|&j| Item { cost: weight * g.params as u128 * units[j], score: g.scores[j] })
-                .collect();
+                .map(|&j| {
+                    let cost = (weight * g.params as u128).checked_mul(units[j]).ok_or_else(overflow)?;
+                    Ok(Item { cost, score: g.scores[j] })
+                })
+                .collect::<Result<_>>()?;
+            let dearest = items.iter().map(|it| it.cost).max().unwrap_or(0);
+            max_total = max_total.checked_add(dearest).ok_or_else(overflow)?;
             classes.push(items);
             allowed.push(formats);
             groups.push(GroupSpec {
@@ -256,7 +276,7 @@ impl Problem {
             mckp: Mckp { classes },
             shift,
             counted_params,
-            denominator: counted_params * none_units,
+            denominator: counted_params.checked_mul(none_units).ok_or_else(overflow)?,
         })
     }
 

@@ -235,6 +235,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         let t = &self.text_config;
         let v = &self.vision_config;
+        self.validate_sizes()?;
         if let Some(mt) = self.model_type.as_deref() {
             if mt != "qwen3_vl" {
                 return Err(format!("model_type `{mt}` is not supported (expected `qwen3_vl`)"));
@@ -296,13 +297,82 @@ impl Config {
             }
         }
         let mut sorted = v.deepstack_visual_indexes.clone();
+        sorted.sort_unstable();
         sorted.dedup();
         if sorted.len() != v.deepstack_visual_indexes.len() {
             return Err(format!("deepstack_visual_indexes {:?} has duplicates", v.deepstack_visual_indexes));
         }
         Ok(())
     }
+
+    /// Every size within sane bounds (so no derived size overflows and nothing absurd is
+    /// allocated), positive where a zero would divide or make empty tensors, and the numbers
+    /// finite. Runs before anything else looks at the sizes.
+    fn validate_sizes(&self) -> Result<(), String> {
+        let t = &self.text_config;
+        let v = &self.vision_config;
+        let sizes = [
+            ("text_config.vocab_size", t.vocab_size, MAX_DIM),
+            ("text_config.hidden_size", t.hidden_size, MAX_DIM),
+            ("text_config.intermediate_size", t.intermediate_size, MAX_DIM),
+            ("text_config.num_attention_heads", t.num_attention_heads, MAX_DIM),
+            ("text_config.num_key_value_heads", t.num_key_value_heads(), MAX_DIM),
+            ("vision_config.hidden_size", v.hidden_size, MAX_DIM),
+            ("vision_config.intermediate_size", v.intermediate_size, MAX_DIM),
+            ("vision_config.num_heads", v.num_heads, MAX_DIM),
+            ("vision_config.out_hidden_size", v.out_hidden_size, MAX_DIM),
+            ("vision_config.num_position_embeddings", v.num_position_embeddings, MAX_DIM),
+            ("vision_config.in_channels", v.in_channels, MAX_CHANNELS),
+            ("vision_config.patch_size", v.patch_size, MAX_PATCH),
+            ("vision_config.temporal_patch_size", v.temporal_patch_size, MAX_MERGE),
+            ("vision_config.spatial_merge_size", v.spatial_merge_size, MAX_MERGE),
+        ];
+        for (name, value, max) in sizes {
+            if value == 0 || value > max {
+                return Err(format!("{name} = {value} is out of range (1 to {max})"));
+            }
+        }
+        let layers = [("text_config.num_hidden_layers", t.num_hidden_layers), ("vision_config.depth", v.depth)];
+        for (name, value) in layers {
+            if value > MAX_LAYERS {
+                return Err(format!("{name} = {value} is out of range (at most {MAX_LAYERS})"));
+            }
+        }
+        match t.head_dim {
+            Some(hd) if hd == 0 || hd > MAX_DIM => {
+                return Err(format!("text_config.head_dim = {hd} is out of range (1 to {MAX_DIM})"))
+            }
+            None if t.hidden_size % t.num_attention_heads != 0 => {
+                return Err(format!(
+                    "text_config.hidden_size {} is not divisible by num_attention_heads {} \
+                     and no head_dim is given",
+                    t.hidden_size, t.num_attention_heads
+                ))
+            }
+            _ => {}
+        }
+        if let Some(&s) = t.mrope_section().iter().find(|&&s| s > MAX_DIM) {
+            return Err(format!("mrope_section entry {s} is out of range"));
+        }
+        if !(t.rms_norm_eps.is_finite() && t.rms_norm_eps >= 0.0) {
+            return Err(format!("text_config.rms_norm_eps = {} must be a finite number >= 0", t.rms_norm_eps));
+        }
+        let theta = t.rope_theta();
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(format!("rope_theta = {theta} must be a finite positive number"));
+        }
+        Ok(())
+    }
 }
+
+/// Bounds on config sizes: generous (Qwen3-VL-235B has hidden 4096, vocab 151936, 94 layers),
+/// yet small enough that no derived size (`heads × head_dim`, `hidden × merge²`, a weight's
+/// element count) overflows.
+pub const MAX_DIM: usize = 1 << 24;
+pub const MAX_LAYERS: usize = 1 << 12;
+pub const MAX_CHANNELS: usize = 16;
+pub const MAX_PATCH: usize = 1024;
+pub const MAX_MERGE: usize = 64;
 
 #[cfg(test)]
 mod tests {
@@ -396,5 +466,34 @@ mod tests {
         let mut c = Config::from_json_str(RELEASED).unwrap();
         c.text_config.rope_scaling.as_mut().unwrap().mrope_interleaved = Some(false);
         assert!(c.validate().unwrap_err().contains("mrope_interleaved"));
+
+        let mut c = Config::from_json_str(RELEASED).unwrap();
+        c.vision_config.deepstack_visual_indexes = vec![0, 1, 0];
+        assert!(c.validate().unwrap_err().contains("duplicates"));
+    }
+
+    #[test]
+    fn rejects_absurd_sizes_without_panicking() {
+        let mut c = Config::from_json_str(RELEASED).unwrap();
+        c.text_config.num_attention_heads = 0;
+        c.text_config.head_dim = None;
+        assert!(c.validate().unwrap_err().contains("num_attention_heads = 0"));
+
+        let mut c = Config::from_json_str(RELEASED).unwrap();
+        c.text_config.head_dim = None;
+        c.text_config.hidden_size = 66;
+        assert!(c.validate().unwrap_err().contains("not divisible"));
+
+        let mut c = Config::from_json_str(RELEASED).unwrap();
+        c.text_config.vocab_size = 1_000_000_000_000;
+        assert!(c.validate().unwrap_err().contains("vocab_size"));
+
+        let mut c = Config::from_json_str(RELEASED).unwrap();
+        c.vision_config.spatial_merge_size = usize::MAX;
+        assert!(c.validate().unwrap_err().contains("spatial_merge_size"));
+
+        let mut c = Config::from_json_str(RELEASED).unwrap();
+        c.text_config.rope_scaling.as_mut().unwrap().mrope_section = Some(vec![usize::MAX, 2, 2]);
+        assert!(c.validate().unwrap_err().contains("mrope_section"));
     }
 }
