@@ -11,7 +11,7 @@
 CARGO        ?= cargo
 PROFILE      ?= release
 CARGO_FLAGS  ?=
-BIN_DIR      := target/$(PROFILE)
+BIN_DIR      ?= $(or $(CARGO_TARGET_DIR),target)/$(PROFILE)
 
 # ---- inputs ----------------------------------------------------------------------------------
 # Defaults point at the demo set that `make demo-assets` generates.
