@@ -95,7 +95,7 @@ fn main() -> Result<()> {
     println!("L = {}, image rows = {}", input.input_ids.len(), input.pixel_values.dims()[0]);
     println!("forward (no logits, plain):        {:8.1} ms", timed(&device, reps, || Ok(model.forward(&input, &mut NoTap, &calib)?))?);
     println!("forward (no logits, amax tap):     {:8.1} ms", timed(&device, reps, || {
-        let mut tap = AmaxTap::new(n);
+        let mut tap = AmaxTap::new(n, &device)?;
         model.forward(&input, &mut tap, &calib)?;
         Ok(tap.finish()?)
     })?);

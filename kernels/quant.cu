@@ -94,3 +94,28 @@ extern "C" __global__ void sum_partials(const float *partials, const size_t n, f
         if (lane == 0) out[0] = acc;
     }
 }
+
+// Max calibration: slot = max(slot, max |x|) in one pass (grid-stride, warp and block reduce,
+// then an atomic max on the float's bits, which orders like the float for values >= 0).
+template <typename T>
+__device__ void amax_update(const T *x, const size_t n, float *slot) {
+    __shared__ float shared[32];
+    float m = 0.0f;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)blockDim.x * gridDim.x)
+        m = fmaxf(m, fabsf(to_f32(x[i])));
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_down_sync(0xffffffff, m, off));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) shared[warp] = m;
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < (blockDim.x + 31) / 32 ? shared[lane] : 0.0f;
+        for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_down_sync(0xffffffff, m, off));
+        if (lane == 0) atomicMax((int *)slot, __float_as_int(m));
+    }
+}
+
+#define AMAX_UPDATE(NAME, T)                                                                     \
+    extern "C" __global__ void NAME(const T *x, const size_t n, float *slot) { amax_update<T>(x, n, slot); }
+AMAX_UPDATE(amax_update_f32, float)
+AMAX_UPDATE(amax_update_bf16, __nv_bfloat16)
+AMAX_UPDATE(amax_update_f16, __half)

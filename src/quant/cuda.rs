@@ -107,3 +107,36 @@ pub fn gradient_score(
     unsafe { b.launch(cfg) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(1)))
 }
+
+/// `slot = max(slot, max |x|)` on the device (`fp8::update_amax`).
+pub fn amax_update(slot: usize, acc: &mut CudaStorage, la: &Layout, x: &CudaStorage, lx: &Layout) -> Result<()> {
+    let (Some((a0, _)), Some((x0, x1))) = (la.contiguous_offsets(), lx.contiguous_offsets()) else {
+        candle_core::bail!("amax-update: inputs must be contiguous");
+    };
+    let dev = x.device().clone();
+    let n = x1 - x0;
+    const THREADS: u32 = 256;
+    let blocks = (n.div_ceil(THREADS as usize * 8)).clamp(1, 1024) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let CudaStorageSlice::F32(acc) = &mut acc.slice else { candle_core::bail!("amax-update: amax must be f32") };
+    let mut target = acc.slice_mut(a0 + slot..a0 + slot + 1);
+    macro_rules! launch {
+        ($kernel:literal, $s:expr) => {{
+            let func = dev.get_or_load_custom_func($kernel, MODULE, QUANT_PTX)?;
+            let src = $s.slice(x0..x1);
+            let mut b = func.builder();
+            b.arg(&src);
+            b.arg(&n);
+            b.arg(&mut target);
+            // SAFETY: argument types match (pointer, size_t, float*).
+            unsafe { b.launch(cfg) }.w()?;
+        }};
+    }
+    match &x.slice {
+        CudaStorageSlice::F32(s) => launch!("amax_update_f32", s),
+        CudaStorageSlice::BF16(s) => launch!("amax_update_bf16", s),
+        CudaStorageSlice::F16(s) => launch!("amax_update_f16", s),
+        _ => candle_core::bail!("amax-update: unsupported dtype {:?} on CUDA", x.dtype()),
+    }
+    Ok(())
+}

@@ -72,6 +72,58 @@ pub fn amax(x: &Tensor) -> Result<Tensor> {
     x.abs()?.reshape((rows, last))?.max(1)?.max(0)?.to_dtype(DType::F32)
 }
 
+/// Max calibration step: `amax[slot] = max(amax[slot], max |x|)`, in place on an f32 vector of
+/// per-layer amax on x's device — one kernel per layer and sample, no allocation, no host sync.
+pub fn update_amax(amax: &Tensor, slot: usize, x: &Tensor) -> Result<()> {
+    if amax.dtype() != DType::F32 || amax.rank() != 1 || slot >= amax.dim(0)? {
+        candle_core::bail!("update_amax: need an f32 vector with slot {slot}, got {:?} {:?}", amax.dtype(), amax.shape());
+    }
+    amax.inplace_op2(&x.contiguous()?, &AmaxUpdate { slot })
+}
+
+/// The in-place op behind [`update_amax`].
+#[derive(Debug, Clone, Copy)]
+pub struct AmaxUpdate {
+    pub slot: usize,
+}
+
+impl candle_core::InplaceOp2 for AmaxUpdate {
+    fn name(&self) -> &'static str {
+        "amax-update"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let (Some((a0, _)), Some((x0, x1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("amax-update: inputs must be contiguous");
+        };
+        fn max_abs<T: Copy>(xs: &[T], f: impl Fn(T) -> f32) -> f32 {
+            xs.iter().fold(0f32, |m, &x| m.max(f(x).abs()))
+        }
+        let m = match s2 {
+            CpuStorage::F32(v) => max_abs(&v[x0..x1], |x| x),
+            CpuStorage::F64(v) => max_abs(&v[x0..x1], |x| x as f32),
+            CpuStorage::BF16(v) => max_abs(&v[x0..x1], bf16::to_f32),
+            CpuStorage::F16(v) => max_abs(&v[x0..x1], f16::to_f32),
+            other => candle_core::bail!("amax-update: unsupported dtype {:?}", other.dtype()),
+        };
+        let CpuStorage::F32(acc) = s1 else { candle_core::bail!("amax-update: amax must be f32") };
+        let slot = &mut acc[a0 + self.slot];
+        *slot = slot.max(m);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        crate::quant::cuda::amax_update(self.slot, s1, l1, s2, l2)
+    }
+}
+
 /// The fused scale → saturate → round to E4M3 → rescale op.
 #[derive(Debug, Clone, Copy)]
 pub struct FakeQuantE4M3 {
@@ -164,6 +216,20 @@ mod tests {
             assert_eq!(round_to_e4m3(mid - eps), lo);
             assert_eq!(round_to_e4m3(mid + eps), hi);
         }
+    }
+
+    #[test]
+    fn amax_update_is_a_running_max() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let acc = Tensor::zeros(3, DType::F32, &dev)?;
+        let x = Tensor::new(&[[0.5f32, -3.0], [2.0, 1.0]], &dev)?;
+        update_amax(&acc, 1, &x)?;
+        update_amax(&acc, 1, &(x.clone() * 0.5)?)?;
+        update_amax(&acc, 2, &x.to_dtype(DType::BF16)?.t()?)?;
+        assert_eq!(acc.to_vec1::<f32>()?, vec![0.0, 3.0, 3.0]);
+        assert_eq!(amax(&x)?.to_scalar::<f32>()?, 3.0);
+        assert!(update_amax(&acc, 3, &x).is_err());
+        Ok(())
     }
 
     #[test]

@@ -566,7 +566,7 @@ fn finish(run: &Artifact<Scores>, state: Option<&Path>, output: &Location) -> Re
 /// Max calibration over the calibration samples; fills `input_amax` and `weight_amax`.
 fn calibrate(model: &Qwen3VL, inputs: &ModelInputs, plan: &Plan, scores: &mut Scores, reporter: &Reporter) -> Result<()> {
     let num_layers = model.layers().len();
-    let mut tap = calibrate::AmaxTap::new(num_layers);
+    let mut tap = calibrate::AmaxTap::new(num_layers, model.device())?;
     let bar = reporter.bar(plan.calibration.len() as u64, "calibrating");
     let opts = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: false };
     for &index in &plan.calibration {

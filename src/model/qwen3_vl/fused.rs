@@ -11,8 +11,8 @@
 //! Numerics follow the chains: reductions and derivative formulas in the accumulation dtype
 //! ([`acc_dtype`]), each stored value rounded once to the storage dtype, except where HF (and
 //! the chain) round an intermediate to the model dtype (RMSNorm before its weight, SwiGLU's silu,
-//! the text rotary), which the fused ops round too. Row sums run in f64 on the CPU (at least as
-//! accurate as the chains' f32 sums) and as f32 lane/warp trees on the GPU.
+//! the text rotary), which the fused ops round too. Row sums run in the arithmetic type on the
+//! CPU (f32, as HF's; f64 for f64 storage) and as f32 lane/warp trees on the GPU.
 //!
 //! `QSENS_FUSED=0` in the environment (or [`set_enabled`]) runs the chains instead, for A/B runs.
 
@@ -26,7 +26,7 @@ use super::ops::{self, acc_dtype, AttnSpec};
 // Scalar plumbing of the CPU paths
 
 /// Arithmetic type of a CPU path: f32, or f64 for f64 storage.
-pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> + std::fmt::Debug {
+pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> + std::ops::Add<Output = Self> + std::fmt::Debug {
     const ZERO: Self;
     const ONE: Self;
     const NEG_INF: Self;
@@ -106,20 +106,27 @@ elem!(f64, f64, |x| x, |v| v);
 elem!(bf16, f32, bf16::to_f32, bf16::from_f32);
 elem!(f16, f32, f16::to_f32, f16::from_f32);
 
-/// A row sum of the CPU paths: terms computed in the arithmetic type, summed in f64 (at least as
-/// accurate as the chains' f32 sums; the GPU's lane-parallel f32 tree sums are close to it).
-#[derive(Default, Clone, Copy)]
-struct Sum(f64);
+/// A row sum of the CPU paths, accumulated in the arithmetic type (f32, or f64 for f64 storage)
+/// as HF's f32 reductions are: an f64 accumulator is more accurate, but drifts further from the
+/// f32 model HF runs (the FP8 calibration amax, compared with ModelOpt at 1e-6, moved to 1.2e-6).
+#[derive(Clone, Copy)]
+struct Sum<R>(R);
 
-impl Sum {
+impl<R: Real> Default for Sum<R> {
+    fn default() -> Self {
+        Sum(R::ZERO)
+    }
+}
+
+impl<R: Real> Sum<R> {
     #[inline(always)]
-    fn add<R: Real>(&mut self, v: R) {
-        self.0 += v.to_f64();
+    fn add(&mut self, v: R) {
+        self.0 = self.0 + v;
     }
 
     #[inline(always)]
-    fn get<R: Real>(self) -> R {
-        R::c(self.0)
+    fn get(self) -> R {
+        self.0
     }
 }
 
@@ -735,7 +742,7 @@ fn rms_norm_cpu<T: Elem>(x: &Tensor, res: Option<&Tensor>, w: &Tensor, eps: f64)
         for &v in xr {
             ss.add(v * v);
         }
-        *rs = T::R::ONE / (ss.get::<T::R>() / n + eps).sqrt();
+        *rs = T::R::ONE / (ss.get() / n + eps).sqrt();
         for ((o, &v), wc) in yr.iter_mut().zip(xr).zip(&wv) {
             *o = T::put(rnd::<T>(v * *rs) * wc.get());
         }
@@ -828,7 +835,7 @@ fn rms_norm_backward_cpu<T: Elem>(
         for c in 0..dd {
             acc.add(gr[c] * wv[c].get() * (xr[c].get() * rs));
         }
-        let m = acc.get::<T::R>() / n;
+        let m = acc.get() / n;
         for c in 0..dd {
             let g = gr[c] * wv[c].get();
             let v = (g - xr[c].get() * rs * m) * rs;
@@ -901,12 +908,12 @@ fn layer_norm_cpu<T: Elem>(x: &Tensor, res: Option<&Tensor>, w: &Tensor, b: &Ten
         for &v in xr {
             s.add(v);
         }
-        let mu = s.get::<T::R>() / n;
+        let mu = s.get() / n;
         let mut ss = Sum::default();
         for &v in xr {
             ss.add((v - mu) * (v - mu));
         }
-        let rs = T::R::ONE / (ss.get::<T::R>() / n + eps).sqrt();
+        let rs = T::R::ONE / (ss.get() / n + eps).sqrt();
         for c in 0..dd {
             yr[c] = T::put((xr[c] - mu) * rs * wv[c].get() + bv[c].get());
         }
@@ -992,7 +999,7 @@ fn layer_norm_backward_cpu<T: Elem>(
             sg.add(g);
             sgx.add(g * ((xr[c].get() - mu) * rs));
         }
-        let (mg, mgx) = (sg.get::<T::R>() / n, sgx.get::<T::R>() / n);
+        let (mg, mgx) = (sg.get() / n, sgx.get() / n);
         for c in 0..dd {
             let g = gr[c].get() * wv[c].get();
             let xh = (xr[c].get() - mu) * rs;
@@ -1085,7 +1092,7 @@ fn qk_norm_rope_cpu<T: Elem>(
         for &v in &xv[r * d..(r + 1) * d] {
             ss.add(v.get() * v.get());
         }
-        T::R::ONE / (ss.get::<T::R>() / n + eps).sqrt()
+        T::R::ONE / (ss.get() / n + eps).sqrt()
     };
     for (r, rs) in rstd.iter_mut().enumerate() {
         *rs = rs_of(r);
@@ -1180,7 +1187,7 @@ fn qk_norm_rope_backward_cpu<T: Elem>(
         for c in 0..d {
             acc.add(u[c] * wv[c].get() * (xr[c].get() * rs));
         }
-        let m = acc.get::<T::R>() / n;
+        let m = acc.get() / n;
         for c in 0..d {
             o[c] = T::put((u[c] * wv[c].get() - xr[c].get() * rs * m) * rs);
         }
