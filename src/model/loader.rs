@@ -48,7 +48,9 @@ fn open_shard(path: &Path) -> Result<Shard> {
         .map_err(|e| candle_core::Error::Msg(format!("cannot open {}: {e}", path.display())))?;
     // SAFETY: the checkpoint is treated as read-only for the lifetime of the map; like every
     // mmap-based loader (candle, safetensors) we rely on nobody truncating it meanwhile.
-    let mmap = unsafe { Mmap::map(&file) }
+    // `populate` maps every page up front (one pass in the kernel) instead of faulting 4 KiB
+    // pages one by one while uploading: for a 9 GB checkpoint that is ~2M faults saved.
+    let mmap = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
         .map_err(|e| candle_core::Error::Msg(format!("cannot map {}: {e}", path.display())))?;
     let (header_len, meta) = SafeTensors::read_metadata(&mmap[..])
         .map_err(|e| candle_core::Error::Msg(format!("{} is not a valid safetensors file: {e}", path.display())))?;
