@@ -148,11 +148,13 @@ clean-output:
 test:
 	$(CARGO) test --all-targets
 
-# Fuzzing: the fuzz targets of tests/reliability for FUZZ_SECS seconds each (make test runs them
-# for 60 s each). A crash prints its seed (QSENS_FUZZ_SEED) and the shrunk input.
+# Fuzzing: the fuzz targets of tests/reliability for FUZZ_SECS seconds each, from fresh random
+# seeds (make test runs them for 60 s each from fixed seeds). A crash prints its seed
+# (rerun with QSENS_FUZZ_SEED=<seed>) and the shrunk input.
 FUZZ_SECS    ?= 600
+FUZZ_SEED    ?= random
 fuzz:
-	QSENS_FUZZ_SECS=$(FUZZ_SECS) $(CARGO) test --test reliability $(CARGO_FLAGS) -- fuzz_ --nocapture
+	QSENS_FUZZ_SECS=$(FUZZ_SECS) QSENS_FUZZ_SEED=$(FUZZ_SEED) $(CARGO) test --test reliability $(CARGO_FLAGS) -- fuzz_ --nocapture
 
 bench: bench-preprocess bench-model bench-score
 

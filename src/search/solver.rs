@@ -23,8 +23,9 @@
 //! - classes are processed most certain first (largest reduced-cost margin between their two
 //!   best items), so the undecided ones multiply partial solutions only in the last stages.
 //!
-//! If a stage would keep more than [`Limits::max_states`] partial solutions, the ones with the
-//! best bound are kept and the result is reported as feasible with a lower bound instead.
+//! If a stage would keep more than [`Limits::max_states`] partial solutions (or more than its
+//! share of [`Limits::max_total_states`], which bounds a pass's memory), the ones with the best
+//! bound are kept and the result is reported as feasible with a lower bound instead.
 //!
 //! Ties: dominance keeps the cheaper of two equal-score partial solutions, and within a class an
 //! item is dropped when a cheaper one scores no worse (between equal-cost, equal-score items the
@@ -50,11 +51,14 @@ pub struct Mckp {
 pub struct Limits {
     /// Most partial solutions kept after one class before the search gives up proving optimality.
     pub max_states: usize,
+    /// Most partial solutions kept over all classes of a pass (each is remembered to rebuild the
+    /// solution, 8 bytes): bounds a pass's memory whatever the instance (16 Mi → 128 MiB).
+    pub max_total_states: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_states: 1 << 20 }
+        Limits { max_states: 1 << 20, max_total_states: 1 << 24 }
     }
 }
 
@@ -485,6 +489,7 @@ fn dp_pass(
     let mut history: Vec<Vec<(u32, u8)>> = Vec::with_capacity(n);
     let mut dropped_bound = f64::INFINITY;
     let mut candidates: Vec<State> = Vec::new();
+    let mut total_kept = 0usize;
     for (k, &class) in order.iter().enumerate() {
         let rest = pre.relaxation(|c| position[c] > k);
         let items = &pre.classes[class].items;
@@ -518,15 +523,17 @@ fn dp_pass(
                 stats.pruned_by_dominance += 1;
             }
         }
-        if kept.len() > limits.max_states {
+        // This stage's share of what the pass may still keep, at least one state per stage.
+        let cap = limits.max_states.min((limits.max_total_states.saturating_sub(total_kept) / (n - k)).max(1));
+        if kept.len() > cap {
             // Keep the best bounds; remember the best bound given up.
             let mut by_bound: Vec<usize> = (0..kept.len()).collect();
             by_bound.sort_by(|&a, &b| kept[a].bound.total_cmp(&kept[b].bound).then(a.cmp(&b)));
             let mut keep = vec![false; kept.len()];
-            for &i in &by_bound[..limits.max_states] {
+            for &i in &by_bound[..cap] {
                 keep[i] = true;
             }
-            for &i in &by_bound[limits.max_states..] {
+            for &i in &by_bound[cap..] {
                 dropped_bound = dropped_bound.min(kept[i].bound);
             }
             let mut i = 0;
@@ -536,6 +543,7 @@ fn dp_pass(
             });
         }
         stats.max_kept = stats.max_kept.max(kept.len());
+        total_kept += kept.len();
         history.push(kept.iter().map(|s| (s.parent, s.item)).collect());
         states = kept;
         if states.is_empty() {
@@ -755,18 +763,38 @@ mod tests {
         }
     }
 
-    #[test]
-    fn state_limit_gives_a_feasible_answer_with_a_valid_bound() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let classes: Vec<Vec<Item>> = (0..12)
+    /// 12 classes of 3 random items (costs 1..50), small enough for `brute_force`.
+    fn twelve_classes(seed: u64) -> Mckp {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let classes = (0..12)
             .map(|_| {
                 (0..3).map(|_| Item { cost: rng.random_range(1..50), score: rng.random_range(0.0..10.0) }).collect()
             })
             .collect();
-        let m = Mckp { classes };
+        Mckp { classes }
+    }
+
+    #[test]
+    fn state_limit_gives_a_feasible_answer_with_a_valid_bound() {
+        let m = twelve_classes(3);
         let cap = 250;
         let (_, _, best) = brute_force(&m, cap).unwrap();
-        let s = solve(&m, cap, &Limits { max_states: 2 }).unwrap();
+        let s = solve(&m, cap, &Limits { max_states: 2, ..Limits::default() }).unwrap();
+        assert!(s.cost <= cap);
+        assert!(s.score >= best);
+        assert!(s.lower_bound <= best + 1e-12, "{} > {best}", s.lower_bound);
+    }
+
+    #[test]
+    fn total_state_limit_bounds_every_stage_and_stays_valid() {
+        let m = twelve_classes(5);
+        let cap = 250;
+        let (_, _, best) = brute_force(&m, cap).unwrap();
+        let unlimited = solve(&m, cap, &Limits::default()).unwrap();
+        assert!(unlimited.stats.max_kept > 1, "the instance must need more than the cap below");
+        // 12 classes share 12 states: one per stage.
+        let s = solve(&m, cap, &Limits { max_states: 1 << 20, max_total_states: 12 }).unwrap();
+        assert_eq!(s.stats.max_kept, 1);
         assert!(s.cost <= cap);
         assert!(s.score >= best);
         assert!(s.lower_bound <= best + 1e-12, "{} > {best}", s.lower_bound);

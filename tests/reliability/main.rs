@@ -5,7 +5,11 @@
 // `args![...]` builds a Vec on purpose (cases extend it); clippy flags the `&args![..]` calls.
 #![allow(clippy::useless_vec)]
 
+mod heap;
 mod support;
+
+#[global_allocator]
+static HEAP: heap::Guarded = heap::Guarded;
 
 mod corpus;
 mod fuzz;

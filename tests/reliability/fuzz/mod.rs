@@ -8,7 +8,8 @@
 //! with the minimal mutation plan (reproducible: the seeds are deterministic) and the seed.
 //!
 //! Budget per target: `QSENS_FUZZ_SECS` seconds (default 60, what `make test` runs; `make fuzz`
-//! runs 600). `QSENS_FUZZ_SEED` fixes the RNG seed (default: random, printed).
+//! runs 600). `QSENS_FUZZ_SEED` sets the RNG seed: a number, or `random` (what `make fuzz` uses);
+//! by default each target has a fixed seed, so that `make test` is reproducible. The seed is printed.
 
 mod mutate;
 mod targets;
@@ -29,12 +30,20 @@ fn budget() -> Duration {
     Duration::from_secs_f64(secs.max(0.0))
 }
 
+/// The RNG seed of a target: `QSENS_FUZZ_SEED` (a number, or `random` for a fresh one per run, what
+/// `make fuzz` uses); by default a fixed seed per target, so that `make test` and CI explore the
+/// same inputs on every run and a failure there reproduces exactly.
 fn seed_for(name: &str) -> u64 {
-    if let Some(s) = std::env::var("QSENS_FUZZ_SEED").ok().and_then(|s| s.parse().ok()) {
-        return s;
+    let by_name = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    match std::env::var("QSENS_FUZZ_SEED").ok().as_deref() {
+        Some("random") => {
+            let nanos =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+            nanos ^ by_name
+        }
+        Some(s) => s.parse().unwrap_or_else(|_| panic!("QSENS_FUZZ_SEED must be a number or `random`, got {s:?}")),
+        None => by_name,
     }
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
 thread_local! {
