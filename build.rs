@@ -24,7 +24,9 @@ fn main() {
             .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=sm_{cap}"), &src, "-o"])
             .arg(&ptx)
             .status()
-            .unwrap_or_else(|e| panic!("running {} (is the CUDA toolchain set up? see docs/cuda.md): {e}", nvcc.display()));
+            .unwrap_or_else(|e| {
+                panic!("running {} (is the CUDA toolchain set up? see docs/cuda.md): {e}", nvcc.display())
+            });
         assert!(status.success(), "nvcc failed on {src}");
     }
 }

@@ -52,7 +52,14 @@ impl Tap for SegmentTimer<'_> {
         self.mark(id)?;
         Ok(None)
     }
-    fn backward(&mut self, id: LayerId, _l: &Linear, _x: &Tensor, _y: &Tensor, _dy: &Tensor) -> candle_core::Result<()> {
+    fn backward(
+        &mut self,
+        id: LayerId,
+        _l: &Linear,
+        _x: &Tensor,
+        _y: &Tensor,
+        _dy: &Tensor,
+    ) -> candle_core::Result<()> {
         self.mark(id)
     }
 }
@@ -85,31 +92,48 @@ fn main() -> Result<()> {
     let names: Vec<String> = model.layers().iter().map(|l| l.name.clone()).collect();
 
     let formats: Vec<Box<dyn Format>> = vec![format_by_name("FP8")?];
-    let stats: Vec<WeightStats> = (0..n).map(|i| WeightStats::of(model.linear(i).weight())).collect::<candle_core::Result<_>>()?;
+    let stats: Vec<WeightStats> =
+        (0..n).map(|i| WeightStats::of(model.linear(i).weight())).collect::<candle_core::Result<_>>()?;
     let amax = vec![4.0f32; n];
     let skip = vec![false; n];
-    let quant = LayerQuant { formats: &formats, input_amax: &amax, weight_stats: &stats, skip: &skip, cached_weights: None };
+    let quant =
+        LayerQuant { formats: &formats, input_amax: &amax, weight_stats: &stats, skip: &skip, cached_weights: None };
 
     let calib = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: false };
     let train = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Backward, trace: false };
     println!("L = {}, image rows = {}", input.input_ids.len(), input.pixel_values.dims()[0]);
-    println!("forward (no logits, plain):        {:8.1} ms", timed(&device, reps, || Ok(model.forward(&input, &mut NoTap, &calib)?))?);
-    println!("forward (no logits, amax tap):     {:8.1} ms", timed(&device, reps, || {
-        let mut tap = AmaxTap::new(n, &device)?;
-        model.forward(&input, &mut tap, &calib)?;
-        Ok(tap.finish()?)
-    })?);
-    println!("forward (label logits, keep):      {:8.1} ms", timed(&device, reps, || Ok(model.forward(&input, &mut NoTap, &train)?))?);
+    println!(
+        "forward (no logits, plain):        {:8.1} ms",
+        timed(&device, reps, || Ok(model.forward(&input, &mut NoTap, &calib)?))?
+    );
+    println!(
+        "forward (no logits, amax tap):     {:8.1} ms",
+        timed(&device, reps, || {
+            let mut tap = AmaxTap::new(n, &device)?;
+            model.forward(&input, &mut tap, &calib)?;
+            Ok(tap.finish()?)
+        })?
+    );
+    println!(
+        "forward (label logits, keep):      {:8.1} ms",
+        timed(&device, reps, || Ok(model.forward(&input, &mut NoTap, &train)?))?
+    );
     let fwd = model.forward(&input, &mut NoTap, &train)?;
-    println!("backward (no tap):                 {:8.1} ms", timed(&device, reps, || Ok(model.backward(&fwd, &mut NoTap)?))?);
-    println!("backward (gradient scores):        {:8.1} ms", timed(&device, reps, || {
-        let mut tap = GradientTap::new(&quant, n);
-        model.backward(&fwd, &mut tap)?;
-        Ok(tap.finish()?)
-    })?);
+    println!(
+        "backward (no tap):                 {:8.1} ms",
+        timed(&device, reps, || Ok(model.backward(&fwd, &mut NoTap)?))?
+    );
+    println!(
+        "backward (gradient scores):        {:8.1} ms",
+        timed(&device, reps, || {
+            let mut tap = GradientTap::new(&quant, n);
+            model.backward(&fwd, &mut tap)?;
+            Ok(tap.finish()?)
+        })?
+    );
 
     // Micro-benchmarks of the per-layer scoring ops on a text MLP-sized tensor.
-    let id = model.layer_id("model.language_model.layers.0.mlp.down_proj").or(Some(n - 2)).unwrap();
+    let id = model.layer_id("model.language_model.layers.0.mlp.down_proj").unwrap_or(n - 2);
     let lin = model.linear(id);
     let rows = input.input_ids.len();
     let x = Tensor::randn(0f32, 1.0, (rows, lin.weight().dims()[1]), &device)?.to_dtype(dtype)?;
@@ -117,14 +141,32 @@ fn main() -> Result<()> {
     println!("micro ({}, x {:?}, w {:?}):", names[id], x.dims(), lin.weight().dims());
     println!("  matmul                           {:8.3} ms", timed(&device, 20, || Ok(lin.forward(&x)?))?);
     println!("  amax(x)                          {:8.3} ms", timed(&device, 20, || Ok(qsens::quant::fp8::amax(&x)?))?);
-    println!("  fake-quant x                     {:8.3} ms", timed(&device, 20, || Ok(qsens::quant::fp8::fake_quant_tensor(&x, 3.0)?))?);
-    println!("  fake-quant w                     {:8.3} ms", timed(&device, 20, || Ok(formats[0].quantize_weight(lin.weight(), &stats[id])?))?);
-    println!("  quantized output                 {:8.3} ms", timed(&device, 20, || Ok(quant.quantized_output(id, 0, lin, &x)?))?);
-    println!("  gradient score (given yq)        {:8.3} ms", timed(&device, 20, || Ok(qsens::quant::sensitivity::gradient_score(&y, &y, &y)?))?);
+    println!(
+        "  fake-quant x                     {:8.3} ms",
+        timed(&device, 20, || Ok(qsens::quant::fp8::fake_quant_tensor(&x, 3.0)?))?
+    );
+    println!(
+        "  fake-quant w                     {:8.3} ms",
+        timed(&device, 20, || Ok(formats[0].quantize_weight(lin.weight(), &stats[id])?))?
+    );
+    println!(
+        "  quantized output                 {:8.3} ms",
+        timed(&device, 20, || Ok(quant.quantized_output(id, 0, lin, &x)?))?
+    );
+    println!(
+        "  gradient score (given yq)        {:8.3} ms",
+        timed(&device, 20, || Ok(qsens::quant::sensitivity::gradient_score(&y, &y, &y)?))?
+    );
 
     // Segment profile (syncs at each tap: absolute numbers inflate, the split is what matters).
     for backward in [false, true] {
-        let mut timer = SegmentTimer { device: &device, last: Instant::now(), segments: BTreeMap::new(), names: names.clone(), backward };
+        let mut timer = SegmentTimer {
+            device: &device,
+            last: Instant::now(),
+            segments: BTreeMap::new(),
+            names: names.clone(),
+            backward,
+        };
         if backward {
             let fwd = model.forward(&input, &mut NoTap, &train)?;
             device.synchronize()?;

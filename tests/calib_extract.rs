@@ -72,14 +72,9 @@ fn coco_round_trip() {
         assert_eq!(sample.prompt, "Describe this image.");
         let bytes = std::fs::read(images.join(&img.path)).unwrap();
         assert_eq!(img.sha256, artifact::sha256_bytes(&bytes));
-        assert!(
-            manifest_text.contains(img.sha256.trim_start_matches("sha256:")),
-            "{} not in manifest",
-            img.path
-        );
+        assert!(manifest_text.contains(img.sha256.trim_start_matches("sha256:")), "{} not in manifest", img.path);
     }
-    let sizes: Vec<(u32, u32)> =
-        set.samples.iter().map(|s| (s.images[0].width, s.images[0].height)).collect();
+    let sizes: Vec<(u32, u32)> = set.samples.iter().map(|s| (s.images[0].width, s.images[0].height)).collect();
     assert!(sizes.contains(&(1000, 872)) && sizes.contains(&(40, 30)) && sizes.contains(&(1200, 200)));
     let ids: Vec<i64> = set.samples.iter().map(|s| s.id.parse().unwrap()).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "sample-id order");
@@ -140,30 +135,12 @@ fn sampling_is_deterministic() {
     assert_eq!(a, draw("7", "b.msgpack"), "same seed, same bytes");
     let c = draw("8", "c.msgpack");
     let ids = |b: &[u8]| -> Vec<String> {
-        artifact::from_bytes::<CalibrationSet>(b)
-            .unwrap()
-            .payload
-            .samples
-            .iter()
-            .map(|s| s.id.clone())
-            .collect()
+        artifact::from_bytes::<CalibrationSet>(b).unwrap().payload.samples.iter().map(|s| s.id.clone()).collect()
     };
     assert_eq!(ids(&a).len(), 5);
     assert_ne!(ids(&a), ids(&c), "another seed draws other samples");
     // Stdout output is the same artifact.
-    let o = ok(&[
-        "--db",
-        s(&db),
-        "--image-root",
-        s(&images),
-        "--num",
-        "5",
-        "--seed",
-        "7",
-        "--split",
-        "captions",
-        "-q",
-    ]);
+    let o = ok(&["--db", s(&db), "--image-root", s(&images), "--num", "5", "--seed", "7", "--split", "captions", "-q"]);
     assert_eq!(o.stdout, a);
 }
 
@@ -246,12 +223,7 @@ fn bad_inputs() {
     // A DB without the table.
     let empty_db = d.join("empty.db");
     rusqlite::Connection::open(&empty_db).unwrap().execute_batch("CREATE TABLE other (x INTEGER);").unwrap();
-    assert_fails(
-        &["--db", s(&empty_db), "--image-root", s(d), "-o", o],
-        &out,
-        &empty_db,
-        "no such table: samples",
-    );
+    assert_fails(&["--db", s(&empty_db), "--image-root", s(d), "-o", o], &out, &empty_db, "no such table: samples");
 
     // Not a database at all.
     let not_db = d.join("not.db");
@@ -275,44 +247,21 @@ fn bad_inputs() {
         let db = d.join(format!("{name}.db"));
         let c = rusqlite::Connection::open(&db).unwrap();
         c.execute_batch(qsens::calib::db::SCHEMA).unwrap();
-        c.execute(
-            "INSERT INTO samples VALUES (1, 1, 'good.jpg', 'fine', 'x'), (2, 2, ?1, 'bad', 'x')",
-            [file],
-        )
-        .unwrap();
+        c.execute("INSERT INTO samples VALUES (1, 1, 'good.jpg', 'fine', 'x'), (2, 2, ?1, 'bad', 'x')", [file])
+            .unwrap();
         db
     };
     let r = s(&root);
     let db = case("missing-image", "nope.jpg");
     assert_fails(&["--db", s(&db), "--image-root", r, "-o", o], &out, &root.join("nope.jpg"), "No such file");
     let db = case("zero", "zero.jpg");
-    assert_fails(
-        &["--db", s(&db), "--image-root", r, "-o", o],
-        &out,
-        &root.join("zero.jpg"),
-        "empty file (0 bytes)",
-    );
+    assert_fails(&["--db", s(&db), "--image-root", r, "-o", o], &out, &root.join("zero.jpg"), "empty file (0 bytes)");
     let db = case("truncated", "truncated.jpg");
-    assert_fails(
-        &["--db", s(&db), "--image-root", r, "-o", o],
-        &out,
-        &root.join("truncated.jpg"),
-        "truncated",
-    );
+    assert_fails(&["--db", s(&db), "--image-root", r, "-o", o], &out, &root.join("truncated.jpg"), "truncated");
     let db = case("garbled", "garbled.jpg");
-    assert_fails(
-        &["--db", s(&db), "--image-root", r, "-o", o],
-        &out,
-        &root.join("garbled.jpg"),
-        "corrupt JPEG",
-    );
+    assert_fails(&["--db", s(&db), "--image-root", r, "-o", o], &out, &root.join("garbled.jpg"), "corrupt JPEG");
     let db = case("badpng", "text.png");
-    assert_fails(
-        &["--db", s(&db), "--image-root", r, "-o", o],
-        &out,
-        &root.join("text.png"),
-        "corrupt Png image",
-    );
+    assert_fails(&["--db", s(&db), "--image-root", r, "-o", o], &out, &root.join("text.png"), "corrupt Png image");
     let db = case("escape", "../good.jpg");
     assert_fails(
         &["--db", s(&db), "--image-root", r, "-o", o],
@@ -323,11 +272,7 @@ fn bad_inputs() {
 
     // Malformed and unreadable COCO JSON: no database is created.
     let bad_json = d.join("captions_bad.json");
-    std::fs::write(
-        &bad_json,
-        br#"{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 1}]}"#,
-    )
-    .unwrap();
+    std::fs::write(&bad_json, br#"{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 1}]}"#).unwrap();
     let new_db = d.join("new.db");
     assert_fails(
         &["--from-coco", s(&bad_json), "--db", s(&new_db)],
@@ -336,17 +281,11 @@ fn bad_inputs() {
         "malformed COCO captions JSON",
     );
     let dangling = d.join("captions_dangling.json");
-    std::fs::write(
-        &dangling,
-        br#"{"images": [], "annotations": [{"id": 1, "image_id": 5, "caption": "x"}]}"#,
-    )
-    .unwrap();
+    std::fs::write(&dangling, br#"{"images": [], "annotations": [{"id": 1, "image_id": 5, "caption": "x"}]}"#).unwrap();
     assert_fails(&["--from-coco", s(&dangling), "--db", s(&new_db)], &new_db, &dangling, "not in `images`");
     let nowhere = d.join("captions_nowhere.json");
     assert_fails(&["--from-coco", s(&nowhere), "--db", s(&new_db)], &new_db, &nowhere, "No such file");
-    let names: Vec<String> = std::fs::read_dir(d)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names: Vec<String> =
+        std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(!names.iter().any(|n| n.ends_with(".tmp")), "temporary left behind: {names:?}");
 }

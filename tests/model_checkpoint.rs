@@ -230,7 +230,8 @@ fn synthetic_input(cfg: &Config) -> Input {
     let labels: Vec<i32> = (0..l).map(|i| if i + 4 >= l { ids[i] as i32 } else { -100 }).collect();
     let n: usize = grids.iter().map(|g| (g[0] * g[1] * g[2]) as usize).sum();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let px: Vec<f32> = (0..n * v.patch_dim()).map(|_| rand_distr::Uniform::new(-1f32, 1.0).unwrap().sample(&mut rng)).collect();
+    let px: Vec<f32> =
+        (0..n * v.patch_dim()).map(|_| rand_distr::Uniform::new(-1f32, 1.0).unwrap().sample(&mut rng)).collect();
     Input {
         input_ids: ids,
         position_ids: pos,
@@ -273,7 +274,10 @@ fn real_4b_config_implies_358_layers() {
     assert_eq!(layers.iter().filter(|l| l.tower == Tower::Vision).count(), 1 + 96 + 2 + 6);
     assert_eq!(layers.iter().filter(|l| l.tower == Tower::Text).count(), 252);
     let first = &layers[0];
-    assert_eq!((first.name.as_str(), first.in_features, first.out_features), ("model.visual.patch_embed.proj", 1536, 1024));
+    assert_eq!(
+        (first.name.as_str(), first.in_features, first.out_features),
+        ("model.visual.patch_embed.proj", 1536, 1024)
+    );
     let q = layers.iter().find(|l| l.name == "model.language_model.layers.35.self_attn.q_proj").unwrap();
     assert_eq!((q.in_features, q.out_features), (2560, 4096));
     let k = layers.iter().find(|l| l.name == "model.language_model.layers.0.self_attn.k_proj").unwrap();
@@ -362,11 +366,20 @@ fn load_errors_name_tensor_and_file() {
     let bad = "model.language_model.layers.1.mlp.up_proj.weight";
     let w: Vec<_> = weights
         .iter()
-        .map(|(n, t)| if n == bad { (n.clone(), Tensor::zeros((96, 63), DType::F32, &Device::Cpu).unwrap()) } else { (n.clone(), t.clone()) })
+        .map(|(n, t)| {
+            if n == bad {
+                (n.clone(), Tensor::zeros((96, 63), DType::F32, &Device::Cpu).unwrap())
+            } else {
+                (n.clone(), t.clone())
+            }
+        })
         .collect();
     write_checkpoint(dir.path(), &config, &w, 1);
     let e = load_err(dir.path());
-    assert!(e.contains(bad) && e.contains("model.safetensors") && e.contains("[96, 63]") && e.contains("[96, 64]"), "{e}");
+    assert!(
+        e.contains(bad) && e.contains("model.safetensors") && e.contains("[96, 63]") && e.contains("[96, 64]"),
+        "{e}"
+    );
 
     // Sharded: absent from the index, and listed in the index but absent from the shard.
     let dir = tempfile::tempdir().unwrap();
@@ -405,7 +418,9 @@ fn forward_rejects_inconsistent_inputs() {
     let model = Qwen3VL::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let good = synthetic_input(&cfg);
     let opts = ForwardOptions::default();
-    let err = |i: &Input, o: &ForwardOptions| model.forward(i, &mut NoTap, o).err().map(|e| e.to_string()).unwrap_or_default();
+    let err = |i: &Input, o: &ForwardOptions| {
+        model.forward(i, &mut NoTap, o).err().map(|e| e.to_string()).unwrap_or_default()
+    };
     let mut i = good.clone();
     i.grid_thw[0] = [1, 4, 8];
     assert!(err(&i, &opts).contains("image tokens"));
@@ -429,7 +444,8 @@ fn forward_rejects_inconsistent_inputs() {
     model.backward(&f, &mut count).unwrap();
     assert!(count.calls.iter().all(|&id| model.layers()[id].tower != Tower::Vision));
     // Resuming a text-only sample from any layer, vision ones included, gives its logits again.
-    let res = model.forward(&i, &mut NoTap, &ForwardOptions { logits: LogitsMode::All, keep: Keep::Resume, trace: false });
+    let res =
+        model.forward(&i, &mut NoTap, &ForwardOptions { logits: LogitsMode::All, keep: Keep::Resume, trace: false });
     let res = res.unwrap();
     for id in 0..model.layers().len() {
         let again = model.forward_from(&res, id, &mut NoTap).unwrap();

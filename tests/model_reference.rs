@@ -83,10 +83,8 @@ fn tiny_structure_matches_modelopt_layer_list() {
     let model = Qwen3VL::load(&fx.join(TINY), DType::F32, &Device::Cpu).unwrap();
     // HF counts the tied lm_head once: 10,023,744 (fixtures/README.md).
     assert_eq!(model.num_parameters(), 10_023_744);
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fx.join("modelopt/autoquant_gradient.json")).unwrap(),
-    )
-    .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("modelopt/autoquant_gradient.json")).unwrap()).unwrap();
     let modules: Vec<String> = json["groups"]
         .as_array()
         .unwrap()

@@ -29,8 +29,7 @@ fn json(path: &Path) -> serde_json::Value {
 
 /// The same patch layout with the identity map, i.e. the u8 values HF's `pixel_values` encode.
 fn patch_u8(img: &ImagePixels, s: &ProcessorSettings) -> Vec<u8> {
-    let id =
-        ProcessorSettings { rescale_factor: 1.0, image_mean: [0.0; 3], image_std: [1.0; 3], ..s.clone() };
+    let id = ProcessorSettings { rescale_factor: 1.0, image_mean: [0.0; 3], image_std: [1.0; 3], ..s.clone() };
     pixel_values(img, &id).into_iter().map(|v| v as u8).collect()
 }
 
@@ -123,8 +122,7 @@ fn calibration_samples_match_hf() {
         let reference = st.tensor("pixel_values_u8").unwrap();
         let stats = pixel_stats(&got.images[0], reference.data(), &s);
         assert_pixels_close(file, &stats);
-        let f32_bytes: Vec<u8> =
-            pixel_values(&got.images[0], &s).iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f32_bytes: Vec<u8> = pixel_values(&got.images[0], &s).iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(
             hex::encode(sha2::Sha256::digest(&f32_bytes)),
             entry["pixel_values_f32_sha256"].as_str().unwrap(),
@@ -173,8 +171,7 @@ fn processor_defaults_match_hf_on_all_images() {
         assert_eq!(stats.u8_diffs, diffs);
         assert_pixels_close(file, &stats);
         let f32_bytes: Vec<u8> = pixel_values(&img, &s).iter().flat_map(|v| v.to_le_bytes()).collect();
-        let sha_ok = hex::encode(sha2::Sha256::digest(&f32_bytes))
-            == info["pixel_values_f32_sha256"].as_str().unwrap();
+        let sha_ok = hex::encode(sha2::Sha256::digest(&f32_bytes)) == info["pixel_values_f32_sha256"].as_str().unwrap();
         eprintln!("{file}: resized u8 differing from HF: {diffs}; f32 pixel_values sha256 equal: {sha_ok}");
         // Stricter than the tolerance above: the decoder and resize are bit-exact ports.
         assert_eq!(diffs, 0, "{file}: resized u8 values differ from HF");
@@ -209,14 +206,13 @@ fn two_images_in_one_message() {
     let got = processor.sample(&sample, &images).unwrap();
     let sp = processor.special_tokens();
     assert_eq!(got.images.len(), 2);
-    assert!(got.text.contains(
-        "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>Compare"
-    ));
+    assert!(got
+        .text
+        .contains("<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>Compare"));
     // Tokens per image and their order.
     let rows: u32 = got.image_grid_thw().iter().map(|g| g.iter().product::<u32>()).sum();
     assert_eq!(got.pixel_values(processor.settings()).len(), rows as usize * 3 * 2 * 16 * 16);
-    let counts: Vec<usize> =
-        got.images.iter().map(|i| i.grid_thw.iter().product::<u32>() as usize / 4).collect();
+    let counts: Vec<usize> = got.images.iter().map(|i| i.grid_thw.iter().product::<u32>() as usize / 4).collect();
     let runs: Vec<usize> =
         got.input_ids.split(|&t| t != sp.image_pad).filter(|r| !r.is_empty()).map(|r| r.len()).collect();
     assert_eq!(runs, counts);
@@ -394,16 +390,7 @@ fn cli_bad_inputs() {
     std::fs::create_dir(&root).unwrap();
     std::fs::copy(fx.join("images/000000000002.jpg"), root.join("000000000009.jpg")).unwrap();
     assert_fails(
-        &[
-            "--calibration",
-            calib.to_str().unwrap(),
-            "--model",
-            m,
-            "--image-root",
-            root.to_str().unwrap(),
-            "-o",
-            o,
-        ],
+        &["--calibration", calib.to_str().unwrap(), "--model", m, "--image-root", root.to_str().unwrap(), "-o", o],
         &out,
         "000000000009.jpg: image changed since calib-extract",
     );

@@ -412,10 +412,7 @@ mod tests {
 
     #[test]
     fn sha256_known_vector() {
-        assert_eq!(
-            sha256_bytes(b"abc"),
-            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(sha256_bytes(b"abc"), "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     #[test]
@@ -425,7 +422,8 @@ mod tests {
         write(path.as_path(), &demo()).unwrap();
         let back: Artifact<Demo> = read(path.as_path()).unwrap();
         assert_eq!(back, demo());
-        let names: Vec<_> = std::fs::read_dir(dir.path().join("sub")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path().join("sub")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("out.json")]);
     }
 

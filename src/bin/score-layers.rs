@@ -10,7 +10,11 @@ use qsens::score::{self, Method, ScoreOptions};
 /// Scores how sensitive every quantizable layer is to each quantization format, as ModelOpt's
 /// auto_quantize does (gradient or kl_div method), and writes a `qsens.scores` artifact.
 #[derive(Parser)]
-#[command(version, max_term_width = 98, after_long_help = "Artifacts: see docs/artifacts.md. Exit status: 0 ok, 2 error.")]
+#[command(
+    version,
+    max_term_width = 98,
+    after_long_help = "Artifacts: see docs/artifacts.md. Exit status: 0 ok, 2 error."
+)]
 struct Args {
     /// HF checkpoint directory (config.json + *.safetensors).
     #[arg(long, value_name = "DIR", required_unless_present = "merge")]

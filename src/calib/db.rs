@@ -92,11 +92,7 @@ pub fn read_coco(path: &Path, split: &str) -> Result<Vec<Row>> {
     }
     rows.sort_by_key(|r| r.sample_id);
     if let Some(w) = rows.windows(2).find(|w| w[0].sample_id == w[1].sample_id) {
-        bail!(
-            "{}: malformed COCO captions JSON: annotation id {} appears twice",
-            path.display(),
-            w[0].sample_id
-        );
+        bail!("{}: malformed COCO captions JSON: annotation id {} appears twice", path.display(), w[0].sample_id);
     }
     Ok(rows)
 }
@@ -112,7 +108,9 @@ pub fn write_db(db: &Path, rows: &[Row]) -> Result<()> {
         let tx = conn.transaction().map_err(fail)?;
         {
             let mut stmt = tx
-                .prepare("INSERT INTO samples (sample_id, image_id, file_name, caption, split) VALUES (?1, ?2, ?3, ?4, ?5)")
+                .prepare(
+                    "INSERT INTO samples (sample_id, image_id, file_name, caption, split) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
                 .map_err(fail)?;
             for r in rows {
                 stmt.execute(rusqlite::params![r.sample_id, r.image_id, r.file_name, r.caption, r.split])
@@ -140,10 +138,9 @@ pub fn write_db(db: &Path, rows: &[Row]) -> Result<()> {
 /// columns by name. Errors name the database.
 pub fn read_rows(db: &Path, query: Option<&str>) -> Result<Vec<Row>> {
     let named = |e: rusqlite::Error| match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => anyhow!(
-            "{}: {e} (another connection holds a write lock on it; gave up after waiting 5 s)",
-            db.display()
-        ),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            anyhow!("{}: {e} (another connection holds a write lock on it; gave up after waiting 5 s)", db.display())
+        }
         _ => anyhow!("{}: {e}", db.display()),
     };
     match std::fs::metadata(db) {
@@ -152,9 +149,8 @@ pub fn read_rows(db: &Path, query: Option<&str>) -> Result<Vec<Row>> {
         Ok(m) if m.len() == 0 => bail!("{}: empty file, not an SQLite database", db.display()),
         Ok(_) => {}
     }
-    let conn =
-        Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(named)?;
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(named)?;
     let sql = query.unwrap_or(DEFAULT_QUERY);
     let mut stmt = conn.prepare(sql).map_err(named)?;
     let names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();

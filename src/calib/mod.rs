@@ -82,8 +82,8 @@ pub fn extract(args: &ExtractArgs, reporter: Reporter) -> Result<Artifact<Calibr
     if let Some(split) = &args.split {
         rows.retain(|r| &r.split == split);
     }
-    let rows = select_rows(rows, args.all_captions, args.num, args.seed)
-        .with_context(|| args.db.display().to_string())?;
+    let rows =
+        select_rows(rows, args.all_captions, args.num, args.seed).with_context(|| args.db.display().to_string())?;
     if rows.is_empty() {
         bail!(
             "{}: no rows to extract{}",
@@ -91,8 +91,7 @@ pub fn extract(args: &ExtractArgs, reporter: Reporter) -> Result<Artifact<Calibr
             args.split.as_ref().map(|s| format!(" in split '{s}'")).unwrap_or_default()
         );
     }
-    let root_canon =
-        std::fs::canonicalize(root).map_err(|e| anyhow!("{}: image root: {e}", root.display()))?;
+    let root_canon = std::fs::canonicalize(root).map_err(|e| anyhow!("{}: image root: {e}", root.display()))?;
     if !root_canon.is_dir() {
         bail!("{}: image root is not a directory", root.display());
     }
@@ -138,12 +137,7 @@ pub fn extract(args: &ExtractArgs, reporter: Reporter) -> Result<Artifact<Calibr
 
 /// One caption per image (lowest sample id) unless `all_captions`, then `num` rows drawn with
 /// [`sample_indices`]; the result is in sample-id order. Duplicate sample ids are an error.
-pub fn select_rows(
-    mut rows: Vec<Row>,
-    all_captions: bool,
-    num: Option<usize>,
-    seed: u64,
-) -> Result<Vec<Row>> {
+pub fn select_rows(mut rows: Vec<Row>, all_captions: bool, num: Option<usize>, seed: u64) -> Result<Vec<Row>> {
     rows.sort_by_key(|r| r.sample_id);
     if let Some(w) = rows.windows(2).find(|w| w[0].sample_id == w[1].sample_id) {
         bail!("sample_id {} appears more than once", w[0].sample_id);
@@ -197,15 +191,9 @@ fn check_image(root: &Path, root_canon: &Path, row: &Row) -> Result<ImageRef> {
     let rel = Path::new(&row.file_name);
     let shown = root.join(rel);
     let escapes = rel.is_absolute()
-        || rel
-            .components()
-            .any(|c| matches!(c, Component::ParentDir | Component::RootDir | Component::Prefix(_)));
+        || rel.components().any(|c| matches!(c, Component::ParentDir | Component::RootDir | Component::Prefix(_)));
     if escapes || row.file_name.is_empty() {
-        bail!(
-            "{}: file name '{}' is not a relative path inside the image root",
-            shown.display(),
-            row.file_name
-        );
+        bail!("{}: file name '{}' is not a relative path inside the image root", shown.display(), row.file_name);
     }
     let canon = std::fs::canonicalize(&shown).map_err(|e| anyhow!("{}: {e}", shown.display()))?;
     if !canon.starts_with(root_canon) {
@@ -256,8 +244,7 @@ mod tests {
     #[test]
     fn first_caption_per_image() {
         let rows = vec![row(21, 2), row(11, 1), row(10, 1), row(20, 2), row(30, 3)];
-        let ids: Vec<i64> =
-            select_rows(rows.clone(), false, None, 0).unwrap().iter().map(|r| r.sample_id).collect();
+        let ids: Vec<i64> = select_rows(rows.clone(), false, None, 0).unwrap().iter().map(|r| r.sample_id).collect();
         assert_eq!(ids, vec![10, 20, 30]);
         assert_eq!(select_rows(rows.clone(), true, None, 0).unwrap().len(), 5);
         assert!(select_rows(rows.clone(), false, Some(4), 0).is_err());

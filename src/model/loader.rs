@@ -140,12 +140,7 @@ impl Checkpoint {
             )
         };
         if info.shape != shape {
-            bail!(
-                "tensor `{name}` in {} has shape {:?}, expected {:?}",
-                shard.path.display(),
-                info.shape,
-                shape
-            )
+            bail!("tensor `{name}` in {} has shape {:?}, expected {:?}", shard.path.display(), info.shape, shape)
         }
         let Some(src_dtype) = candle_dtype(info.dtype).filter(|d| d.is_float()) else {
             bail!("tensor `{name}` in {} has unsupported dtype {:?}", shard.path.display(), info.dtype)

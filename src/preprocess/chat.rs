@@ -77,8 +77,7 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.to_string())
-            .map_err(|e| anyhow!("invalid chat template: {e:#}"))?;
+        env.add_template_owned(NAME, source.to_string()).map_err(|e| anyhow!("invalid chat template: {e:#}"))?;
         Ok(ChatTemplate { env, special_tokens })
     }
 
@@ -97,10 +96,8 @@ impl ChatTemplate {
 
 /// HF's `strftime_now(format)`; only `%Y %m %d %B %b %H %M %S` and `%%` are supported.
 fn strftime_now(format: String) -> Result<Value, Error> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // Civil-from-days (Howard Hinnant's algorithm), UTC.
     let z = days + 719_468;
@@ -144,10 +141,7 @@ fn strftime_now(format: String) -> Result<Value, Error> {
             Some('S') => out.push_str(&format!("{:02}", rem % 60)),
             Some('%') => out.push('%'),
             other => {
-                return Err(Error::new(
-                    ErrorKind::InvalidOperation,
-                    format!("strftime_now: unsupported %{other:?}"),
-                ))
+                return Err(Error::new(ErrorKind::InvalidOperation, format!("strftime_now: unsupported %{other:?}")))
             }
         }
     }
@@ -262,26 +256,20 @@ mod tests {
 {%- endif %}
 {%- endfor %}"#;
         let t = ChatTemplate::new(src, vec![]).unwrap();
-        let msgs = [
-            Message::user(&["a.jpg".to_string()], "hi"),
-            Message::assistant("<think>\nwhy\n</think>\n\nA cat."),
-        ];
+        let msgs =
+            [Message::user(&["a.jpg".to_string()], "hi"), Message::assistant("<think>\nwhy\n</think>\n\nA cat.")];
         assert_eq!(t.render(&msgs, false).unwrap(), "user:0image;A cat.|why| x");
     }
 
     #[test]
     fn trim_and_lstrip_blocks_like_hf() {
-        let t = ChatTemplate::new(
-            "A\n  {% if true %}\nB\n  {% endif %}\nC\n",
-            vec![("eos_token".into(), "<e>".into())],
-        )
-        .unwrap();
+        let t =
+            ChatTemplate::new("A\n  {% if true %}\nB\n  {% endif %}\nC\n", vec![("eos_token".into(), "<e>".into())])
+                .unwrap();
         assert_eq!(t.render(&[], false).unwrap(), "A\nB\nC");
-        let t = ChatTemplate::new(
-            "{{ eos_token }}{{ raise_exception('boom') }}",
-            vec![("eos_token".into(), "<e>".into())],
-        )
-        .unwrap();
+        let t =
+            ChatTemplate::new("{{ eos_token }}{{ raise_exception('boom') }}", vec![("eos_token".into(), "<e>".into())])
+                .unwrap();
         assert!(format!("{:#}", t.render(&[], false).unwrap_err()).contains("boom"));
     }
 

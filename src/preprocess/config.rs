@@ -75,16 +75,10 @@ impl PreprocessorConfig {
             }
         }
         let size = self.size.clone().unwrap_or_default();
-        let min_pixels = min_override
-            .or(self.min_pixels)
-            .or(size.shortest_edge)
-            .or(size.min_pixels)
-            .unwrap_or(DEFAULT_MIN_PIXELS);
-        let max_pixels = max_override
-            .or(self.max_pixels)
-            .or(size.longest_edge)
-            .or(size.max_pixels)
-            .unwrap_or(DEFAULT_MAX_PIXELS);
+        let min_pixels =
+            min_override.or(self.min_pixels).or(size.shortest_edge).or(size.min_pixels).unwrap_or(DEFAULT_MIN_PIXELS);
+        let max_pixels =
+            max_override.or(self.max_pixels).or(size.longest_edge).or(size.max_pixels).unwrap_or(DEFAULT_MAX_PIXELS);
         if min_pixels == 0 || min_pixels > max_pixels {
             bail!("min_pixels {min_pixels} and max_pixels {max_pixels} do not form a valid range");
         }
@@ -225,9 +219,7 @@ pub fn template_special_tokens(dir: &Path) -> Result<Vec<(String, String)>> {
     for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
         let s = match v.get(key) {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(obj @ serde_json::Value::Object(_)) => {
-                obj.get("content").and_then(|c| c.as_str()).map(str::to_string)
-            }
+            Some(obj @ serde_json::Value::Object(_)) => obj.get("content").and_then(|c| c.as_str()).map(str::to_string),
             _ => None,
         };
         if let Some(s) = s {
@@ -256,9 +248,8 @@ mod tests {
         let s = released.resolve(Some(1024), Some(262144)).unwrap();
         assert_eq!((s.min_pixels, s.max_pixels), (1024, 262144));
 
-        let old = parse(
-            r#"{"min_pixels": 3136, "max_pixels": 12845056, "size": {"shortest_edge": 1, "longest_edge": 2}}"#,
-        );
+        let old =
+            parse(r#"{"min_pixels": 3136, "max_pixels": 12845056, "size": {"shortest_edge": 1, "longest_edge": 2}}"#);
         let s = old.resolve(None, None).unwrap();
         assert_eq!((s.min_pixels, s.max_pixels, s.patch_size), (3136, 12845056, 14));
         assert_eq!(s.image_mean, OPENAI_CLIP_MEAN);
@@ -272,8 +263,7 @@ mod tests {
         assert!(parse(r#"{"merge_size": 4294967295}"#).resolve(None, None).is_err());
         assert!(parse(r#"{"patch_size": 65536}"#).resolve(None, None).is_err());
         assert!(parse("{}").resolve(Some(1_000_000_000_000_000), Some(u64::MAX)).is_err());
-        let inf_std =
-            PreprocessorConfig { image_std: Some(vec![0.5, f64::INFINITY, 0.5]), ..Default::default() };
+        let inf_std = PreprocessorConfig { image_std: Some(vec![0.5, f64::INFINITY, 0.5]), ..Default::default() };
         assert!(inf_std.resolve(None, None).is_err());
     }
 

@@ -39,8 +39,7 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         return decode_jpeg(bytes);
     }
-    let format =
-        image::guess_format(bytes).map_err(|_| anyhow!("not an image (unrecognised file format)"))?;
+    let format = image::guess_format(bytes).map_err(|_| anyhow!("not an image (unrecognised file format)"))?;
     decode_other(bytes, format)
 }
 
@@ -155,9 +154,7 @@ extern "C-unwind" fn emit_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct, l
     // SAFETY: `err` points to the manager installed by `strict_error_mgr`.
     let code = unsafe { (*cinfo.err).msg_code };
     if level < 0 && code == mozjpeg_sys::JWRN_JPEG_EOF as std::os::raw::c_int {
-        std::panic::resume_unwind(Box::new(
-            "image file is truncated (premature end of JPEG data)".to_string(),
-        ));
+        std::panic::resume_unwind(Box::new("image file is truncated (premature end of JPEG data)".to_string()));
     }
     if level < 0 {
         // SAFETY: as above.

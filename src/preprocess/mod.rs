@@ -55,8 +55,7 @@ impl Processor {
         }
         let pp_path = dir.join("preprocessor_config.json");
         let preprocessor_config: config::PreprocessorConfig = config::read_json(&pp_path)?;
-        let settings =
-            preprocessor_config.resolve(None, None).with_context(|| pp_path.display().to_string())?;
+        let settings = preprocessor_config.resolve(None, None).with_context(|| pp_path.display().to_string())?;
         let ids = config::read_vision_token_ids(&dir.join("config.json"))?;
         if let Some(m) = ids.spatial_merge_size {
             if m != settings.merge_size {
@@ -128,15 +127,9 @@ impl Processor {
     /// Resizes an already converted RGB image.
     pub fn image_from_rgb(&self, rgb: &RgbImage) -> Result<ImagePixels> {
         let s = &self.settings;
-        let (h, w) =
-            smart_resize(rgb.height, rgb.width, s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)?;
+        let (h, w) = smart_resize(rgb.height, rgb.width, s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)?;
         let resized = resize_bicubic_aa(rgb, h, w);
-        Ok(ImagePixels {
-            grid_thw: [1, h / s.patch_size, w / s.patch_size],
-            height: h,
-            width: w,
-            rgb: resized.data,
-        })
+        Ok(ImagePixels { grid_thw: [1, h / s.patch_size, w / s.patch_size], height: h, width: w, rgb: resized.data })
     }
 
     /// One calibration sample, reading its images below `image_root` and re-checking their
@@ -145,8 +138,8 @@ impl Processor {
         let mut images = Vec::with_capacity(sample.images.len());
         for r in &sample.images {
             let rel = Path::new(&r.path);
-            let inside = !r.path.is_empty()
-                && rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+            let inside =
+                !r.path.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
             if !inside {
                 bail!(
                     "{}: image path '{}' is not a relative path inside the image root",
@@ -156,14 +149,11 @@ impl Processor {
             }
             let path = image_root.join(rel);
             // Only regular files: a FIFO would block the read forever, a device never end it.
-            let meta = std::fs::metadata(&path)
-                .map_err(|e| anyhow!(e))
-                .with_context(|| path.display().to_string())?;
+            let meta = std::fs::metadata(&path).map_err(|e| anyhow!(e)).with_context(|| path.display().to_string())?;
             if !meta.is_file() {
                 bail!("{}: not a regular file (a directory, device or pipe)", path.display());
             }
-            let bytes =
-                std::fs::read(&path).map_err(|e| anyhow!(e)).with_context(|| path.display().to_string())?;
+            let bytes = std::fs::read(&path).map_err(|e| anyhow!(e)).with_context(|| path.display().to_string())?;
             let digest = artifact::sha256_bytes(&bytes);
             if digest != r.sha256 {
                 bail!(
@@ -180,19 +170,12 @@ impl Processor {
     /// One calibration sample from already processed images (no file access): messages
     /// `[user: [images…, prompt], assistant: caption]`, `add_generation_prompt=False`, labels on
     /// the caption and its closing `<|im_end|>`.
-    pub fn sample_with_images(
-        &self,
-        sample: &CalibrationSample,
-        images: Vec<ImagePixels>,
-    ) -> Result<SampleInputs> {
+    pub fn sample_with_images(&self, sample: &CalibrationSample, images: Vec<ImagePixels>) -> Result<SampleInputs> {
         let refs: Vec<String> = sample.images.iter().map(|r| r.path.clone()).collect();
         let user = Message::user(&refs, &sample.prompt);
         let template = || self.template_path.display().to_string();
         let prefix = self.template.render(std::slice::from_ref(&user), true).with_context(template)?;
-        let full = self
-            .template
-            .render(&[user, Message::assistant(&sample.caption)], false)
-            .with_context(template)?;
+        let full = self.template.render(&[user, Message::assistant(&sample.caption)], false).with_context(template)?;
         if !full.starts_with(&prefix) {
             bail!(
                 "{}: the chat template renders the user turn differently with and without the assistant answer",
@@ -305,8 +288,7 @@ pub fn run(args: &PreprocessArgs, reporter: Reporter) -> Result<()> {
 pub fn build(args: &PreprocessArgs, reporter: Reporter) -> Result<Artifact<ModelInputs>> {
     let calib_loc = Location::from(args.calibration.as_str());
     let calib_bytes = artifact::read_bytes(&calib_loc)?;
-    let calib: Artifact<CalibrationSet> =
-        artifact::from_bytes(&calib_bytes).with_context(|| calib_loc.to_string())?;
+    let calib: Artifact<CalibrationSet> = artifact::from_bytes(&calib_bytes).with_context(|| calib_loc.to_string())?;
     if calib.payload.samples.is_empty() {
         bail!("{calib_loc}: the calibration set has no samples (nothing to preprocess)");
     }
@@ -317,11 +299,7 @@ pub fn build(args: &PreprocessArgs, reporter: Reporter) -> Result<Artifact<Model
         .with_context(|| args.model.join("preprocessor_config.json").display().to_string())?;
     let root = args.image_root.clone().unwrap_or_else(|| PathBuf::from(&calib.payload.image_root));
     let set = &calib.payload;
-    reporter.detail(format!(
-        "preprocess: {} samples, settings {:?}",
-        set.samples.len(),
-        processor.settings()
-    ));
+    reporter.detail(format!("preprocess: {} samples, settings {:?}", set.samples.len(), processor.settings()));
 
     let bar = reporter.bar(set.samples.len() as u64, "preprocess");
     let results: Vec<Result<SampleInputs>> = set

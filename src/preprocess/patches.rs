@@ -147,12 +147,7 @@ mod tests {
         let (h, w) = (4usize, 8usize);
         let rgb: Vec<u8> = (0..h * w * 3).map(|i| i as u8).collect();
         let img = ImagePixels { grid_thw: [1, 2, 4], height: h as u32, width: w as u32, rgb: rgb.clone() };
-        let s = ProcessorSettings {
-            rescale_factor: 1.0,
-            image_mean: [0.0; 3],
-            image_std: [1.0; 3],
-            ..settings()
-        };
+        let s = ProcessorSettings { rescale_factor: 1.0, image_mean: [0.0; 3], image_std: [1.0; 3], ..settings() };
         let pv = pixel_values(&img, &s);
         let cols = 3 * 2 * 2 * 2;
         assert_eq!(pv.len(), 8 * cols);

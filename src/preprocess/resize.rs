@@ -16,13 +16,7 @@ use super::decode::RgbImage;
 /// HF's `smart_resize` (`models/qwen2_vl/image_processing_qwen2_vl.py`): the `(height, width)`
 /// closest to the input, both multiples of `factor`, with `min_pixels ≤ h·w ≤ max_pixels`.
 /// Python semantics: true division in f64, `round` ties to even, `floor`/`ceil` in f64.
-pub fn smart_resize(
-    height: u32,
-    width: u32,
-    factor: u32,
-    min_pixels: u64,
-    max_pixels: u64,
-) -> Result<(u32, u32)> {
+pub fn smart_resize(height: u32, width: u32, factor: u32, min_pixels: u64, max_pixels: u64) -> Result<(u32, u32)> {
     if height == 0 || width == 0 {
         bail!("image has a zero dimension ({width}×{height})");
     }

@@ -9,10 +9,7 @@ use anyhow::{bail, Result};
 pub fn expand_image_pads(text: &str, pad: &str, counts: &[usize]) -> Result<String> {
     let found = text.matches(pad).count();
     if found != counts.len() {
-        bail!(
-            "the rendered text has {found} image placeholder(s) {pad} but there are {} image(s)",
-            counts.len()
-        );
+        bail!("the rendered text has {found} image placeholder(s) {pad} but there are {} image(s)", counts.len());
     }
     let mut out = String::with_capacity(text.len() + counts.iter().sum::<usize>() * pad.len());
     let mut rest = text;
@@ -30,12 +27,7 @@ pub fn expand_image_pads(text: &str, pad: &str, counts: &[usize]) -> Result<Stri
 
 /// Labels: −100 everywhere except the tokens overlapping the byte span `[start, end)` of the
 /// answer, and the `im_end` token that must follow them.
-pub fn answer_labels(
-    ids: &[u32],
-    offsets: &[(usize, usize)],
-    span: (usize, usize),
-    im_end: u32,
-) -> Result<Vec<i32>> {
+pub fn answer_labels(ids: &[u32], offsets: &[(usize, usize)], span: (usize, usize), im_end: u32) -> Result<Vec<i32>> {
     let (start, end) = span;
     let mut labels = vec![-100i32; ids.len()];
     let mut last = None;

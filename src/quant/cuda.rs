@@ -19,7 +19,9 @@ pub fn fake_quant_e4m3(op: &FakeQuantE4M3, storage: &CudaStorage, layout: &Layou
     let dev = storage.device();
     let out = match &storage.slice {
         CudaStorageSlice::F32(s) => launch::<f32>(dev, "fake_quant_e4m3_f32", &s.slice(start..end), end - start, op)?,
-        CudaStorageSlice::BF16(s) => launch::<bf16>(dev, "fake_quant_e4m3_bf16", &s.slice(start..end), end - start, op)?,
+        CudaStorageSlice::BF16(s) => {
+            launch::<bf16>(dev, "fake_quant_e4m3_bf16", &s.slice(start..end), end - start, op)?
+        }
         CudaStorageSlice::F16(s) => launch::<f16>(dev, "fake_quant_e4m3_f16", &s.slice(start..end), end - start, op)?,
         _ => candle_core::bail!("fake-quant-e4m3: unsupported dtype {:?} on CUDA", storage.dtype()),
     };
@@ -87,11 +89,15 @@ pub fn gradient_score(
         }};
     }
     match (&s1.slice, &s2.slice, &s3.slice) {
-        (CudaStorageSlice::F32(g), CudaStorageSlice::F32(y), CudaStorageSlice::F32(q)) => stage1!("grad_score_f32", g, y, q),
+        (CudaStorageSlice::F32(g), CudaStorageSlice::F32(y), CudaStorageSlice::F32(q)) => {
+            stage1!("grad_score_f32", g, y, q)
+        }
         (CudaStorageSlice::BF16(g), CudaStorageSlice::BF16(y), CudaStorageSlice::BF16(q)) => {
             stage1!("grad_score_bf16", g, y, q)
         }
-        (CudaStorageSlice::F16(g), CudaStorageSlice::F16(y), CudaStorageSlice::F16(q)) => stage1!("grad_score_f16", g, y, q),
+        (CudaStorageSlice::F16(g), CudaStorageSlice::F16(y), CudaStorageSlice::F16(q)) => {
+            stage1!("grad_score_f16", g, y, q)
+        }
         _ => candle_core::bail!("gradient score: unsupported dtype {:?} on CUDA", s1.dtype()),
     }
     // SAFETY: written by stage 2.

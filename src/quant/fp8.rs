@@ -76,7 +76,11 @@ pub fn amax(x: &Tensor) -> Result<Tensor> {
 /// per-layer amax on x's device — one kernel per layer and sample, no allocation, no host sync.
 pub fn update_amax(amax: &Tensor, slot: usize, x: &Tensor) -> Result<()> {
     if amax.dtype() != DType::F32 || amax.rank() != 1 || slot >= amax.dim(0)? {
-        candle_core::bail!("update_amax: need an f32 vector with slot {slot}, got {:?} {:?}", amax.dtype(), amax.shape());
+        candle_core::bail!(
+            "update_amax: need an f32 vector with slot {slot}, got {:?} {:?}",
+            amax.dtype(),
+            amax.shape()
+        );
     }
     amax.inplace_op2(&x.contiguous()?, &AmaxUpdate { slot })
 }
@@ -203,7 +207,9 @@ mod tests {
             let (lo, hi) = (w[0], w[1]);
             let mid = (lo + hi) / 2.0;
             let even = |v: f32| {
-                let step = if v.abs() < E4M3_MIN_NORMAL { E4M3_SUBNORMAL_STEP } else {
+                let step = if v.abs() < E4M3_MIN_NORMAL {
+                    E4M3_SUBNORMAL_STEP
+                } else {
                     f32::from_bits(((((v.abs().to_bits() >> 23) & 0xff) as i32 - 127 - 3 + 127) as u32) << 23)
                 };
                 ((v.abs() / step) as i64) % 2 == 0

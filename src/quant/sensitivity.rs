@@ -48,10 +48,14 @@ impl CustomOp3 for GradientScore {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let range = |l: &Layout| l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("gradient score: non-contiguous input".into()));
+        let range = |l: &Layout| {
+            l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("gradient score: non-contiguous input".into()))
+        };
         let ((a0, a1), (b0, b1), (c0, c1)) = (range(l1)?, range(l2)?, range(l3)?);
         let v = match (s1, s2, s3) {
-            (CpuStorage::F32(g), CpuStorage::F32(y), CpuStorage::F32(q)) => Self::cpu(&g[a0..a1], &y[b0..b1], &q[c0..c1], |x| x),
+            (CpuStorage::F32(g), CpuStorage::F32(y), CpuStorage::F32(q)) => {
+                Self::cpu(&g[a0..a1], &y[b0..b1], &q[c0..c1], |x| x)
+            }
             (CpuStorage::F64(g), CpuStorage::F64(y), CpuStorage::F64(q)) => {
                 Self::cpu(&g[a0..a1], &y[b0..b1], &q[c0..c1], |x| x as f32)
             }

@@ -365,9 +365,11 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
         clock = now;
         dt
     };
-    let mut timings = Timings { device: opts.device.clone(), dtype: dtype_name(opts.dtype).into(), ..Default::default() };
+    let mut timings =
+        Timings { device: opts.device.clone(), dtype: dtype_name(opts.dtype).into(), ..Default::default() };
     let input_bytes = artifact::read_bytes(&opts.inputs)?;
-    let inputs: Artifact<ModelInputs> = artifact::from_bytes(&input_bytes).with_context(|| format!("{}", opts.inputs))?;
+    let inputs: Artifact<ModelInputs> =
+        artifact::from_bytes(&input_bytes).with_context(|| format!("{}", opts.inputs))?;
     let inputs = inputs.payload;
     let mut provenance = Provenance::default();
     provenance.source("inputs", &opts.inputs, artifact::sha256_bytes(&input_bytes));
@@ -416,8 +418,7 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
                 let (a, b) = (&s.payload, &skeleton);
                 let layer_keys =
                     |x: &Scores| x.layers.iter().map(|l| (l.name.clone(), l.group.clone())).collect::<Vec<_>>();
-                let group_keys =
-                    |x: &Scores| x.groups.iter().map(|g| (g.name.clone(), g.disabled)).collect::<Vec<_>>();
+                let group_keys = |x: &Scores| x.groups.iter().map(|g| (g.name.clone(), g.disabled)).collect::<Vec<_>>();
                 let same_plan = a.formats == b.formats
                     && a.method == b.method
                     && a.num_inputs == b.num_inputs
@@ -564,7 +565,13 @@ fn finish(run: &Artifact<Scores>, state: Option<&Path>, output: &Location) -> Re
 }
 
 /// Max calibration over the calibration samples; fills `input_amax` and `weight_amax`.
-fn calibrate(model: &Qwen3VL, inputs: &ModelInputs, plan: &Plan, scores: &mut Scores, reporter: &Reporter) -> Result<()> {
+fn calibrate(
+    model: &Qwen3VL,
+    inputs: &ModelInputs,
+    plan: &Plan,
+    scores: &mut Scores,
+    reporter: &Reporter,
+) -> Result<()> {
     let num_layers = model.layers().len();
     let mut tap = calibrate::AmaxTap::new(num_layers, model.device())?;
     let bar = reporter.bar(plan.calibration.len() as u64, "calibrating");
@@ -602,7 +609,13 @@ fn score_gradient(model: &Qwen3VL, input: &Input, quant: &LayerQuant) -> Result<
 }
 
 /// One sample, kl_div method: `(loss if the sample has labels, [group][format] contributions)`.
-fn score_kl(model: &Qwen3VL, input: &Input, quant: &LayerQuant, plan: &Plan, scores: &Scores) -> Result<(Option<f32>, Vec<Vec<f64>>)> {
+fn score_kl(
+    model: &Qwen3VL,
+    input: &Input,
+    quant: &LayerQuant,
+    plan: &Plan,
+    scores: &Scores,
+) -> Result<(Option<f32>, Vec<Vec<f64>>)> {
     let opts = ForwardOptions { logits: LogitsMode::All, keep: Keep::Resume, trace: false };
     let mut base = model.forward(input, &mut NoTap, &opts)?;
     // The base distribution replaces the [L, vocab] logits, which are not kept.

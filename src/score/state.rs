@@ -34,7 +34,9 @@ pub fn recompute_totals(scores: &mut Scores) {
             group.per_sample = (0..num_formats)
                 .map(|f| {
                     (0..num_samples)
-                        .map(|k| members.iter().fold(0.0, |acc, l| acc + l.per_sample[f].get(k).copied().unwrap_or(0.0)))
+                        .map(|k| {
+                            members.iter().fold(0.0, |acc, l| acc + l.per_sample[f].get(k).copied().unwrap_or(0.0))
+                        })
                         .collect()
                 })
                 .collect();
@@ -177,12 +179,18 @@ pub fn merge_shards(shards: Vec<(Location, Artifact<Scores>)>) -> Result<Artifac
             && shard.payload.formats == merged.payload.formats
             && shard.payload.method == merged.payload.method
             && shard.payload.num_inputs == merged.payload.num_inputs
-            && shard.payload.groups.iter().zip(&merged.payload.groups).all(|(a, b)| {
-                a.name == b.name && a.members == b.members && a.disabled == b.disabled
-            })
-            && shard.payload.layers.iter().zip(&merged.payload.layers).all(|(a, b)| {
-                a.name == b.name && a.input_amax.to_bits() == b.input_amax.to_bits()
-            });
+            && shard
+                .payload
+                .groups
+                .iter()
+                .zip(&merged.payload.groups)
+                .all(|(a, b)| a.name == b.name && a.members == b.members && a.disabled == b.disabled)
+            && shard
+                .payload
+                .layers
+                .iter()
+                .zip(&merged.payload.layers)
+                .all(|(a, b)| a.name == b.name && a.input_amax.to_bits() == b.input_amax.to_bits());
         ensure!(same_shape, "{loc}: layers or calibration differ from {first_loc}");
         let per_layer = merged.payload.has_layer_contributions();
         for (k, sample) in shard.payload.samples.iter().enumerate() {
@@ -192,9 +200,15 @@ pub fn merge_shards(shards: Vec<(Location, Artifact<Scores>)>) -> Result<Artifac
             let values: Vec<Vec<f64>> = if per_layer {
                 shard.payload.layers.iter().map(|l| l.per_sample.iter().map(|v| v[k]).collect()).collect()
             } else {
-                shard.payload.groups.iter().map(|g| g.per_sample.iter().map(|v| v.get(k).copied().unwrap_or(0.0)).collect()).collect()
+                shard
+                    .payload
+                    .groups
+                    .iter()
+                    .map(|g| g.per_sample.iter().map(|v| v.get(k).copied().unwrap_or(0.0)).collect())
+                    .collect()
             };
-            let (layers, groups) = if per_layer { (Some(values.as_slice()), None) } else { (None, Some(values.as_slice())) };
+            let (layers, groups) =
+                if per_layer { (Some(values.as_slice()), None) } else { (None, Some(values.as_slice())) };
             push_sample(&mut merged.payload, sample.clone(), layers, groups);
         }
     }
@@ -221,7 +235,14 @@ impl Scores {
 }
 
 /// Empty group scores for a fresh run.
-pub fn empty_group(name: String, members: Vec<String>, params: u64, costs: Vec<f64>, disabled: bool, cost_excluded: bool) -> GroupScores {
+pub fn empty_group(
+    name: String,
+    members: Vec<String>,
+    params: u64,
+    costs: Vec<f64>,
+    disabled: bool,
+    cost_excluded: bool,
+) -> GroupScores {
     let num_formats = costs.len();
     GroupScores {
         name,

@@ -26,7 +26,12 @@ impl Guarded {
         // No allocation here: format into a stack buffer.
         let mut msg = [0u8; 160];
         let mut w = &mut msg[..];
-        let _ = writeln!(w, "heap guard: refusing {size} bytes with {} bytes live (limit {} GiB)", live - size, LIMIT >> 30);
+        let _ = writeln!(
+            w,
+            "heap guard: refusing {size} bytes with {} bytes live (limit {} GiB)",
+            live - size,
+            LIMIT >> 30
+        );
         let used = 160 - w.len();
         let _ = std::io::stderr().write_all(&msg[..used]);
         false

@@ -170,15 +170,11 @@ impl TextConfig {
     }
 
     pub fn rope_type(&self) -> &str {
-        self.rope()
-            .and_then(|r| r.rope_type.as_deref().or(r.type_.as_deref()))
-            .unwrap_or("default")
+        self.rope().and_then(|r| r.rope_type.as_deref().or(r.type_.as_deref())).unwrap_or("default")
     }
 
     pub fn mrope_section(&self) -> Vec<usize> {
-        self.rope()
-            .and_then(|r| r.mrope_section.clone())
-            .unwrap_or_else(|| DEFAULT_MROPE_SECTION.to_vec())
+        self.rope().and_then(|r| r.mrope_section.clone()).unwrap_or_else(|| DEFAULT_MROPE_SECTION.to_vec())
     }
 
     pub fn mrope_interleaved(&self) -> Option<bool> {
@@ -216,10 +212,7 @@ impl Config {
     /// transformers' `get_text_config().tie_word_embeddings`), then the top level; HF's default is
     /// untied.
     pub fn tie_word_embeddings(&self) -> bool {
-        self.text_config
-            .tie_word_embeddings
-            .or(self.tie_word_embeddings)
-            .unwrap_or(false)
+        self.text_config.tie_word_embeddings.or(self.tie_word_embeddings).unwrap_or(false)
     }
 
     /// The checkpoint's declared dtype (`dtype` or `torch_dtype`), if any.

@@ -26,7 +26,9 @@ use super::ops::{self, acc_dtype, AttnSpec};
 // Scalar plumbing of the CPU paths
 
 /// Arithmetic type of a CPU path: f32, or f64 for f64 storage.
-pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> + std::ops::Add<Output = Self> + std::fmt::Debug {
+pub(crate) trait Real:
+    WithDType + std::ops::Neg<Output = Self> + std::ops::Add<Output = Self> + std::fmt::Debug
+{
     const ZERO: Self;
     const ONE: Self;
     const NEG_INF: Self;
@@ -121,7 +123,7 @@ impl<R: Real> Default for Sum<R> {
 impl<R: Real> Sum<R> {
     #[inline(always)]
     fn add(&mut self, v: R) {
-        self.0 = self.0 + v;
+        self.0 += v;
     }
 
     #[inline(always)]

@@ -232,9 +232,8 @@ pub fn expected_layers(cfg: &Config) -> Vec<LayerInfo> {
     let v = &cfg.vision_config;
     let t = &cfg.text_config;
     let mut out = Vec::new();
-    let mut push = |name: String, tower, kind, i, o| {
-        out.push(LayerInfo { name, tower, kind, in_features: i, out_features: o })
-    };
+    let mut push =
+        |name: String, tower, kind, i, o| out.push(LayerInfo { name, tower, kind, in_features: i, out_features: o });
     let (vd, md) = (v.hidden_size, v.merged_dim());
     push("model.visual.patch_embed.proj".into(), Tower::Vision, LayerKind::PatchEmbed, v.patch_dim(), vd);
     for i in 0..v.depth {
@@ -284,7 +283,11 @@ impl WeightReader<'_> {
     }
 
     fn layer_norm(&mut self, p: &str, dim: usize) -> Result<LayerNorm> {
-        Ok(LayerNorm::new(self.get(&format!("{p}.weight"), &[dim])?, self.get(&format!("{p}.bias"), &[dim])?, VISION_LN_EPS))
+        Ok(LayerNorm::new(
+            self.get(&format!("{p}.weight"), &[dim])?,
+            self.get(&format!("{p}.bias"), &[dim])?,
+            VISION_LN_EPS,
+        ))
     }
 
     fn rms_norm(&mut self, p: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
@@ -376,8 +379,10 @@ impl Qwen3VL {
             let norm2 = wr.layer_norm(&format!("{p}.norm2"), vd)?;
             let qkv = wr.linear(&mut reg, &format!("{p}.attn.qkv"), Tower::Vision, vd, 3 * vd, true)?;
             let proj = wr.linear(&mut reg, &format!("{p}.attn.proj"), Tower::Vision, vd, vd, true)?;
-            let fc1 = wr.linear(&mut reg, &format!("{p}.mlp.linear_fc1"), Tower::Vision, vd, v.intermediate_size, true)?;
-            let fc2 = wr.linear(&mut reg, &format!("{p}.mlp.linear_fc2"), Tower::Vision, v.intermediate_size, vd, true)?;
+            let fc1 =
+                wr.linear(&mut reg, &format!("{p}.mlp.linear_fc1"), Tower::Vision, vd, v.intermediate_size, true)?;
+            let fc2 =
+                wr.linear(&mut reg, &format!("{p}.mlp.linear_fc2"), Tower::Vision, v.intermediate_size, vd, true)?;
             starts.extend([Start::VisionBlock(i); 4]);
             blocks.push(VisionBlock { norm1, norm2, qkv, proj, fc1, fc2, heads: v.num_heads, head_dim: v.head_dim() });
         }
@@ -420,9 +425,12 @@ impl Qwen3VL {
             let o_proj = wr.linear(&mut reg, &format!("{p}.self_attn.o_proj"), Tower::Text, h * hd, d, ab)?;
             let q_norm = wr.rms_norm(&format!("{p}.self_attn.q_norm"), hd, t.rms_norm_eps)?;
             let k_norm = wr.rms_norm(&format!("{p}.self_attn.k_norm"), hd, t.rms_norm_eps)?;
-            let gate_proj = wr.linear(&mut reg, &format!("{p}.mlp.gate_proj"), Tower::Text, d, t.intermediate_size, false)?;
-            let up_proj = wr.linear(&mut reg, &format!("{p}.mlp.up_proj"), Tower::Text, d, t.intermediate_size, false)?;
-            let down_proj = wr.linear(&mut reg, &format!("{p}.mlp.down_proj"), Tower::Text, t.intermediate_size, d, false)?;
+            let gate_proj =
+                wr.linear(&mut reg, &format!("{p}.mlp.gate_proj"), Tower::Text, d, t.intermediate_size, false)?;
+            let up_proj =
+                wr.linear(&mut reg, &format!("{p}.mlp.up_proj"), Tower::Text, d, t.intermediate_size, false)?;
+            let down_proj =
+                wr.linear(&mut reg, &format!("{p}.mlp.down_proj"), Tower::Text, t.intermediate_size, d, false)?;
             let input_layernorm = wr.rms_norm(&format!("{p}.input_layernorm"), d, t.rms_norm_eps)?;
             let post_attention_layernorm = wr.rms_norm(&format!("{p}.post_attention_layernorm"), d, t.rms_norm_eps)?;
             starts.extend([Start::TextLayer(i); 7]);
@@ -521,7 +529,8 @@ impl Qwen3VL {
         }
         let input_ids = Tensor::from_slice(&input.input_ids, l, dev)?;
         // Image rows and the decoder-input row map.
-        let img_rows: Vec<u32> = (0..l as u32).filter(|&i| input.input_ids[i as usize] == self.cfg.image_token_id).collect();
+        let img_rows: Vec<u32> =
+            (0..l as u32).filter(|&i| input.input_ids[i as usize] == self.cfg.image_token_id).collect();
         let merge = v.spatial_merge_size as u32;
         let mut patches = 0usize;
         for &[gt, gh, gw] in &input.grid_thw {
@@ -583,14 +592,8 @@ impl Qwen3VL {
                 }
             }
         };
-        let text_rope = rope::text_cos_sin(
-            &input.position_ids,
-            t.head_dim(),
-            t.rope_theta(),
-            &t.mrope_section(),
-            self.dtype,
-            dev,
-        )?;
+        let text_rope =
+            rope::text_cos_sin(&input.position_ids, t.head_dim(), t.rope_theta(), &t.mrope_section(), self.dtype, dev)?;
         let mask = CausalMask::new(t.num_attention_heads, l, acc, dev)?;
         Ok(Sample { len: l, input_ids, text_rope, mask, vis_idx, gather, labels, vision })
     }
@@ -653,7 +656,9 @@ impl Qwen3VL {
             bail!("forward_from needs a Forward made with Keep::Resume")
         };
         let mut start = self.start_of(start)?;
-        if s.vision.is_none() && matches!(start, Start::PatchEmbed | Start::VisionBlock(_) | Start::Merger | Start::Deepstack(_)) {
+        if s.vision.is_none()
+            && matches!(start, Start::PatchEmbed | Start::VisionBlock(_) | Start::Merger | Start::Deepstack(_))
+        {
             // Without an image the vision layers change nothing: just the logits again.
             start = Start::LmHead;
         }
@@ -684,7 +689,9 @@ impl Qwen3VL {
             bail!("forward_from_hidden needs a Forward made with Keep::Resume")
         };
         let mut start = self.start_of(start)?;
-        if s.vision.is_none() && matches!(start, Start::PatchEmbed | Start::VisionBlock(_) | Start::Merger | Start::Deepstack(_)) {
+        if s.vision.is_none()
+            && matches!(start, Start::PatchEmbed | Start::VisionBlock(_) | Start::Merger | Start::Deepstack(_))
+        {
             start = Start::LmHead;
         }
         let mut hide = HideHead { inner: tap, head: self.lm_head };
@@ -796,9 +803,12 @@ impl Qwen3VL {
                 Some(p) => Entry::Layer(i, p.text_h[i].clone()),
                 None => Entry::Embeds(None),
             },
-            Start::LmHead => Entry::FinalHidden(need_prev()?.final_hidden.clone().ok_or_else(|| {
-                candle_core::Error::Msg("internal: no cached final hidden state".into())
-            })?),
+            Start::LmHead => Entry::FinalHidden(
+                need_prev()?
+                    .final_hidden
+                    .clone()
+                    .ok_or_else(|| candle_core::Error::Msg("internal: no cached final hidden state".into()))?,
+            ),
         };
 
         // 2. Decoder layers, final norm.

@@ -161,10 +161,7 @@ impl LayerNorm {
         let g = dy.to_dtype(acc)?.broadcast_mul(&self.weight.to_dtype(acc)?)?;
         let mg = g.mean_keepdim(D::Minus1)?;
         let mgx = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
-        let dx = g
-            .broadcast_sub(&mg)?
-            .sub(&xhat.broadcast_mul(&mgx)?)?
-            .broadcast_mul(&st.rstd)?;
+        let dx = g.broadcast_sub(&mg)?.sub(&xhat.broadcast_mul(&mgx)?)?.broadcast_mul(&st.rstd)?;
         dx.to_dtype(dt)
     }
 }
@@ -303,9 +300,7 @@ fn chunk_scores(q_c: &Tensor, k: &Tensor, spec: &AttnSpec, q0: usize, n: usize) 
     };
     let (hkv, gn, kl) = s.dims3()?;
     let mask = causal.chunk(q0, n)?;
-    s.reshape((hkv, spec.groups, n, kl))?
-        .broadcast_add(&mask)?
-        .reshape((hkv, gn, kl))
+    s.reshape((hkv, spec.groups, n, kl))?.broadcast_add(&mask)?.reshape((hkv, gn, kl))
 }
 
 /// Rows `[q0, q0+n)` of `[H, L, d]` as `[Hkv, G·n, d]` (contiguous).
@@ -314,10 +309,7 @@ fn query_chunk(q: &Tensor, groups: usize, q0: usize, n: usize) -> Result<Tensor>
     if q0 == 0 && n == l {
         return q.reshape((h / groups, groups * n, d));
     }
-    q.reshape((h / groups, groups, l, d))?
-        .narrow(2, q0, n)?
-        .contiguous()?
-        .reshape((h / groups, groups * n, d))
+    q.reshape((h / groups, groups, l, d))?.narrow(2, q0, n)?.contiguous()?.reshape((h / groups, groups * n, d))
 }
 
 /// Softmax attention forward. Returns `(o [H, L, d], lse [H, L] acc)`; never materializes more
@@ -552,11 +544,7 @@ mod tests {
             (5, 7),
         );
         let ln = LayerNorm::new(w, bias, 1e-6);
-        fd_check(
-            |x| ln.forward(x).unwrap().0,
-            |x, dy| ln.backward(x, &ln.forward(x).unwrap().1, dy).unwrap(),
-            (5, 7),
-        );
+        fd_check(|x| ln.forward(x).unwrap().0, |x, dy| ln.backward(x, &ln.forward(x).unwrap().1, dy).unwrap(), (5, 7));
         let t = Tensor::new(&[3u32, 0, 6, 6, 1], &dev).unwrap();
         fd_check(
             |x| cross_entropy(x, &t).unwrap().0.reshape(1).unwrap(),

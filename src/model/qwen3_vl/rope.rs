@@ -102,12 +102,10 @@ pub fn text_cos_sin(
     let half = head_dim / 2;
     let l = positions[0].len();
     let axes: Vec<usize> = (0..half).map(|i| mrope_axis(i, section)).collect();
-    let mut angles = Vec::with_capacity(l * half);
-    for p in 0..l {
-        for i in 0..half {
-            angles.push(positions[axes[i]][p] as f32 * inv[i]);
-        }
-    }
+    // Position-major: angle (p, i) = position of frequency i's axis × inv_freq[i].
+    let angles: Vec<f32> = (0..l)
+        .flat_map(|p| axes.iter().zip(&inv).map(move |(&axis, &freq)| positions[axis][p] as f32 * freq))
+        .collect();
     CosSin::from_angles(&angles, l, half, dtype, device)
 }
 
@@ -156,15 +154,7 @@ pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     }
     let step = (end - start) / (steps - 1) as f32;
     let half = steps / 2;
-    (0..steps)
-        .map(|i| {
-            if i < half {
-                start + step * i as f32
-            } else {
-                end - step * (steps - i - 1) as f32
-            }
-        })
-        .collect()
+    (0..steps).map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 }).collect()
 }
 
 /// Bilinear interpolation tables of HF `fast_pos_embed_interpolate` for every patch, already in

@@ -75,8 +75,7 @@ impl VisionBlock {
         let mut lses = Vec::with_capacity(vs.segments.len());
         for &(s, len) in &vs.segments {
             let spec = AttnSpec::full(1, scale, self.heads, len);
-            let (o, lse) =
-                attention_forward(&seg(q, s, len, n)?, &seg(k, s, len, n)?, &seg(v, s, len, n)?, &spec)?;
+            let (o, lse) = attention_forward(&seg(q, s, len, n)?, &seg(k, s, len, n)?, &seg(v, s, len, n)?, &spec)?;
             os.push(o);
             lses.push(lse);
         }
