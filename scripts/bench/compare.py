@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side table of a qsens run and a ModelOpt auto_quantize run on the same checkpoint and
-inputs: wall time per phase, peak GPU memory, Spearman of per-group FP8 scores, recipe agreement.
+inputs: wall time per phase, peak GPU memory, Spearman of per-group FP8 scores, recipe agreement,
+and each recipe's objective (summed group scores of the chosen formats) on both tools' scores.
 Usage: compare.py --scores S.msgpack --timings T.json --mem M.json --manifests 10=A.json 12=B.json
                   --modelopt MO.json --modelopt-mem MOM.json [--search-s X] [--json OUT]
 """
@@ -71,10 +72,26 @@ def main():
         mo_recipe = mo["targets"][str(float(bits))]
         mo_q = {k: not v.startswith("NONE") for k, v in mo_recipe.items()}
         same = sum(1 for k in ours_q if mo_q.get(k) == ours_q[k])
+        # Objective of both recipes on both score sets (FP8 = format 0, NONE = format 1), and the
+        # bits ModelOpt's recipe spends, from the same costs.
+        objective = {"ours_on_ours": 0.0, "modelopt_on_ours": 0.0, "ours_on_modelopt": 0.0,
+                     "modelopt_on_modelopt": 0.0}
+        mo_cost = params = 0.0
+        for g in man["groups"]:
+            mine, theirs = (0 if ours_q[g["name"]] else 1), (0 if mo_q[g["name"]] else 1)
+            m = mo_by_members[tuple(g["members"])]
+            objective["ours_on_ours"] += g["scores"][mine]
+            objective["modelopt_on_ours"] += g["scores"][theirs]
+            objective["ours_on_modelopt"] += m["scores"][mine]
+            objective["modelopt_on_modelopt"] += m["scores"][theirs]
+            mo_cost += g["costs"][theirs] * g["cost_weight"]
+            params += g["params"] * g["cost_weight"]
         agreement[bits] = {
             "same": same, "groups": len(ours_q),
             "ours_quantized": sum(ours_q.values()), "modelopt_quantized": sum(mo_q.values()),
             "ours_bits": man["summary"]["achieved_effective_bits"],
+            "modelopt_bits": 16 * mo_cost / params,
+            "objective": objective,
         }
 
     ours_total = tim["total"] + (args.search_s or 0.0)
@@ -100,7 +117,12 @@ def main():
     print(f"| Spearman of {len(a)} group scores | {rho:.4f} | median rel. diff {med:.3%} |")
     for bits, ag in agreement.items():
         print(f"| recipe agreement at {bits} bits | {ag['same']}/{ag['groups']} groups "
-              f"(ours {ag['ours_quantized']} quantized, {ag['ours_bits']:.3f} bits) | {ag['modelopt_quantized']} quantized |")
+              f"(ours {ag['ours_quantized']} quantized, {ag['ours_bits']:.3f} bits) | {ag['modelopt_quantized']} quantized, "
+              f"{ag['modelopt_bits']:.3f} bits |")
+        o = ag["objective"]
+        print(f"| objective at {bits} bits on our scores | {o['ours_on_ours']:.6g} | {o['modelopt_on_ours']:.6g} |")
+        print(f"| objective at {bits} bits on ModelOpt's scores | {o['ours_on_modelopt']:.6g} | "
+              f"{o['modelopt_on_modelopt']:.6g} |")
     if args.json:
         json.dump({"rows": rows, "spearman": rho, "median_rel": med, "agreement": agreement,
                    "speedup_core": mo["auto_quantize_s"] / ours_core,
