@@ -215,11 +215,42 @@ pub fn merge_shards(shards: Vec<(Location, Artifact<Scores>)>) -> Result<Artifac
     let n = merged.payload.num_inputs;
     let got: Vec<usize> = merged.payload.samples.iter().map(|s| s.index).collect();
     if !got.iter().copied().eq(0..n) {
-        let missing: Vec<usize> = (0..n).filter(|i| !got.contains(i)).collect();
-        bail!("the shards cover {} of {n} samples (missing sample indices {missing:?}): a shard is missing", got.len());
+        bail!(
+            "the shards cover {} of {n} samples (missing sample indices {}): a shard is missing",
+            got.len(),
+            missing_indices(&got, n)
+        );
     }
     recompute_totals(&mut merged.payload);
     Ok(merged)
+}
+
+/// The first few indices of `0..n` absent from the sorted `got`, without walking all of `0..n`
+/// (`n` comes from the artifact and may be absurd).
+fn missing_indices(got: &[usize], n: usize) -> String {
+    const SHOWN: usize = 8;
+    let mut got = got.to_vec();
+    got.sort_unstable();
+    got.dedup();
+    let mut missing = Vec::new();
+    let mut next = 0;
+    for &i in got.iter().chain(std::iter::once(&n)) {
+        while next < i.min(n) && missing.len() < SHOWN {
+            missing.push(next);
+            next += 1;
+        }
+        next = next.max(i.saturating_add(1));
+        if missing.len() == SHOWN {
+            break;
+        }
+    }
+    let total = n.saturating_sub(got.iter().filter(|&&i| i < n).count());
+    let list: Vec<String> = missing.iter().map(|i| i.to_string()).collect();
+    if total > missing.len() {
+        format!("[{}, …] ({total} in all)", list.join(", "))
+    } else {
+        format!("[{}]", list.join(", "))
+    }
 }
 
 impl Scores {
@@ -253,5 +284,23 @@ pub fn empty_group(
         per_sample: vec![Vec::new(); num_formats],
         disabled,
         cost_excluded,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::missing_indices;
+
+    #[test]
+    fn missing_indices_are_listed_without_walking_an_absurd_count() {
+        assert_eq!(missing_indices(&[0, 2, 4], 5), "[1, 3]");
+        assert_eq!(missing_indices(&[4, 0, 2], 6), "[1, 3, 5]");
+        assert_eq!(missing_indices(&[], 3), "[0, 1, 2]");
+        assert_eq!(missing_indices(&[0, 1], 12), "[2, 3, 4, 5, 6, 7, 8, 9, …] (10 in all)");
+        // A fuzzed num_inputs: answered at once (this used to collect every missing index).
+        assert_eq!(
+            missing_indices(&[0, 1, 3], usize::MAX),
+            format!("[2, 4, 5, 6, 7, 8, 9, 10, …] ({} in all)", usize::MAX - 3)
+        );
     }
 }

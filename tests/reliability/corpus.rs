@@ -25,7 +25,7 @@ const EXPECTED: [(&str, usize, usize); 5] = [
     // (stage, refused, accepted)
     ("calib-extract", 45, 5),
     ("preprocess", 44, 5),
-    ("score-layers", 65, 1),
+    ("score-layers", 66, 1),
     ("search", 32, 0),
     ("manifest-to-md", 19, 2),
 ];
@@ -1206,6 +1206,17 @@ fn score_layers() -> Stage {
     let p = d.join("partial.msgpack");
     write_as(&p, &part, Encoding::MessagePack);
     c.refuse("merge: a shard missing", merge(&[&p]), &["a shard is missing"]);
+    // An absurd sample count (found by fuzzing: the error message used to list every missing
+    // index, 2^62 of them, until the machine ran out of memory).
+    let mut absurd = scores.clone();
+    absurd.payload.num_inputs = 1 << 62;
+    let p = d.join("absurd-count.msgpack");
+    write_as(&p, &absurd, Encoding::MessagePack);
+    c.refuse(
+        "merge: a shard of 2^62 samples",
+        merge(&[&p]),
+        &["a shard is missing", &format!("({} in all)", (1usize << 62) - scores.payload.samples.len())],
+    );
 
     // Options.
     let mut a = sl(&model, good);
