@@ -38,27 +38,27 @@ impl Guarded {
     }
 }
 
-unsafe impl GlobalAlloc for Guarded {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !self.admit(layout.size()) {
+impl Guarded {
+    /// Admits `size` bytes, then allocates them with `allocate` (undoing the count if it fails).
+    fn allocate(&self, size: usize, allocate: impl FnOnce() -> *mut u8) -> *mut u8 {
+        if !self.admit(size) {
             return std::ptr::null_mut();
         }
-        let p = unsafe { System.alloc(layout) };
+        let p = allocate();
         if p.is_null() {
-            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            LIVE.fetch_sub(size, Ordering::Relaxed);
         }
         p
     }
+}
+
+unsafe impl GlobalAlloc for Guarded {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.allocate(layout.size(), || unsafe { System.alloc(layout) })
+    }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !self.admit(layout.size()) {
-            return std::ptr::null_mut();
-        }
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if p.is_null() {
-            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        }
-        p
+        self.allocate(layout.size(), || unsafe { System.alloc_zeroed(layout) })
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
