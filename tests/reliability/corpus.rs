@@ -15,7 +15,7 @@ use qsens::artifact::calibration::{CalibrationSet, ImageRef};
 use qsens::artifact::inputs::ModelInputs;
 use qsens::artifact::manifest::Manifest;
 use qsens::artifact::scores::Scores;
-use qsens::artifact::{self, Artifact, Encoding};
+use qsens::artifact::{self, Artifact, Encoding, Payload};
 
 use crate::args;
 use crate::support::*;
@@ -93,6 +93,70 @@ impl Stage {
                 o.status.code()
             ));
         }
+    }
+}
+
+/// How one artifact kind is broken by [`Stage::refuse_reader_faults`]. The bytes differ per kind on
+/// purpose, so that each reader meets another truncation point and another garbage.
+struct ReaderFaults<'a> {
+    /// Case-label prefix ("calibration").
+    label: &'static str,
+    good: &'a Path,
+    /// An artifact of another kind, and that kind.
+    other: (&'a Path, &'static str),
+    /// Extension of the missing, empty and truncated files ("msgpack" or "json").
+    ext: &'static str,
+    /// How many of the good file's bytes "truncated" keeps.
+    keep: fn(usize) -> usize,
+    /// A garbage file: name and bytes.
+    garbage: (&'static str, &'static [u8]),
+    /// An unsupported schema version, and the encoding it is written in.
+    version: (u32, Encoding),
+    /// A payload with a field of the wrong type, e.g. `{"image_root": 3}`.
+    bad_payload: &'static str,
+}
+
+impl Stage {
+    /// The faults every artifact reader refuses, each with its own case: missing, 0 bytes,
+    /// truncated, garbage, another kind, another schema version, a malformed payload. `run` gives
+    /// the stage's arguments for reading the artifact at a path.
+    fn refuse_reader_faults<P: Payload>(&mut self, dir: &Path, f: &ReaderFaults, run: &dyn Fn(&Path) -> Vec<String>) {
+        let file = |name: &str, b: &[u8]| -> PathBuf {
+            let p = dir.join(name);
+            std::fs::write(&p, b).unwrap();
+            p
+        };
+        let (label, ext, kind) = (f.label, f.ext, P::KIND);
+        let p = dir.join(format!("missing.{ext}"));
+        self.refuse(&format!("{label} missing"), run(&p), &[&s(&p), "No such file"]);
+        let p = file(&format!("empty.{ext}"), b"");
+        self.refuse(&format!("{label} 0 bytes"), run(&p), &[&s(&p), "empty file, not a qsens artifact"]);
+        let bytes = std::fs::read(f.good).unwrap();
+        let p = file(&format!("cut.{ext}"), &bytes[..(f.keep)(bytes.len())]);
+        self.refuse(&format!("{label} truncated"), run(&p), &[&s(&p), "not a qsens artifact"]);
+        let p = file(f.garbage.0, f.garbage.1);
+        self.refuse(&format!("{label} garbage"), run(&p), &[&s(&p), "not a qsens artifact"]);
+        let (other, other_kind) = f.other;
+        let p = dir.join(other.file_name().unwrap());
+        std::fs::copy(other, &p).unwrap();
+        let want = format!("artifact kind is '{other_kind}', expected '{kind}'");
+        self.refuse(&format!("{label} of the wrong kind"), run(&p), &[&s(&p), &want]);
+        let (version, encoding) = f.version;
+        let mut a: Artifact<P> = read(f.good);
+        a.schema_version = version;
+        let p = dir.join(format!("v{version}.{}", if encoding == Encoding::Json { "json" } else { "msgpack" }));
+        write_as(&p, &a, encoding);
+        let want = format!("schema version {version} is not supported");
+        self.refuse(&format!("{label} of another schema version"), run(&p), &[&s(&p), &want]);
+        let malformed = format!(
+            r#"{{"kind": "{kind}", "schema_version": {}, "tool": "x", "tool_version": "0",
+            "provenance": {{"sources": [], "parameters": {{}}}}, "payload": {}}}"#,
+            P::VERSION,
+            f.bad_payload
+        );
+        let p = file("malformed.json", malformed.as_bytes());
+        let want = format!("malformed '{kind}' payload");
+        self.refuse(&format!("{label} with a malformed payload"), run(&p), &[&s(&p), &want]);
     }
 }
 
@@ -456,42 +520,17 @@ fn preprocess() -> Stage {
 
     // The calibration artifact itself.
     let d = c.dir("calibration");
-    let bytes = std::fs::read(good).unwrap();
-    let file = |name: &str, b: &[u8]| -> PathBuf {
-        let p = d.join(name);
-        std::fs::write(&p, b).unwrap();
-        p
+    let faults = ReaderFaults {
+        label: "calibration",
+        good,
+        other: (&base().scores, "qsens.scores"),
+        ext: "msgpack",
+        keep: |n| n / 2,
+        garbage: ("garbage.msgpack", b"\x93\x01\x02\x03 garbage"),
+        version: (99, Encoding::Json),
+        bad_payload: r#"{"image_root": 3}"#,
     };
-    let p = d.join("missing.msgpack");
-    c.refuse("calibration missing", pp(&p, &model), &[&s(&p), "No such file"]);
-    let p = file("empty.msgpack", b"");
-    c.refuse("calibration 0 bytes", pp(&p, &model), &[&s(&p), "empty file, not a qsens artifact"]);
-    let p = file("cut.msgpack", &bytes[..bytes.len() / 2]);
-    c.refuse("calibration truncated", pp(&p, &model), &[&s(&p), "not a qsens artifact"]);
-    let p = file("garbage.msgpack", b"\x93\x01\x02\x03 garbage");
-    c.refuse("calibration garbage", pp(&p, &model), &[&s(&p), "not a qsens artifact"]);
-    let p = d.join("scores.msgpack");
-    std::fs::copy(&base().scores, &p).unwrap();
-    c.refuse(
-        "calibration of the wrong kind",
-        pp(&p, &model),
-        &[&s(&p), "artifact kind is 'qsens.scores', expected 'qsens.calibration'"],
-    );
-    let mut a: Artifact<CalibrationSet> = read(good);
-    a.schema_version = 99;
-    let p = d.join("v99.json");
-    write_as(&p, &a, Encoding::Json);
-    c.refuse("calibration of another schema version", pp(&p, &model), &[&s(&p), "schema version 99 is not supported"]);
-    let p = file(
-        "malformed.json",
-        br#"{"kind": "qsens.calibration", "schema_version": 1, "tool": "x", "tool_version": "0",
-            "provenance": {"sources": [], "parameters": {}}, "payload": {"image_root": 3}}"#,
-    );
-    c.refuse(
-        "calibration with a malformed payload",
-        pp(&p, &model),
-        &[&s(&p), "malformed 'qsens.calibration' payload"],
-    );
+    c.refuse_reader_faults::<CalibrationSet>(&d, &faults, &|p| pp(p, &model));
     let mut a: Artifact<CalibrationSet> = read(good);
     a.payload.samples.clear();
     let p = d.join("no-samples.msgpack");
@@ -761,34 +800,17 @@ fn score_layers() -> Stage {
 
     // The model-inputs artifact.
     let d = c.dir("inputs");
-    let bytes = std::fs::read(good).unwrap();
-    let file = |name: &str, b: &[u8]| -> PathBuf {
-        let p = d.join(name);
-        std::fs::write(&p, b).unwrap();
-        p
+    let faults = ReaderFaults {
+        label: "inputs",
+        good,
+        other: (&base().calibration, "qsens.calibration"),
+        ext: "msgpack",
+        keep: |n| n * 2 / 3,
+        garbage: ("garbage.msgpack", &[0xde, 0xff, 0xff, 0x00, 0x01]),
+        version: (2, Encoding::MessagePack),
+        bad_payload: r#"{"samples": "none"}"#,
     };
-    let p = d.join("missing.msgpack");
-    c.refuse("inputs missing", sl(&model, &p), &[&s(&p), "No such file"]);
-    let p = file("empty.msgpack", b"");
-    c.refuse("inputs 0 bytes", sl(&model, &p), &[&s(&p), "empty file, not a qsens artifact"]);
-    let p = file("cut.msgpack", &bytes[..bytes.len() * 2 / 3]);
-    c.refuse("inputs truncated", sl(&model, &p), &[&s(&p), "not a qsens artifact"]);
-    let p = file("garbage.msgpack", &[0xde, 0xff, 0xff, 0x00, 0x01]);
-    c.refuse("inputs garbage", sl(&model, &p), &[&s(&p), "not a qsens artifact"]);
-    let p = d.join("calibration.msgpack");
-    std::fs::copy(&base().calibration, &p).unwrap();
-    c.refuse("inputs of the wrong kind", sl(&model, &p), &[&s(&p), "expected 'qsens.model-inputs'"]);
-    let mut a: Artifact<ModelInputs> = read(good);
-    a.schema_version = 2;
-    let p = d.join("v2.msgpack");
-    write_as(&p, &a, Encoding::MessagePack);
-    c.refuse("inputs of another schema version", sl(&model, &p), &[&s(&p), "schema version 2 is not supported"]);
-    let p = file(
-        "malformed.json",
-        br#"{"kind": "qsens.model-inputs", "schema_version": 1, "tool": "x", "tool_version": "0",
-            "provenance": {"sources": [], "parameters": {}}, "payload": {"samples": "none"}}"#,
-    );
-    c.refuse("inputs with a malformed payload", sl(&model, &p), &[&s(&p), "malformed 'qsens.model-inputs' payload"]);
+    c.refuse_reader_faults::<ModelInputs>(&d, &faults, &|p| sl(&model, p));
     let mut k = 0;
     let mut inputs_case = |c: &mut Stage, what: &str, edit: &dyn Fn(&mut ModelInputs), expect: &[&str]| {
         k += 1;
@@ -1255,32 +1277,22 @@ fn search() -> Stage {
         ]
     };
     let d = c.dir("scores");
-    let bytes = std::fs::read(good).unwrap();
+    let faults = ReaderFaults {
+        label: "scores",
+        good,
+        other: (&base().manifest, "qsens.manifest"),
+        ext: "msgpack",
+        keep: |n| n - 7,
+        garbage: ("garbage.json", b"{{{{"),
+        version: (0, Encoding::Json),
+        bad_payload: r#"{"model": 3}"#,
+    };
+    c.refuse_reader_faults::<Scores>(&d, &faults, &|p| se(p));
     let file = |name: &str, b: &[u8]| -> PathBuf {
         let p = d.join(name);
         std::fs::write(&p, b).unwrap();
         p
     };
-    let p = d.join("missing.msgpack");
-    c.refuse("scores missing", se(&p), &[&s(&p), "No such file"]);
-    let p = file("empty.msgpack", b"");
-    c.refuse("scores 0 bytes", se(&p), &[&s(&p), "empty file"]);
-    let p = file("cut.msgpack", &bytes[..bytes.len() - 7]);
-    c.refuse("scores truncated", se(&p), &[&s(&p), "not a qsens artifact"]);
-    let p = file("garbage.json", b"{{{{");
-    c.refuse("scores garbage", se(&p), &[&s(&p), "not a qsens artifact"]);
-    let p = d.join("manifest.json");
-    std::fs::copy(&base().manifest, &p).unwrap();
-    c.refuse(
-        "scores of the wrong kind",
-        se(&p),
-        &[&s(&p), "artifact kind is 'qsens.manifest', expected 'qsens.scores'"],
-    );
-    let mut a: Artifact<Scores> = read(good);
-    a.schema_version = 0;
-    let p = d.join("v0.json");
-    write_as(&p, &a, Encoding::Json);
-    c.refuse("scores of another schema version", se(&p), &[&s(&p), "schema version 0"]);
     // Deep nesting must be an error, not a stack overflow (an abort).
     let mut deep = vec![0x86];
     for (k, v) in [("kind", "qsens.scores"), ("tool", "x"), ("tool_version", "0")] {
@@ -1299,12 +1311,6 @@ fn search() -> Stage {
     deep.push(b'}');
     let p = file("deep.json", &deep);
     c.refuse("JSON nested 200000 levels deep", se(&p), &[&s(&p), "malformed 'qsens.scores' payload"]);
-    let p = file(
-        "malformed.json",
-        br#"{"kind": "qsens.scores", "schema_version": 1, "tool": "x", "tool_version": "0",
-            "provenance": {"sources": [], "parameters": {}}, "payload": {"model": 3}}"#,
-    );
-    c.refuse("scores with a malformed payload", se(&p), &[&s(&p), "malformed 'qsens.scores' payload"]);
     let mut k = 0;
     let mut case = |c: &mut Stage, what: &str, edit: &dyn Fn(&mut Scores), expect: &[&str]| {
         k += 1;
@@ -1400,7 +1406,6 @@ fn search() -> Stage {
     let mut a = se(good);
     a.extend(args!["--bootstrap", 0]);
     c.refuse("--bootstrap 0", a, &["bootstrap resamples must be positive"]);
-    let _ = bytes;
     c
 }
 
@@ -1411,38 +1416,17 @@ fn manifest_to_md() -> Stage {
     let good = &base().manifest;
     let mm = |m: &Path| args!["--manifest", s(m), "-q", "-o", "{out}/report.md"];
     let d = c.dir("manifests");
-    let bytes = std::fs::read(good).unwrap();
-    let file = |name: &str, b: &[u8]| -> PathBuf {
-        let p = d.join(name);
-        std::fs::write(&p, b).unwrap();
-        p
+    let faults = ReaderFaults {
+        label: "manifest",
+        good,
+        other: (&base().scores, "qsens.scores"),
+        ext: "json",
+        keep: |n| n / 2,
+        garbage: ("garbage.msgpack", &[0x81, 0xa1, b'x', 0xc1]),
+        version: (7, Encoding::Json),
+        bad_payload: r#"{"summary": []}"#,
     };
-    let p = d.join("missing.json");
-    c.refuse("manifest missing", mm(&p), &[&s(&p), "No such file"]);
-    let p = file("empty.json", b"");
-    c.refuse("manifest 0 bytes", mm(&p), &[&s(&p), "empty file"]);
-    let p = file("cut.json", &bytes[..bytes.len() / 2]);
-    c.refuse("manifest truncated", mm(&p), &[&s(&p), "not a qsens artifact"]);
-    let p = file("garbage.msgpack", &[0x81, 0xa1, b'x', 0xc1]);
-    c.refuse("manifest garbage", mm(&p), &[&s(&p), "not a qsens artifact"]);
-    let p = d.join("scores.msgpack");
-    std::fs::copy(&base().scores, &p).unwrap();
-    c.refuse(
-        "manifest of the wrong kind",
-        mm(&p),
-        &[&s(&p), "artifact kind is 'qsens.scores', expected 'qsens.manifest'"],
-    );
-    let mut a: Artifact<Manifest> = read(good);
-    a.schema_version = 7;
-    let p = d.join("v7.json");
-    write_as(&p, &a, Encoding::Json);
-    c.refuse("manifest of another schema version", mm(&p), &[&s(&p), "schema version 7"]);
-    let p = file(
-        "malformed.json",
-        br#"{"kind": "qsens.manifest", "schema_version": 1, "tool": "x", "tool_version": "0",
-            "provenance": {"sources": [], "parameters": {}}, "payload": {"summary": []}}"#,
-    );
-    c.refuse("manifest with a malformed payload", mm(&p), &[&s(&p), "malformed 'qsens.manifest' payload"]);
+    c.refuse_reader_faults::<Manifest>(&d, &faults, &|p| mm(p));
     let mut k = 0;
     let mut case = |c: &mut Stage, what: &str, edit: &dyn Fn(&mut Manifest), expect: &[&str]| {
         k += 1;
