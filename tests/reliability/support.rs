@@ -275,17 +275,6 @@ pub fn rgb_jpeg(w: u32, h: u32) -> Vec<u8> {
     out
 }
 
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
-}
-
 /// A PNG whose header claims `w × h` pixels, with an empty IDAT (a decompression bomb's header).
 pub fn png_bomb(w: u32, h: u32) -> Vec<u8> {
     let mut ihdr = b"IHDR".to_vec();
@@ -295,11 +284,11 @@ pub fn png_bomb(w: u32, h: u32) -> Vec<u8> {
     let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
     png.extend(13u32.to_be_bytes());
     png.extend(&ihdr);
-    png.extend(crc32(&ihdr).to_be_bytes());
+    png.extend(crc32fast::hash(&ihdr).to_be_bytes());
     for chunk in [&b"IDAT"[..], &b"IEND"[..]] {
         png.extend(0u32.to_be_bytes());
         png.extend(chunk);
-        png.extend(crc32(chunk).to_be_bytes());
+        png.extend(crc32fast::hash(chunk).to_be_bytes());
     }
     png
 }
