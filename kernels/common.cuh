@@ -1,6 +1,6 @@
-// Shared helpers of the fused model kernels (attention.cu, norm.cu, act.cu). All arithmetic is in
+// Shared helpers of the kernels (attention.cu, norm.cu, act.cu, quant.cu). All arithmetic is in
 // f32; values are read from / written to the storage type T (float, bf16, f16) with one rounding.
-// The CPU reference of every kernel is src/model/qwen3_vl/fused.rs.
+// The CPU reference of every kernel is src/model/qwen3_vl/fused.rs (src/quant for quant.cu).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

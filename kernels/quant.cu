@@ -1,8 +1,6 @@
 // qsens CUDA kernels of src/quant: FP8 E4M3 fake quantization and the gradient-score reduction.
 // Same arithmetic as src/quant/{fp8,sensitivity}.rs (the CPU paths), which are the reference.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 // Nearest E4M3FN value (ties to even) of v, |v| <= 448 or NaN.
 __device__ __forceinline__ float round_to_e4m3(float v) {
@@ -28,19 +26,33 @@ __device__ __forceinline__ float fake_quant(float x, float scale, float inv_scal
     return round_to_e4m3(v) * inv_scale;
 }
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ void from_f32(float v, float *out) { *out = v; }
-__device__ __forceinline__ void from_f32(float v, __nv_bfloat16 *out) { *out = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void from_f32(float v, __half *out) { *out = __float2half_rn(v); }
+// A block's reduction of one value per thread with `op` (sum or max), in a fixed tree order (so
+// reruns give the same bits): warps by shuffle-down, then the warps' results by warp 0. The total
+// is valid in thread 0 only; `shared` holds 32 floats.
+template <typename Op> __device__ __forceinline__ float block_reduce(float v, float *shared, Op op) {
+    for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_down_sync(0xffffffff, v, off));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (blockDim.x + 31) / 32 ? shared[lane] : 0.0f;
+        for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_down_sync(0xffffffff, v, off));
+    }
+    return v;
+}
+struct SumOp {
+    __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
 
 #define FAKE_QUANT(NAME, T)                                                                     \
     extern "C" __global__ void NAME(const T *x, T *y, const size_t n, const float scale,         \
                                     const float inv_scale) {                                    \
         for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;                   \
              i += (size_t)blockDim.x * gridDim.x) {                                             \
-            from_f32(fake_quant(to_f32(x[i]), scale, inv_scale), &y[i]);                       \
+            y[i] = from_f32<T>(fake_quant(to_f32(x[i]), scale, inv_scale));                     \
         }                                                                                       \
     }
 
@@ -59,15 +71,8 @@ __device__ void grad_score_partials(const T *dy, const T *y, const T *yq, const 
         p = fminf(fmaxf(p, -1e10f), 1e10f);
         acc += p * p;
     }
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffff, acc, off);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) shared[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-        acc = lane < (blockDim.x + 31) / 32 ? shared[lane] : 0.0f;
-        for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffff, acc, off);
-        if (lane == 0) partials[blockIdx.x] = acc;
-    }
+    acc = block_reduce(acc, shared, SumOp());
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
 #define GRAD_SCORE(NAME, T)                                                                      \
@@ -84,15 +89,8 @@ extern "C" __global__ void sum_partials(const float *partials, const size_t n, f
     __shared__ float shared[32];
     float acc = 0.0f;
     for (size_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffff, acc, off);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) shared[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-        acc = lane < (blockDim.x + 31) / 32 ? shared[lane] : 0.0f;
-        for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffff, acc, off);
-        if (lane == 0) out[0] = acc;
-    }
+    acc = block_reduce(acc, shared, SumOp());
+    if (threadIdx.x == 0) out[0] = acc;
 }
 
 // Max calibration: slot = max(slot, max |x|) in one pass (grid-stride, warp and block reduce,
@@ -103,15 +101,8 @@ __device__ void amax_update(const T *x, const size_t n, float *slot) {
     float m = 0.0f;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)blockDim.x * gridDim.x)
         m = fmaxf(m, fabsf(to_f32(x[i])));
-    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_down_sync(0xffffffff, m, off));
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) shared[warp] = m;
-    __syncthreads();
-    if (warp == 0) {
-        m = lane < (blockDim.x + 31) / 32 ? shared[lane] : 0.0f;
-        for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_down_sync(0xffffffff, m, off));
-        if (lane == 0) atomicMax((int *)slot, __float_as_int(m));
-    }
+    m = block_reduce(m, shared, MaxOp());
+    if (threadIdx.x == 0) atomicMax((int *)slot, __float_as_int(m));
 }
 
 #define AMAX_UPDATE(NAME, T)                                                                     \
