@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
@@ -123,6 +123,17 @@ fn view<'a, T: CudaDType + DeviceRepr>(s: &'a Storage, l: &Layout, what: &str) -
 fn view_from<'a, T: CudaDType + DeviceRepr>(s: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
     let Storage::Cuda(cs) = s else { bail!("{what}: not a CUDA tensor") };
     Ok(cs.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+/// Pushes `v`, or a null device pointer where the kernel takes an optional buffer.
+fn arg_or_null<'a, A>(b: &mut LaunchArgs<'a>, v: Option<A>, null: &'a u64)
+where
+    LaunchArgs<'a>: PushKernelArg<A> + PushKernelArg<&'a u64>,
+{
+    match v {
+        Some(v) => PushKernelArg::<A>::arg(b, v),
+        None => PushKernelArg::<&'a u64>::arg(b, null),
+    };
 }
 
 /// An output buffer of `n` elements (poisoned with NaN bytes in debug mode).
@@ -515,10 +526,7 @@ fn rms_norm_t<T: Ty>(x: &Tensor, res: Option<&Tensor>, w: &Tensor, eps: f64) -> 
     let rg = res.as_ref().map(|r| r.storage_and_layout());
     let xv = view::<T>(&xs, xl, "x")?;
     let wv = view::<T>(&ws, wl, "weight")?;
-    let rv = match &rg {
-        Some((g, l)) => Some(view::<T>(g, l, "res")?),
-        None => None,
-    };
+    let rv = rg.as_ref().map(|(g, l)| view::<T>(g, l, "res")).transpose()?;
     let mut y = alloc::<T>(&dev, rows * dd)?;
     let mut rstd = alloc::<f32>(&dev, rows)?;
     let mut hsum = match res {
@@ -535,16 +543,10 @@ fn rms_norm_t<T: Ty>(x: &Tensor, res: Option<&Tensor>, w: &Tensor, eps: f64) -> 
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         b.arg(&xv);
-        match &rv {
-            Some(v) => b.arg(v),
-            None => b.arg(&null),
-        };
+        arg_or_null(&mut b, rv.as_ref(), &null);
         b.arg(&wv);
         b.arg(&mut y);
-        match &mut hsum {
-            Some(h) => b.arg(h),
-            None => b.arg(&null),
-        };
+        arg_or_null(&mut b, hsum.as_mut(), &null);
         b.arg(&mut rstd);
         b.arg(&rows_i);
         b.arg(&dd_i);
@@ -589,10 +591,7 @@ fn rms_norm_backward_t<T: Ty>(
     let rsv = view::<f32>(&rs, rl, "rstd")?;
     let wv = view::<T>(&ws, wl, "weight")?;
     let gv = gg.iter().map(|(g, l)| view::<T>(g, l, "dy")).collect::<Result<Vec<_>>>()?;
-    let rv = match &rg {
-        Some((g, l)) => Some(view::<T>(g, l, "res")?),
-        None => None,
-    };
+    let rv = rg.as_ref().map(|(g, l)| view::<T>(g, l, "res")).transpose()?;
     let mut dx = alloc::<T>(&dev, rows * dd)?;
     let null = 0u64;
     let (rows_i, dd_i) = (i32_of(rows, "rows")?, i32_of(dd, "dim")?);
@@ -606,15 +605,9 @@ fn rms_norm_backward_t<T: Ty>(
         b.arg(&rsv);
         b.arg(&wv);
         for i in 0..3 {
-            match gv.get(i) {
-                Some(v) => b.arg(v),
-                None => b.arg(&null),
-            };
+            arg_or_null(&mut b, gv.get(i), &null);
         }
-        match &rv {
-            Some(v) => b.arg(v),
-            None => b.arg(&null),
-        };
+        arg_or_null(&mut b, rv.as_ref(), &null);
         b.arg(&mut dx);
         b.arg(&rows_i);
         b.arg(&dd_i);
@@ -645,10 +638,7 @@ fn layer_norm_t<T: Ty>(x: &Tensor, res: Option<&Tensor>, w: &Tensor, bias: &Tens
     let xv = view::<T>(&xs, xl, "x")?;
     let wv = view::<T>(&ws, wl, "weight")?;
     let bv = view::<T>(&bs, bl, "bias")?;
-    let rv = match &rg {
-        Some((g, l)) => Some(view::<T>(g, l, "res")?),
-        None => None,
-    };
+    let rv = rg.as_ref().map(|(g, l)| view::<T>(g, l, "res")).transpose()?;
     let mut y = alloc::<T>(&dev, rows * dd)?;
     let mut mean = alloc::<f32>(&dev, rows)?;
     let mut rstd = alloc::<f32>(&dev, rows)?;
@@ -666,17 +656,11 @@ fn layer_norm_t<T: Ty>(x: &Tensor, res: Option<&Tensor>, w: &Tensor, bias: &Tens
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         b.arg(&xv);
-        match &rv {
-            Some(v) => b.arg(v),
-            None => b.arg(&null),
-        };
+        arg_or_null(&mut b, rv.as_ref(), &null);
         b.arg(&wv);
         b.arg(&bv);
         b.arg(&mut y);
-        match &mut hsum {
-            Some(h) => b.arg(h),
-            None => b.arg(&null),
-        };
+        arg_or_null(&mut b, hsum.as_mut(), &null);
         b.arg(&mut mean);
         b.arg(&mut rstd);
         b.arg(&rows_i);
@@ -727,10 +711,7 @@ fn layer_norm_backward_t<T: Ty>(
     let rsv = view::<f32>(&rs, rl, "rstd")?;
     let wv = view::<T>(&ws, wl, "weight")?;
     let gv = view::<T>(&gs, gl, "dy")?;
-    let rv = match &rg {
-        Some((g, l)) => Some(view::<T>(g, l, "res")?),
-        None => None,
-    };
+    let rv = rg.as_ref().map(|(g, l)| view::<T>(g, l, "res")).transpose()?;
     let mut dx = alloc::<T>(&dev, rows * dd)?;
     let null = 0u64;
     let (rows_i, dd_i) = (i32_of(rows, "rows")?, i32_of(dd, "dim")?);
@@ -745,10 +726,7 @@ fn layer_norm_backward_t<T: Ty>(
         b.arg(&rsv);
         b.arg(&wv);
         b.arg(&gv);
-        match &rv {
-            Some(v) => b.arg(v),
-            None => b.arg(&null),
-        };
+        arg_or_null(&mut b, rv.as_ref(), &null);
         b.arg(&mut dx);
         b.arg(&rows_i);
         b.arg(&dd_i);
