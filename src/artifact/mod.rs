@@ -11,6 +11,7 @@
 //! ever sees a half-written artifact.
 
 pub mod calibration;
+pub mod evaluation;
 pub mod inputs;
 pub mod manifest;
 pub mod scores;
