@@ -6,6 +6,7 @@
 //! 3. [`score`] (`score-layers`): checkpoint + inputs → per-layer sensitivity scores.
 //! 4. [`search`] (`search`): scores → per-layer formats under a bit budget → manifest.
 //! 5. [`report`] (`manifest-to-md`): manifest → Markdown report with SVG plots.
+//! 6. [`quantize`] (`quantize`): checkpoint + manifest → a quantized checkpoint vLLM serves.
 //!
 //! Shared homes: [`artifact`] (the schemas), [`model`] (Qwen3-VL forward and backward),
 //! [`quant`] (FP8 numerics, formats, layer grouping), [`cli`] (flags, exit codes, progress), and
@@ -17,6 +18,7 @@ pub mod demo;
 pub mod model;
 pub mod preprocess;
 pub mod quant;
+pub mod quantize;
 pub mod report;
 pub mod score;
 pub mod search;

@@ -21,7 +21,7 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
@@ -329,6 +329,24 @@ fn process_may_run(pid: u32) -> bool {
         }
         Err(e) => e.kind() != std::io::ErrorKind::NotFound,
     }
+}
+
+/// Digests of the checkpoint files that determine the model: `config.json` (role `model-config`,
+/// sha256) and every `*.safetensors` file (role `model-weights`, blake3), in file-name order.
+pub fn model_provenance(dir: &Path, prov: &mut Provenance) -> Result<()> {
+    let config = dir.join("config.json");
+    prov.source("model-config", config.display(), sha256_file(&config)?);
+    let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    weights.sort();
+    ensure!(!weights.is_empty(), "{}: no .safetensors weights", dir.display());
+    for w in weights {
+        prov.source("model-weights", w.display(), blake3_file(&w)?);
+    }
+    Ok(())
 }
 
 /// `sha256:<hex>` of a byte slice.

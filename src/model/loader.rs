@@ -19,6 +19,7 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 struct Shard {
     path: PathBuf,
+    file: std::fs::File,
     mmap: Mmap,
     /// Byte offset of the data section (8 + header length).
     data_start: usize,
@@ -43,18 +44,25 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
-fn open_shard(path: &Path) -> Result<Shard> {
+/// Opens and checks one safetensors file. `populate` maps every page up front (one pass in the
+/// kernel instead of ~2M page faults while a 9 GB model uploads); without it only the header is
+/// read, for callers that stream tensors with [`Checkpoint::read_raw`] and must not hold the
+/// whole file in memory.
+fn open_shard(path: &Path, populate: bool) -> Result<Shard> {
     let file = std::fs::File::open(path)
         .map_err(|e| candle_core::Error::Msg(format!("cannot open {}: {e}", path.display())))?;
     // SAFETY: the checkpoint is treated as read-only for the lifetime of the map; like every
     // mmap-based loader (candle, safetensors) we rely on nobody truncating it meanwhile.
-    // `populate` maps every page up front (one pass in the kernel) instead of faulting 4 KiB
-    // pages one by one while uploading: for a 9 GB checkpoint that is ~2M faults saved.
-    let mmap = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+    let mut options = memmap2::MmapOptions::new();
+    if populate {
+        options.populate();
+    }
+    let mmap = unsafe { options.map(&file) }
         .map_err(|e| candle_core::Error::Msg(format!("cannot map {}: {e}", path.display())))?;
-    let (header_len, meta) = SafeTensors::read_metadata(&mmap[..])
-        .map_err(|e| candle_core::Error::Msg(format!("{} is not a valid safetensors file: {e}", path.display())))?;
-    Ok(Shard { path: path.to_path_buf(), mmap, data_start: 8 + header_len, meta })
+    let (header_len, meta) = SafeTensors::read_metadata(&mmap[..]).map_err(|e| {
+        candle_core::Error::Msg(format!("{} is not a valid safetensors file (truncated?): {e}", path.display()))
+    })?;
+    Ok(Shard { path: path.to_path_buf(), file, mmap, data_start: 8 + header_len, meta })
 }
 
 fn candle_dtype(dt: StDtype) -> Option<DType> {
@@ -66,6 +74,7 @@ fn candle_dtype(dt: StDtype) -> Option<DType> {
         StDtype::U8 => DType::U8,
         StDtype::U32 => DType::U32,
         StDtype::I64 => DType::I64,
+        StDtype::F8_E4M3 => DType::F8E4M3,
         _ => return None,
     })
 }
@@ -73,6 +82,16 @@ fn candle_dtype(dt: StDtype) -> Option<DType> {
 impl Checkpoint {
     /// Opens `dir/model.safetensors.index.json` (sharded) if present, else `dir/model.safetensors`.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, true)
+    }
+
+    /// Opens a checkpoint for streaming: headers only, tensors read one at a time with
+    /// [`Checkpoint::read_raw`] (memory stays at one tensor, whatever the checkpoint's size).
+    pub fn open_streaming(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, false)
+    }
+
+    fn open_with(dir: &Path, populate: bool) -> Result<Self> {
         let index_path = dir.join(INDEX_FILE);
         if index_path.is_file() {
             let text = std::fs::read_to_string(&index_path)
@@ -94,7 +113,7 @@ impl Checkpoint {
                 let ix = match file_ix.get(file) {
                     Some(&ix) => ix,
                     None => {
-                        shards.push(open_shard(&dir.join(file))?);
+                        shards.push(open_shard(&dir.join(file), populate)?);
                         file_ix.insert(file.to_string(), shards.len() - 1);
                         shards.len() - 1
                     }
@@ -107,7 +126,7 @@ impl Checkpoint {
             if !path.is_file() {
                 bail!("no {} or {} in {}", SINGLE_FILE, INDEX_FILE, dir.display())
             }
-            let shard = open_shard(&path)?;
+            let shard = open_shard(&path, populate)?;
             let location = shard.meta.tensors().into_keys().map(|k| (k, 0)).collect();
             Ok(Checkpoint { shards: vec![shard], location, index: None })
         }
@@ -116,6 +135,44 @@ impl Checkpoint {
     /// Whether the checkpoint lists tensor `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.location.contains_key(name)
+    }
+
+    /// Every tensor: name, stored dtype and shape, sorted by name.
+    pub fn tensors(&self) -> Vec<(&str, StDtype, &[usize])> {
+        let mut out: Vec<(&str, StDtype, &[usize])> = self
+            .location
+            .iter()
+            .filter_map(|(name, &ix)| {
+                self.shards[ix].meta.info(name).map(|i| (name.as_str(), i.dtype, i.shape.as_slice()))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(b.0));
+        out
+    }
+
+    /// The files the checkpoint is made of (the shards, or the single file).
+    pub fn files(&self) -> Vec<&Path> {
+        self.shards.iter().map(|s| s.path.as_path()).collect()
+    }
+
+    /// The stored bytes of tensor `name` (little-endian, its own dtype), read from the file
+    /// (not through the map, so nothing stays resident after the caller drops them).
+    pub fn read_raw(&self, name: &str) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let Some(&ix) = self.location.get(name) else {
+            bail!("tensor `{name}` is missing from {}", self.where_listed())
+        };
+        let shard = &self.shards[ix];
+        let Some(info) = shard.meta.info(name) else {
+            bail!("tensor `{name}` is listed in {} but missing from {}", self.where_listed(), shard.path.display())
+        };
+        let (start, end) = info.data_offsets;
+        let mut buf = vec![0u8; end - start];
+        shard
+            .file
+            .read_exact_at(&mut buf, (shard.data_start + start) as u64)
+            .map_err(|e| candle_core::Error::Msg(format!("reading `{name}` from {}: {e}", shard.path.display())))?;
+        Ok(buf)
     }
 
     /// Where a lookup of an unlisted tensor was made, for error messages.
@@ -153,7 +210,46 @@ impl Checkpoint {
         let Some(bytes) = bytes else {
             bail!("tensor `{name}` in {} has inconsistent data offsets", shard.path.display())
         };
+        if src_dtype == DType::F8E4M3 {
+            // An FP8 checkpoint (qsens `quantize`, ModelOpt, llm-compressor): W = e4m3 · weight_scale,
+            // dequantized in f32 as the serving kernels apply the scale, then cast.
+            let Some(scale_name) = name.strip_suffix(".weight").map(|p| format!("{p}.weight_scale")) else {
+                bail!("tensor `{name}` in {} is FP8 but is not a `.weight`", shard.path.display())
+            };
+            let Some(scale) = self.scalar_f32(&scale_name)? else {
+                bail!("tensor `{name}` in {} is FP8 but `{scale_name}` is missing", shard.path.display())
+            };
+            let codes = Tensor::from_raw_buffer(bytes, src_dtype, shape, &Device::Cpu)?.to_dtype(DType::F32)?;
+            let scale = Tensor::new(scale, &Device::Cpu)?;
+            return codes.broadcast_mul(&scale)?.to_device(device)?.to_dtype(dtype);
+        }
         // Upload in the stored dtype, convert on the target device.
         Tensor::from_raw_buffer(bytes, src_dtype, shape, device)?.to_dtype(dtype)
+    }
+
+    /// A one-element tensor (shape `[]` or `[1]`, any float dtype) as f32, e.g. a per-tensor
+    /// `weight_scale` or `input_scale`; `None` when the checkpoint does not list it.
+    pub fn scalar_f32(&self, name: &str) -> Result<Option<f32>> {
+        let Some(&ix) = self.location.get(name) else { return Ok(None) };
+        let shard = &self.shards[ix];
+        let Some(info) = shard.meta.info(name) else {
+            bail!("tensor `{name}` is listed in {} but missing from {}", self.where_listed(), shard.path.display())
+        };
+        if info.shape.iter().product::<usize>() != 1 {
+            bail!("tensor `{name}` in {} has shape {:?}, expected one element", shard.path.display(), info.shape)
+        }
+        let Some(src_dtype) = candle_dtype(info.dtype).filter(|d| d.is_float()) else {
+            bail!("tensor `{name}` in {} has unsupported dtype {:?}", shard.path.display(), info.dtype)
+        };
+        let (start, end) = info.data_offsets;
+        let Some(bytes) = shard
+            .mmap
+            .get(shard.data_start + start..shard.data_start + end)
+            .filter(|b| b.len() == src_dtype.size_in_bytes())
+        else {
+            bail!("tensor `{name}` in {} has inconsistent data offsets", shard.path.display())
+        };
+        let value = Tensor::from_raw_buffer(bytes, src_dtype, &[1], &Device::Cpu)?.to_dtype(DType::F32)?;
+        Ok(Some(value.to_vec1::<f32>()?[0]))
     }
 }

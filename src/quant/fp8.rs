@@ -128,6 +128,80 @@ impl candle_core::InplaceOp2 for AmaxUpdate {
     }
 }
 
+/// The per-tensor scale a deployable checkpoint stores for a calibrated `amax`: `amax / 448` in
+/// f32, as ModelOpt's exporter writes `weight_scale` and `input_scale` (amax ≤ 2^-24 is taken as
+/// 1, as the fake quantization above does, so that the scale is never 0).
+pub fn checkpoint_scale(amax: f32) -> f32 {
+    let epsilon = 1.0f32 / (1u32 << 24) as f32;
+    let safe_amax = if amax <= epsilon { 1.0 } else { amax };
+    safe_amax / E4M3_MAX
+}
+
+/// The E4M3FN bit pattern of a value that is already exactly representable (the output of
+/// [`round_to_e4m3`]): sign, 4 exponent bits (bias 7), 3 mantissa bits; subnormals have exponent 0.
+#[inline]
+pub fn e4m3_bits(r: f32) -> u8 {
+    let sign = if r.is_sign_negative() { 0x80 } else { 0 };
+    let a = r.abs();
+    if a.is_nan() {
+        return 0x7f | sign;
+    }
+    let magnitude = if a < E4M3_MIN_NORMAL {
+        // a = m · 2^-9 with m in 0..8: exact.
+        (a / E4M3_SUBNORMAL_STEP) as u8
+    } else {
+        let exp = ((a.to_bits() >> 23) & 0xff) as i32 - 127;
+        let mantissa = ((a.to_bits() >> 20) & 7) as u8;
+        (((exp + 7) as u8) << 3) | mantissa
+    };
+    sign | magnitude
+}
+
+/// The value of an E4M3FN bit pattern (0x7f / 0xff are NaN).
+#[inline]
+pub fn e4m3_value(bits: u8) -> f32 {
+    let exp = ((bits >> 3) & 0xf) as i32;
+    let mantissa = (bits & 7) as f32;
+    let magnitude = if bits & 0x7f == 0x7f {
+        f32::NAN
+    } else if exp == 0 {
+        mantissa * E4M3_SUBNORMAL_STEP
+    } else {
+        (1.0 + mantissa / 8.0) * f32::from_bits(((exp - 7 + 127) as u32) << 23)
+    };
+    if bits & 0x80 != 0 {
+        -magnitude
+    } else {
+        magnitude
+    }
+}
+
+/// Quantizes weights for a checkpoint as ModelOpt's exporter does (`(w / weight_scale).to(float8_e4m3fn)`):
+/// `e4m3(clamp(w / scale, ±448))`, round-to-nearest-even, the division in f32. Returns the bit
+/// patterns; dequantized, each is `e4m3_value(bits) · scale`.
+pub fn quantize_to_e4m3(weights: &[f32], scale: f32) -> Vec<u8> {
+    use rayon::prelude::*;
+    let mut out = vec![0u8; weights.len()];
+    out.par_chunks_mut(1 << 16).zip(weights.par_chunks(1 << 16)).for_each(|(o, w)| {
+        for (o, &w) in o.iter_mut().zip(w) {
+            *o = e4m3_bits(round_to_e4m3((w / scale).clamp(-E4M3_MAX, E4M3_MAX)));
+        }
+    });
+    out
+}
+
+/// What a served FP8 layer computes from a per-tensor `scale`, as fake quantization on any device
+/// and dtype: `e4m3(clamp(x / scale, ±448)) · scale`. For weights this is exactly the checkpoint's
+/// dequantized weight ([`quantize_to_e4m3`], then `· scale`); for inputs it is the static input
+/// quantization of the serving kernels.
+pub fn fake_quant_with_scale(x: &Tensor, scale: f32) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let scale_t = Tensor::new(scale, x.device())?;
+    let x32 = x.to_dtype(DType::F32)?;
+    let q = x32.broadcast_div(&scale_t)?.apply_op1_no_bwd(&FakeQuantE4M3 { scale: 1.0, inv_scale: 1.0 })?;
+    q.broadcast_mul(&scale_t)?.to_dtype(dtype)
+}
+
 /// The fused scale → saturate → round to E4M3 → rescale op.
 #[derive(Debug, Clone, Copy)]
 pub struct FakeQuantE4M3 {
@@ -266,6 +340,51 @@ mod tests {
         for (x, g) in xb.iter().zip(&gb) {
             assert_eq!(*g, bf16::from_f32(fake_quant(x.to_f32(), s, inv)));
         }
+        Ok(())
+    }
+
+    #[test]
+    fn bit_patterns_round_trip() {
+        for bits in 0u8..=255 {
+            let v = e4m3_value(bits);
+            if bits & 0x7f == 0x7f {
+                assert!(v.is_nan());
+                continue;
+            }
+            // -0 and +0 keep their sign bit.
+            assert_eq!(e4m3_bits(v), bits, "{bits:#04x} = {v}");
+        }
+        // Independent decoding of every finite pattern (all_e4m3_values walks them in order).
+        let mut decoded = Vec::new();
+        for bits in 0u8..=0x7e {
+            decoded.push(e4m3_value(bits));
+            decoded.push(e4m3_value(bits | 0x80));
+        }
+        assert_eq!(decoded, all_e4m3_values());
+    }
+
+    #[test]
+    fn checkpoint_weights_dequantize_to_the_fake_quant_of_their_scale() -> Result<()> {
+        let w: Vec<f32> = (0..4096).map(|i| ((i as f32) * 0.731).sin() * 0.05).collect();
+        let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = checkpoint_scale(amax);
+        assert_eq!(scale, amax / 448.0);
+        let bits = quantize_to_e4m3(&w, scale);
+        let t = Tensor::from_vec(w.clone(), w.len(), &candle_core::Device::Cpu)?;
+        let fake = fake_quant_with_scale(&t, scale)?.to_vec1::<f32>()?;
+        for ((b, f), x) in bits.iter().zip(&fake).zip(&w) {
+            assert_eq!(e4m3_value(*b) * scale, *f, "{x}");
+            // Each code is the nearest E4M3 value of w / scale, computed here in f64.
+            let exact = (*x as f64) / (scale as f64);
+            let err = (e4m3_value(*b) as f64 - exact).abs();
+            let neighbours = [-1i32, 1].map(|d| e4m3_value((*b as i32 + d).clamp(0, 255) as u8));
+            for n in neighbours.iter().filter(|n| n.is_finite() && n.signum() == e4m3_value(*b).signum()) {
+                assert!(err <= (*n as f64 - exact).abs() + 1e-12, "{x}: {} vs neighbour {n}", e4m3_value(*b));
+            }
+        }
+        // The largest magnitude maps to ±448 exactly.
+        let i = w.iter().position(|v| v.abs() == amax).unwrap();
+        assert_eq!(e4m3_value(bits[i]).abs(), 448.0);
         Ok(())
     }
 

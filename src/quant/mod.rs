@@ -6,6 +6,7 @@ pub mod format;
 pub mod fp8;
 pub mod groups;
 pub mod sensitivity;
+pub mod served;
 
 pub use format::{format_by_name, Format, Fp8PerTensor, WeightStats, NONE, NONE_BITS};
 pub use groups::{Group, GroupingRules, NamePatterns};

@@ -214,23 +214,6 @@ pub fn validate_inputs(inputs: &ModelInputs, model: &Qwen3VL, method: Method) ->
     Ok(())
 }
 
-/// Digests of the checkpoint files that determine the model: config and every weight file.
-fn model_provenance(dir: &Path, prov: &mut Provenance) -> Result<()> {
-    let config = dir.join("config.json");
-    prov.source("model-config", config.display(), artifact::sha256_file(&config)?);
-    let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    weights.sort();
-    ensure!(!weights.is_empty(), "{}: no .safetensors weights", dir.display());
-    for w in weights {
-        prov.source("model-weights", w.display(), artifact::blake3_file(&w)?);
-    }
-    Ok(())
-}
-
 /// The run's fixed description: layers, groups, formats, costs; no scores yet.
 struct Plan {
     formats: Vec<Box<dyn Format>>,
@@ -374,7 +357,7 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
     let mut provenance = Provenance::default();
     provenance.source("inputs", &opts.inputs, artifact::sha256_bytes(&input_bytes));
     timings.read_inputs = lap();
-    model_provenance(&opts.model_dir, &mut provenance)?;
+    artifact::model_provenance(&opts.model_dir, &mut provenance)?;
     timings.hash_model = lap();
     provenance
         .param("method", opts.method.as_str())

@@ -1,0 +1,620 @@
+//! Stage 6, `quantize`: checkpoint + manifest → a quantized HF checkpoint a serving engine loads.
+//!
+//! The recipe's FP8 layers get `weight` float8_e4m3fn (`e4m3(W / weight_scale)`, as ModelOpt's
+//! exporter computes it), `weight_scale = amax_w / 448` and a static `input_scale = amax_in /
+//! 448` from the calibration the scores were made with; every other tensor is copied bit for bit.
+//! Which layers end up in FP8 is [`crate::quant::served`]'s plan (shared with `evaluate`). Two
+//! layouts: ModelOpt's unified HF format ([`modelopt`]) and llm-compressor's compressed-tensors
+//! ([`compressed_tensors`]). Everything is checked before anything is written; tensors are
+//! streamed one at a time into a temporary directory beside the target, renamed at the end.
+
+pub mod compressed_tensors;
+pub mod modelopt;
+pub mod shards;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use half::{bf16, f16};
+use safetensors::tensor::Dtype;
+use serde_json::{json, Value};
+
+use crate::artifact::manifest::Manifest;
+use crate::artifact::scores::Scores;
+use crate::artifact::{self, Artifact, Location, Provenance};
+use crate::cli::Reporter;
+use crate::model::loader::{Checkpoint, INDEX_FILE};
+use crate::model::qwen3_vl::Config;
+use crate::model::LayerKind;
+use crate::quant::fp8;
+use crate::quant::served::{self, Fp8Layer, KeptReason, RecipeLayer, ServedPlan};
+use shards::TensorSpec;
+
+pub const TOOL: &str = "quantize";
+
+/// The checkpoint layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    /// `modelopt` when no vision layer is in FP8, else `compressed-tensors`: the layout vLLM loads
+    /// correctly for the recipe.
+    Auto,
+    /// ModelOpt's unified HF format (`hf_quant_config.json`, `quant_method: "modelopt"`).
+    Modelopt,
+    /// llm-compressor's `float-quantized` format (`quant_method: "compressed-tensors"`).
+    CompressedTensors,
+}
+
+impl Layout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::Auto => "auto",
+            Layout::Modelopt => "modelopt",
+            Layout::CompressedTensors => "compressed-tensors",
+        }
+    }
+}
+
+/// Everything `quantize` needs.
+#[derive(Debug, Clone)]
+pub struct QuantizeArgs {
+    /// The unquantized HF checkpoint the manifest's scores were made from.
+    pub model_dir: PathBuf,
+    pub manifest: Location,
+    /// The scores the manifest was made from (optional: the manifest carries their amax and
+    /// digest; given, they are checked against it).
+    pub scores: Option<Location>,
+    pub output: PathBuf,
+    pub layout: Layout,
+    /// Write fused layers' shards with their shared (largest) scales.
+    pub fuse_scales: bool,
+    pub max_shard_size: u64,
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// Write FP8 vision layers in the modelopt layout although vLLM loads them wrongly.
+    pub skip_vllm_checks: bool,
+}
+
+/// Where an output tensor's bytes come from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// The input tensor of the same name, bit for bit.
+    Copy,
+    /// The input weight `name`, quantized to E4M3 with `scale`.
+    Fp8 { weight: String, scale: f32 },
+    /// A one-element scale tensor.
+    Scale(f32),
+}
+
+/// A checked job: nothing has been written yet.
+struct Job {
+    checkpoint: Checkpoint,
+    layout: Layout,
+    plan: ServedPlan,
+    tensors: Vec<TensorSpec>,
+    sources: Vec<Source>,
+    config_json: String,
+    hf_quant_config: Option<Value>,
+    /// Files copied unchanged (tokenizer, chat template, processor and generation configs).
+    copies: Vec<PathBuf>,
+    metadata: HashMap<String, String>,
+    notes: Vec<String>,
+}
+
+/// Runs `quantize`.
+pub fn run(args: &QuantizeArgs, reporter: &Reporter) -> Result<()> {
+    let job = prepare(args)?;
+    for note in &job.notes {
+        reporter.note(note);
+    }
+    write(args, &job, reporter)?;
+    let bytes: u64 = job.tensors.iter().map(|t| t.byte_len() as u64).sum();
+    let params: usize = job
+        .plan
+        .fp8
+        .iter()
+        .filter_map(|l| job.tensors.iter().find(|t| t.name == format!("{}.weight", l.name)))
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
+    reporter.note(format!(
+        "wrote {} FP8 layers ({} weights), layout {}, {:.2} GB of tensors → {}",
+        job.plan.fp8.len(),
+        params,
+        job.layout.as_str(),
+        bytes as f64 / 1e9,
+        args.output.display()
+    ));
+    Ok(())
+}
+
+/// Every check, and the whole output described, before anything is written.
+fn prepare(args: &QuantizeArgs) -> Result<Job> {
+    let out = &args.output;
+    if out.exists() && !args.force {
+        bail!("{} already exists (pass --force to replace it)", out.display());
+    }
+    if let (Ok(a), Ok(b)) = (out.canonicalize(), args.model_dir.canonicalize()) {
+        ensure!(a != b, "{}: the output would replace the input checkpoint", out.display());
+    }
+
+    let manifest_bytes = artifact::read_bytes(&args.manifest)?;
+    let manifest: Artifact<Manifest> =
+        artifact::from_bytes(&manifest_bytes).with_context(|| format!("{}", args.manifest))?;
+    let manifest_digest = artifact::sha256_bytes(&manifest_bytes);
+    let m = &manifest.payload;
+    let scores_digest = &m.scores_source.digest;
+    if let Some(loc) = &args.scores {
+        check_scores(loc, &args.manifest, m)?;
+    }
+    let checkpoint = Checkpoint::open_streaming(&args.model_dir)
+        .with_context(|| format!("opening checkpoint in {}", args.model_dir.display()))?;
+    check_same_model(&args.manifest, &m.scores_source.provenance, &args.model_dir)?;
+    let config_path = args.model_dir.join("config.json");
+    let config_text =
+        std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
+    let config_value: Value =
+        serde_json::from_str(&config_text).with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+    ensure!(
+        config_value.get("quantization_config").is_none(),
+        "{}: the checkpoint is already quantized (config.json has a quantization_config)",
+        config_path.display()
+    );
+    let config = Config::from_json_str(&config_text).with_context(|| format!("parsing {}", config_path.display()))?;
+    let stored: HashMap<&str, (Dtype, &[usize])> =
+        checkpoint.tensors().into_iter().map(|(n, d, s)| (n, (d, s))).collect();
+
+    // The recipe, with each FP8 weight's amax taken from the checkpoint itself.
+    let mut recipe = Vec::with_capacity(m.layers.len());
+    let mut weight_dtypes: HashMap<String, Dtype> = HashMap::new();
+    for l in &m.layers {
+        let kind = if l.kind == LayerKind::PatchEmbed.as_str() { LayerKind::PatchEmbed } else { LayerKind::Linear };
+        let mut weight_amax = l.weight_amax as f32;
+        let weight = format!("{}.weight", l.name);
+        let writes_weight =
+            l.chosen != crate::quant::NONE && kind == LayerKind::Linear && stored.contains_key(weight.as_str());
+        if writes_weight {
+            let (dtype, shape) = stored[weight.as_str()];
+            let want = [l.shape[0] as usize, l.shape[1] as usize];
+            ensure!(
+                shape == want,
+                "{}: layer {} has shape {:?} in the manifest but `{weight}` is {:?} in {} (a manifest of another model?)",
+                args.manifest,
+                l.name,
+                want,
+                shape,
+                args.model_dir.display()
+            );
+            weight_amax = max_abs(&checkpoint.read_raw(&weight)?, dtype).with_context(|| format!("`{weight}`"))?;
+            weight_dtypes.insert(l.name.clone(), dtype);
+        }
+        recipe.push(RecipeLayer {
+            name: l.name.clone(),
+            kind,
+            format: l.chosen.clone(),
+            input_amax: l.input_amax as f32,
+            weight_amax,
+        });
+    }
+    let mut plan = served::plan(&recipe, config.tie_word_embeddings(), args.fuse_scales)
+        .with_context(|| format!("{}", args.manifest))?;
+    for l in &plan.fp8 {
+        ensure!(
+            weight_dtypes.contains_key(&l.name),
+            "{}: `{}.weight` is missing from the checkpoint in {}",
+            args.manifest,
+            l.name,
+            args.model_dir.display()
+        );
+    }
+
+    let mut notes = Vec::new();
+    let tower_of: HashMap<&str, &str> = m.layers.iter().map(|l| (l.name.as_str(), l.tower.as_str())).collect();
+    let vision_fp8: Vec<&str> =
+        plan.fp8.iter().map(|l| l.name.as_str()).filter(|n| tower_of.get(n) == Some(&"vision")).collect();
+    let layout = match args.layout {
+        Layout::Auto if vision_fp8.is_empty() => {
+            notes.push("layout: modelopt (ModelOpt's own format; no vision layer is in FP8)".into());
+            Layout::Modelopt
+        }
+        Layout::Auto => {
+            notes.push(format!(
+                "layout: compressed-tensors ({} vision layers are in FP8, which vLLM's modelopt loader would load wrongly)",
+                vision_fp8.len()
+            ));
+            Layout::CompressedTensors
+        }
+        other => other,
+    };
+    if layout == Layout::Modelopt && !vision_fp8.is_empty() && !args.skip_vllm_checks {
+        bail!(
+            "{}: the recipe puts {} vision layers in FP8 ({}), but vLLM's ModelOpt FP8 loader treats every layer \
+             named `visual` as unquantized and would load them wrongly: use --layout compressed-tensors, keep the \
+             vision tower 16-bit (search --disable 'model.visual.*'), or pass --skip-vllm-checks to write \
+             ModelOpt's layout anyway",
+            args.manifest,
+            vision_fp8.len(),
+            abbreviate(&vision_fp8, 4)
+        );
+    }
+    for (name, why) in &plan.kept {
+        notes.push(format!("{name}: {}", why.explain()));
+    }
+    if args.fuse_scales && !plan.fused_scale_changes.is_empty() {
+        notes.push(format!(
+            "--fuse-scales: {} fused-layer shards take their layer's largest weight scale: {}",
+            plan.fused_scale_changes.len(),
+            abbreviate(&plan.fused_scale_changes.iter().map(String::as_str).collect::<Vec<_>>(), 6)
+        ));
+    } else if !args.fuse_scales {
+        let differing = unfused_scale_shards(&plan);
+        if !differing.is_empty() {
+            notes.push(format!(
+                "{} fused-layer shards have their own weight scale; vLLM requantizes them to their layer's largest \
+                 scale when it loads them (--fuse-scales writes the shared scales instead)",
+                differing.len()
+            ));
+        }
+    }
+
+    // compressed-tensors stores scales in the model dtype: the codes are made with the scale as stored.
+    if layout == Layout::CompressedTensors {
+        for l in &mut plan.fp8 {
+            let dtype = weight_dtypes[&l.name];
+            l.weight_scale = round_to(dtype, l.weight_scale);
+            l.input_scale = round_to(dtype, l.input_scale);
+        }
+    }
+
+    let (tensors, sources) = output_tensors(&checkpoint, &plan, layout, &weight_dtypes)?;
+
+    let producer = json!({"name": "qsens", "version": env!("CARGO_PKG_VERSION")});
+    let quantized: std::collections::HashSet<&str> = plan.fp8.iter().map(|l| l.name.as_str()).collect();
+    let (quantization_config, hf_quant_config) = match layout {
+        Layout::Modelopt => {
+            // ModelOpt counts the patch embedding as quantized when the recipe has it, although its
+            // exporter writes it unquantized: the summary follows ModelOpt so the file is its own.
+            let counted: Vec<String> = plan
+                .fp8
+                .iter()
+                .map(|l| l.name.clone())
+                .chain(plan.kept.iter().filter(|(_, r)| *r == KeptReason::PatchEmbed).map(|(n, _)| n.clone()))
+                .collect();
+            let unquantized: Vec<String> =
+                modules_with_quantizers(m, &stored).into_iter().filter(|n| !counted.contains(n)).collect();
+            let exclude = modelopt::exclude_summary(&unquantized, &counted);
+            (
+                modelopt::quantization_config(&exclude, producer.clone()),
+                Some(modelopt::hf_quant_config(&exclude, producer.clone())),
+            )
+        }
+        _ => {
+            let ignore: Vec<String> = m
+                .layers
+                .iter()
+                .filter(|l| l.kind != LayerKind::PatchEmbed.as_str() && !quantized.contains(l.name.as_str()))
+                .map(|l| l.name.clone())
+                .collect();
+            (compressed_tensors::quantization_config(&ignore), None)
+        }
+    };
+    let config_json = with_quantization_config(&config_text, &quantization_config)
+        .with_context(|| format!("adding quantization_config to {}", config_path.display()))?;
+
+    let provenance = json!({
+        "tool": TOOL,
+        "version": env!("CARGO_PKG_VERSION"),
+        "manifest": manifest_digest,
+        "scores": scores_digest,
+        "layout": layout.as_str(),
+        "fuse_scales": args.fuse_scales,
+    });
+    let metadata =
+        HashMap::from([("format".to_string(), "pt".to_string()), ("qsens".to_string(), provenance.to_string())]);
+    Ok(Job {
+        checkpoint,
+        layout,
+        plan,
+        tensors,
+        sources,
+        config_json,
+        hf_quant_config,
+        copies: files_to_copy(&args.model_dir)?,
+        metadata,
+        notes,
+    })
+}
+
+/// The scores must be the very file the manifest was made from, and agree on every amax.
+fn check_scores(loc: &Location, manifest_loc: &Location, m: &Manifest) -> Result<()> {
+    let bytes = artifact::read_bytes(loc)?;
+    let digest = artifact::sha256_bytes(&bytes);
+    ensure!(
+        digest == m.scores_source.digest,
+        "{loc}: not the scores {manifest_loc} was made from (the manifest records {}, this file is {digest})",
+        m.scores_source.digest
+    );
+    let scores: Artifact<Scores> = artifact::from_bytes(&bytes).with_context(|| format!("{loc}"))?;
+    // Amax are f32 values (stored as f64); compare them as such.
+    let by_name: HashMap<&str, f32> =
+        scores.payload.layers.iter().map(|l| (l.name.as_str(), l.input_amax as f32)).collect();
+    for l in &m.layers {
+        let amax = by_name.get(l.name.as_str()).copied();
+        ensure!(
+            amax == Some(l.input_amax as f32),
+            "{loc}: layer {} has input amax {:?}, the manifest {manifest_loc} carries {}",
+            l.name,
+            amax,
+            l.input_amax
+        );
+    }
+    Ok(())
+}
+
+/// The model the scores were made from must be this checkpoint: same config.json and weight files
+/// (by content digest, whatever the directory).
+fn check_same_model(manifest: &Location, recorded: &Provenance, dir: &Path) -> Result<()> {
+    let recorded: Vec<(&str, String, &str)> = recorded
+        .sources
+        .iter()
+        .filter(|s| s.role == "model-config" || s.role == "model-weights")
+        .map(|s| (s.role.as_str(), file_name(&s.path), s.digest.as_str()))
+        .collect();
+    ensure!(
+        !recorded.is_empty(),
+        "{manifest}: its scores record no model digests, so the checkpoint cannot be checked"
+    );
+    let mut here = Provenance::default();
+    artifact::model_provenance(dir, &mut here)?;
+    let here: BTreeMap<(String, String), String> =
+        here.sources.iter().map(|s| ((s.role.clone(), file_name(&s.path)), s.digest.clone())).collect();
+    for (role, file, digest) in &recorded {
+        match here.get(&(role.to_string(), file.clone())) {
+            Some(d) if d == digest => {}
+            Some(d) => bail!(
+                "{manifest} was made from another model: {} in {} has digest {d}, the scores were made from {digest}",
+                file,
+                dir.display()
+            ),
+            None => bail!("{manifest} was made from another model: {} has no {file}", dir.display()),
+        }
+    }
+    let weight_files = recorded.iter().filter(|r| r.0 == "model-weights").count();
+    let here_files = here.keys().filter(|k| k.0 == "model-weights").count();
+    ensure!(
+        weight_files == here_files,
+        "{manifest} was made from another model: {} has {here_files} weight files, the scores' model had {weight_files}",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn file_name(path: &str) -> String {
+    Path::new(path).file_name().map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+/// Names, the first `n` of them and how many more.
+fn abbreviate(names: &[&str], n: usize) -> String {
+    let mut s = names.iter().take(n).copied().collect::<Vec<_>>().join(", ");
+    if names.len() > n {
+        s.push_str(&format!(", and {} more", names.len() - n));
+    }
+    s
+}
+
+/// FP8 shards of fused layers whose weight scale is not their layer's largest.
+fn unfused_scale_shards(plan: &ServedPlan) -> Vec<&str> {
+    let mut largest: HashMap<String, f32> = HashMap::new();
+    for l in &plan.fp8 {
+        if let Some(key) = served::fused_layer_of(&l.name) {
+            let e = largest.entry(key).or_insert(0.0);
+            *e = e.max(l.weight_scale);
+        }
+    }
+    plan.fp8
+        .iter()
+        .filter(|l| served::fused_layer_of(&l.name).is_some_and(|k| largest[&k] != l.weight_scale))
+        .map(|l| l.name.as_str())
+        .collect()
+}
+
+/// max |x| of a stored float tensor.
+fn max_abs(bytes: &[u8], dtype: Dtype) -> Result<f32> {
+    use rayon::prelude::*;
+    let values = to_f32(bytes, dtype)?;
+    Ok(values.par_chunks(1 << 16).map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs()))).reduce(|| 0.0, f32::max))
+}
+
+/// Little-endian stored floats as f32.
+fn to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        other => bail!("weights stored as {other:?} cannot be quantized (F32, BF16 or F16)"),
+    })
+}
+
+/// `value` rounded to `dtype` (bf16 / f16 / f32).
+fn round_to(dtype: Dtype, value: f32) -> f32 {
+    match dtype {
+        Dtype::BF16 => bf16::from_f32(value).to_f32(),
+        Dtype::F16 => f16::from_f32(value).to_f32(),
+        _ => value,
+    }
+}
+
+fn scalar_bytes(dtype: Dtype, value: f32) -> Vec<u8> {
+    match dtype {
+        Dtype::BF16 => bf16::from_f32(value).to_le_bytes().to_vec(),
+        Dtype::F16 => f16::from_f32(value).to_le_bytes().to_vec(),
+        _ => value.to_le_bytes().to_vec(),
+    }
+}
+
+/// The output tensors in name order, and where each one's bytes come from.
+fn output_tensors(
+    checkpoint: &Checkpoint,
+    plan: &ServedPlan,
+    layout: Layout,
+    weight_dtypes: &HashMap<String, Dtype>,
+) -> Result<(Vec<TensorSpec>, Vec<Source>)> {
+    let fp8_by_weight: HashMap<String, &Fp8Layer> =
+        plan.fp8.iter().map(|l| (format!("{}.weight", l.name), l)).collect();
+    let mut out: Vec<(TensorSpec, Source)> = Vec::new();
+    for (name, dtype, shape) in checkpoint.tensors() {
+        ensure!(
+            !name.ends_with(".weight_scale") && !name.ends_with(".input_scale"),
+            "the checkpoint already holds quantization scales (`{name}`)"
+        );
+        match fp8_by_weight.get(name) {
+            Some(l) => {
+                let spec = |suffix: &str, dtype: Dtype, shape: Vec<usize>| TensorSpec {
+                    name: format!("{}.{suffix}", l.name),
+                    dtype,
+                    shape,
+                };
+                let (scale_dtype, scale_shape) = match layout {
+                    Layout::CompressedTensors => (weight_dtypes[&l.name], vec![1]),
+                    _ => (Dtype::F32, vec![]),
+                };
+                out.push((
+                    spec("weight", Dtype::F8_E4M3, shape.to_vec()),
+                    Source::Fp8 { weight: name.to_string(), scale: l.weight_scale },
+                ));
+                out.push((spec("weight_scale", scale_dtype, scale_shape.clone()), Source::Scale(l.weight_scale)));
+                out.push((spec("input_scale", scale_dtype, scale_shape), Source::Scale(l.input_scale)));
+            }
+            None => out.push((TensorSpec { name: name.to_string(), dtype, shape: shape.to_vec() }, Source::Copy)),
+        }
+    }
+    out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    Ok(out.into_iter().unzip())
+}
+
+/// ModelOpt's modules with quantizers, in `named_modules()` order: every scored layer (Linear,
+/// the Conv3d patch embedding, lm_head) and the embeddings (`nn.Embedding` is a quant module too).
+fn modules_with_quantizers(m: &Manifest, stored: &HashMap<&str, (Dtype, &[usize])>) -> Vec<String> {
+    let mut names = Vec::with_capacity(m.layers.len() + 2);
+    let pos_embed = "model.visual.pos_embed";
+    let embed_tokens = "model.language_model.embed_tokens";
+    for l in &m.layers {
+        if l.tower == "text"
+            && !names.iter().any(|n| n == embed_tokens)
+            && stored.contains_key("model.language_model.embed_tokens.weight")
+        {
+            names.push(embed_tokens.to_string());
+        }
+        names.push(l.name.clone());
+        if l.kind == LayerKind::PatchEmbed.as_str() && stored.contains_key("model.visual.pos_embed.weight") {
+            names.push(pos_embed.to_string());
+        }
+    }
+    names
+}
+
+/// `config.json` with `quantization_config` added as its last key, the rest of the text unchanged.
+fn with_quantization_config(text: &str, quantization_config: &Value) -> Result<String> {
+    let end = text.rfind('}').context("config.json is not a JSON object")?;
+    let body = text[..end].trim_end();
+    let pretty = serde_json::to_string_pretty(quantization_config)?.replace('\n', "\n  ");
+    let out = format!("{body},\n  \"quantization_config\": {pretty}\n}}\n");
+    // The result must parse to the original object plus the new key.
+    let mut parsed: Value = serde_json::from_str(&out)?;
+    let added = parsed.as_object_mut().and_then(|o| o.remove("quantization_config"));
+    ensure!(added.as_ref() == Some(quantization_config), "internal: quantization_config did not round-trip");
+    ensure!(parsed == serde_json::from_str::<Value>(text)?, "internal: config.json changed beyond quantization_config");
+    Ok(out)
+}
+
+/// Files of the checkpoint directory that go over unchanged: everything but the weights, their
+/// index and the configs rewritten here.
+fn files_to_copy(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let weights = [".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json"].iter().any(|s| name.ends_with(s));
+        let rewritten = name == "config.json" || name == "hf_quant_config.json";
+        if path.is_file() && !weights && !rewritten && !name.starts_with('.') {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Writes the job into a temporary directory beside the output and renames it into place.
+fn write(args: &QuantizeArgs, job: &Job, reporter: &Reporter) -> Result<()> {
+    let out = &args.output;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let stem = out.file_name().map_or_else(|| "checkpoint".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{stem}.qsens-"))
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
+
+    let assignment = shards::assign(&job.tensors, args.max_shard_size);
+    let files = shards::file_names(assignment.len());
+    let total: u64 = job.tensors.iter().map(|t| t.byte_len() as u64).sum();
+    let bar = reporter.bar(total, "writing");
+    let source_of: HashMap<&str, &Source> = job.tensors.iter().map(|t| t.name.as_str()).zip(&job.sources).collect();
+    for (shard, file) in assignment.iter().zip(&files) {
+        let specs: Vec<&TensorSpec> = shard.iter().map(|&i| &job.tensors[i]).collect();
+        shards::write_file(&tmp.path().join(file), &specs, &job.metadata, |t| {
+            let bytes = produce(&job.checkpoint, t, source_of[t.name.as_str()])?;
+            bar.inc(bytes.len() as u64);
+            Ok(bytes)
+        })?;
+    }
+    bar.finish_and_clear();
+    if files.len() > 1 {
+        let index = shards::index_json(&job.tensors, &assignment, &files)?;
+        std::fs::write(tmp.path().join(INDEX_FILE), index)?;
+    }
+    std::fs::write(tmp.path().join("config.json"), &job.config_json)?;
+    if let Some(hf) = &job.hf_quant_config {
+        std::fs::write(tmp.path().join("hf_quant_config.json"), serde_json::to_string_pretty(hf)? + "\n")?;
+    }
+    for src in &job.copies {
+        let name = src.file_name().expect("a file");
+        std::fs::copy(src, tmp.path().join(name)).with_context(|| format!("copying {}", src.display()))?;
+    }
+
+    // Into place: an existing output (--force) is moved aside first and removed after.
+    let tmp_path = tmp.keep();
+    let old = if out.exists() {
+        let old = parent.join(format!(".{stem}.qsens-old-{}", std::process::id()));
+        std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
+        Some(old)
+    } else {
+        None
+    };
+    if let Err(e) = std::fs::rename(&tmp_path, out) {
+        if let Some(old) = &old {
+            let _ = std::fs::rename(old, out);
+        }
+        let _ = std::fs::remove_dir_all(&tmp_path);
+        return Err(e).with_context(|| format!("renaming the new checkpoint to {}", out.display()));
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing the replaced {}", old.display()))?;
+    }
+    Ok(())
+}
+
+/// The bytes of one output tensor.
+fn produce(checkpoint: &Checkpoint, spec: &TensorSpec, source: &Source) -> Result<Vec<u8>> {
+    Ok(match source {
+        Source::Copy => checkpoint.read_raw(&spec.name)?,
+        Source::Fp8 { weight, scale } => {
+            let stored = checkpoint.tensors().into_iter().find(|t| t.0 == weight).map(|t| t.1);
+            let dtype = stored.with_context(|| format!("`{weight}` is missing"))?;
+            fp8::quantize_to_e4m3(&to_f32(&checkpoint.read_raw(weight)?, dtype)?, *scale)
+        }
+        Source::Scale(value) => scalar_bytes(spec.dtype, *value),
+    })
+}
