@@ -7,6 +7,9 @@
 //! 4. [`search`] (`search`): scores → per-layer formats under a bit budget → manifest.
 //! 5. [`report`] (`manifest-to-md`): manifest → Markdown report with SVG plots.
 //!
+//! [`evaluate`] measures what recipes really do (loss, KL, top-1 agreement on held-out samples);
+//! `manifest-to-md --evaluation` sets that beside the prediction.
+//!
 //! Shared homes: [`artifact`] (the schemas), [`model`] (Qwen3-VL forward and backward),
 //! [`quant`] (FP8 numerics, formats, layer grouping), [`cli`] (flags, exit codes, progress), and
 //! [`demo`] (the generated demo set: images, captions and a tiny checkpoint).
@@ -14,6 +17,7 @@ pub mod artifact;
 pub mod calib;
 pub mod cli;
 pub mod demo;
+pub mod evaluate;
 pub mod model;
 pub mod preprocess;
 pub mod quant;
