@@ -240,7 +240,7 @@ pub fn summarize(recipe: &[SampleMetrics], base: &[SampleMetrics], bootstrap: &B
 
     let mut cis: [Option<[f64; 2]>; FIGURES] = [None; FIGURES];
     if recipe.len() >= 2 && bootstrap.resamples > 0 {
-        let mut per_figure: Vec<Vec<f64>> = vec![Vec::with_capacity(bootstrap.resamples); FIGURES];
+        let mut per_figure: Vec<Vec<f64>> = (0..FIGURES).map(|_| Vec::with_capacity(bootstrap.resamples)).collect();
         for counts in confidence::resample_counts(recipe.len(), bootstrap) {
             let mut t = Totals::default();
             for ((r, b), &c) in recipe.iter().zip(base).zip(&counts) {

@@ -280,7 +280,7 @@ fn scatter(recipes: &[&RecipeResult], chosen: Option<&RecipeResult>, rho: &str) 
         let points: Vec<(f64, f64)> = recipes
             .iter()
             .filter(|r| if kind == "other" { !known(&r.kind) } else { r.kind == kind })
-            .map(|r| point(*r))
+            .map(|r| point(r))
             .filter(|p| !hidden(p))
             .collect();
         if !points.is_empty() {
