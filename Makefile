@@ -70,11 +70,13 @@ build-cuda:
 	. $(CUDA_ENV)/env.sh && $(CARGO) build --release --bins --features cuda
 
 # Stages depend on the binaries only for ordering: rebuilding qsens does not rerun the pipeline.
-$(BIN_FILES): build
+$(BIN_FILES) $(BIN_DIR)/demo-assets: build
 
 # ---- demo ------------------------------------------------------------------------------------
-demo-assets: build
-	$(CARGO) run -q --$(PROFILE) --example demo_assets -- $(DEMO_DIR)
+# demo-assets is a binary (not an example) so that `build` compiles it along with the stages,
+# with the same dependency features: no second compile of the library.
+demo-assets: $(BIN_DIR)/demo-assets
+	$(BIN_DIR)/demo-assets $(DEMO_DIR)
 
 demo:
 	@$(MAKE) --no-print-directory demo-assets

@@ -3,7 +3,7 @@
 
 Usage: python3 scripts/check_demo_with_hf.py DEMO_DIR [--json OUT.json]
 
-DEMO_DIR is what `cargo run --release --example demo_assets -- DEMO_DIR` wrote. Needs torch,
+DEMO_DIR is what `cargo run --release --bin demo-assets -- DEMO_DIR` wrote. Needs torch,
 transformers (>= 4.57, with Qwen3-VL) and Pillow; it is not run by the test suite. It checks that:
 - AutoTokenizer / AutoProcessor load the folder offline, and the special tokens' ids match config.json;
 - the chat template renders the Qwen3-VL text for [user: [image, prompt], assistant: caption];

@@ -8,6 +8,9 @@
 //! 5. [`report`] (`manifest-to-md`): manifest → Markdown report with SVG plots.
 //! 6. [`quantize`] (`quantize`): checkpoint + manifest → a quantized checkpoint vLLM serves.
 //!
+//! [`evaluate`] measures what recipes really do (loss, KL, top-1 agreement on held-out samples);
+//! `manifest-to-md --evaluation` sets that beside the prediction.
+//!
 //! Shared homes: [`artifact`] (the schemas), [`model`] (Qwen3-VL forward and backward),
 //! [`quant`] (FP8 numerics, formats, layer grouping), [`cli`] (flags, exit codes, progress), and
 //! [`demo`] (the generated demo set: images, captions and a tiny checkpoint).
@@ -15,6 +18,7 @@ pub mod artifact;
 pub mod calib;
 pub mod cli;
 pub mod demo;
+pub mod evaluate;
 pub mod model;
 pub mod preprocess;
 pub mod quant;

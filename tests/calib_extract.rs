@@ -194,6 +194,78 @@ fn query_maps_another_schema() {
     assert!(err.contains("no column named 'sample_id'") && err.contains("returns: pid"), "{err}");
 }
 
+#[test]
+fn exclude_draws_a_set_disjoint_in_samples_and_images() {
+    let fx = fixtures_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let db = build_db(&fx, dir.path());
+    let images = fx.join("images");
+    let calib = dir.path().join("calib.json");
+    ok(&["--db", s(&db), "--image-root", s(&images), "--num", "5", "--seed", "1", "-o", s(&calib), "-q"]);
+    // Every caption of the remaining images, so that any caption of a calibration image would show.
+    let eval = dir.path().join("eval.json");
+    ok(&["--db", s(&db), "--image-root", s(&images), "--all-captions", "--exclude", s(&calib), "-o", s(&eval), "-q"]);
+    let (c, e) = (read(&calib).payload, read(&eval).payload);
+    let ids = |set: &CalibrationSet| -> Vec<String> { set.samples.iter().map(|x| x.id.clone()).collect() };
+    let image_ids = |set: &CalibrationSet| -> std::collections::BTreeSet<i64> {
+        set.samples.iter().map(|x| x.images[0].image_id).collect()
+    };
+    assert_eq!(c.samples.len(), 5);
+    assert_eq!(e.samples.len(), 2 * (13 - 5), "both captions of each of the other 8 images");
+    assert!(ids(&e).iter().all(|id| !ids(&c).contains(id)));
+    assert!(image_ids(&e).is_disjoint(&image_ids(&c)));
+    assert_eq!(image_ids(&e).union(&image_ids(&c)).count(), 13, "nothing else is left out");
+    let digest = artifact::sha256_bytes(&std::fs::read(&calib).unwrap());
+    assert_eq!(read(&eval).provenance.digest_of("excluded-calibration"), Some(digest.as_str()));
+
+    // Repeatable: a second exclusion removes its images too.
+    let second = dir.path().join("second.json");
+    ok(&["--db", s(&db), "--image-root", s(&images), "--num", "3", "--exclude", s(&calib), "-o", s(&second), "-q"]);
+    let third = dir.path().join("third.json");
+    ok(&[
+        "--db",
+        s(&db),
+        "--image-root",
+        s(&images),
+        "--exclude",
+        s(&calib),
+        "--exclude",
+        s(&second),
+        "-o",
+        s(&third),
+        "-q",
+    ]);
+    let (second, third) = (read(&second).payload, read(&third).payload);
+    assert_eq!(third.samples.len(), 13 - 5 - 3);
+    assert!(image_ids(&third).is_disjoint(&image_ids(&c).union(&image_ids(&second)).copied().collect()));
+
+    // The same image under other ids (another query over the same files) is still excluded, by path.
+    let q = "SELECT sample_id + 1000 AS sample_id, image_id + 1000 AS image_id, file_name, caption, split FROM samples";
+    let renamed = dir.path().join("renamed.json");
+    ok(&["--db", s(&db), "--image-root", s(&images), "--query", q, "--exclude", s(&calib), "-o", s(&renamed), "-q"]);
+    let paths = |set: &CalibrationSet| -> std::collections::BTreeSet<String> {
+        set.samples.iter().map(|x| x.images[0].path.clone()).collect()
+    };
+    let renamed = read(&renamed).payload;
+    assert_eq!(renamed.samples.len(), 8);
+    assert!(paths(&renamed).is_disjoint(&paths(&c)));
+
+    // Too few left for --num, and an --exclude that is not a calibration artifact: errors.
+    let out = dir.path().join("none.json");
+    assert_fails(
+        &["--db", s(&db), "--image-root", s(&images), "--num", "9", "--exclude", s(&calib), "-o", s(&out)],
+        &out,
+        &db,
+        "--num 9 asks for more samples than the 8 available (after --exclude)",
+    );
+    assert_fails(
+        &["--db", s(&db), "--image-root", s(&images), "--exclude", s(&db), "-o", s(&out)],
+        &out,
+        &db,
+        "not a qsens artifact",
+    );
+}
+
 /// Runs a failing extraction and checks the error contract.
 fn assert_fails(args: &[&str], out: &Path, path_in_msg: &Path, fault: &str) {
     let o = run(args);

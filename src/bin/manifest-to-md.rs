@@ -23,12 +23,21 @@ struct Args {
     /// A minijinja template to use instead of the default (context: docs/manifest.md).
     #[arg(long, value_name = "FILE")]
     template: Option<PathBuf>,
+    /// A `qsens.evaluation` of the same model (written by `evaluate`): adds a "Predicted vs
+    /// measured" section and `<report>-predicted-vs-measured.svg`.
+    #[arg(long, value_name = "FILE")]
+    evaluation: Option<String>,
     #[command(flatten)]
     common: CommonArgs,
 }
 
 fn main() -> ExitCode {
     let a = Args::parse();
-    let args = ReportArgs { manifest: a.manifest.as_str().into(), output: a.output, template: a.template };
+    let args = ReportArgs {
+        manifest: a.manifest.as_str().into(),
+        output: a.output,
+        template: a.template,
+        evaluation: a.evaluation.as_deref().map(Into::into),
+    };
     cli::run_main(report::TOOL, || report::run(&args, a.common.reporter()))
 }

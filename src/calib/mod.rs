@@ -8,7 +8,7 @@
 
 pub mod db;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -57,6 +57,10 @@ pub struct ExtractArgs {
     /// SQL returning columns sample_id, image_id, file_name, caption, split (for other schemas).
     #[arg(long, value_name = "SQL")]
     pub query: Option<String>,
+    /// Never draw a sample of this qsens.calibration artifact, nor any caption of its images
+    /// (repeatable): an evaluation set disjoint from the calibration set.
+    #[arg(long, value_name = "FILE", conflicts_with = "from_coco")]
+    pub exclude: Vec<PathBuf>,
     /// Output artifact (`-` for stdout; JSON when the name ends in .json).
     #[arg(short, long, value_name = "FILE|-", default_value = "-")]
     pub output: String,
@@ -82,8 +86,22 @@ pub fn extract(args: &ExtractArgs, reporter: Reporter) -> Result<Artifact<Calibr
     if let Some(split) = &args.split {
         rows.retain(|r| &r.split == split);
     }
-    let rows =
-        select_rows(rows, args.all_captions, args.num, args.seed).with_context(|| args.db.display().to_string())?;
+    let mut excluded_sources = Vec::with_capacity(args.exclude.len());
+    let mut excluded = Excluded::default();
+    for path in &args.exclude {
+        let bytes = artifact::read_bytes(&Location::from(path.as_path()))?;
+        let set = artifact::from_bytes::<CalibrationSet>(&bytes).with_context(|| path.display().to_string())?;
+        excluded.add(&set.payload);
+        excluded_sources.push((path, artifact::sha256_bytes(&bytes)));
+    }
+    let before = rows.len();
+    rows.retain(|r| !excluded.covers(r));
+    if !args.exclude.is_empty() {
+        reporter.detail(format!("{TOOL}: --exclude removed {} of {before} rows", before - rows.len()));
+    }
+    let rows = select_rows(rows, args.all_captions, args.num, args.seed)
+        .map_err(|e| if args.exclude.is_empty() { e } else { anyhow!("{e:#} (after --exclude)") })
+        .with_context(|| args.db.display().to_string())?;
     if rows.is_empty() {
         bail!(
             "{}: no rows to extract{}",
@@ -119,6 +137,9 @@ pub fn extract(args: &ExtractArgs, reporter: Reporter) -> Result<Artifact<Calibr
 
     let mut prov = Provenance::default();
     prov.source("calibration-db", args.db.display(), artifact::sha256_file(&args.db)?);
+    for (path, digest) in excluded_sources {
+        prov.source("excluded-calibration", path.display(), digest);
+    }
     prov.param("image_root", root.display());
     prov.param("seed", args.seed);
     prov.param("num", args.num.map_or("all".to_string(), |n| n.to_string()));
@@ -135,6 +156,40 @@ pub fn extract(args: &ExtractArgs, reporter: Reporter) -> Result<Artifact<Calibr
     Ok(Artifact::new(TOOL, prov, payload))
 }
 
+/// What `--exclude` keeps out: the sample ids, image ids and image paths (relative to the
+/// image root, `/`-separated) of the excluded calibration sets.
+#[derive(Debug, Default)]
+pub struct Excluded {
+    sample_ids: HashSet<String>,
+    image_ids: HashSet<i64>,
+    paths: HashSet<String>,
+}
+
+impl Excluded {
+    pub fn add(&mut self, set: &CalibrationSet) {
+        for s in &set.samples {
+            self.sample_ids.insert(s.id.clone());
+            for image in &s.images {
+                self.image_ids.insert(image.image_id);
+                self.paths.insert(image.path.clone());
+            }
+        }
+    }
+
+    /// Whether `row` is an excluded sample (same sample id) or shows an excluded image (same
+    /// image id, or same path relative to the image root, compared as the artifact records it).
+    pub fn covers(&self, row: &Row) -> bool {
+        self.sample_ids.contains(&row.sample_id.to_string())
+            || self.image_ids.contains(&row.image_id)
+            || self.paths.contains(&normalized_path(Path::new(&row.file_name)))
+    }
+}
+
+/// A relative path as the artifact records it: its components joined by `/`.
+fn normalized_path(rel: &Path) -> String {
+    rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
+}
+
 /// One caption per image (lowest sample id) unless `all_captions`, then `num` rows drawn with
 /// [`sample_indices`]; the result is in sample-id order. Duplicate sample ids are an error.
 pub fn select_rows(mut rows: Vec<Row>, all_captions: bool, num: Option<usize>, seed: u64) -> Result<Vec<Row>> {
@@ -147,7 +202,7 @@ pub fn select_rows(mut rows: Vec<Row>, all_captions: bool, num: Option<usize>, s
         for (i, r) in rows.iter().enumerate() {
             first.entry(r.image_id).or_insert(i);
         }
-        let keep: std::collections::HashSet<usize> = first.into_values().collect();
+        let keep: HashSet<usize> = first.into_values().collect();
         rows = rows.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, r)| r).collect();
     }
     let Some(n) = num else { return Ok(rows) };
@@ -206,7 +261,7 @@ fn check_image(root: &Path, root_canon: &Path, row: &Row) -> Result<ImageRef> {
     }
     let bytes = std::fs::read(&canon).map_err(|e| anyhow!("{}: {e}", shown.display()))?;
     let rgb = crate::preprocess::decode_rgb(&bytes).with_context(|| shown.display().to_string())?;
-    let path = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+    let path = normalized_path(rel);
     Ok(ImageRef {
         image_id: row.image_id,
         path,

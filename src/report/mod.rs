@@ -3,10 +3,12 @@
 //!
 //! For `report.md` the plots are `report-sensitivity.svg` (score per layer across depth, one
 //! series per projection kind), `report-towers.svg` (vision vs text) and `report-frontier.svg`
-//! (objective vs effective bits, the chosen point marked), linked by relative paths. Everything
-//! is rendered in memory first, so a failure writes nothing. The template context is documented
-//! in `docs/manifest.md`.
+//! (objective vs effective bits, the chosen point marked), linked by relative paths. With an
+//! evaluation (`--evaluation`, see [`evaluation`]) a "Predicted vs measured" section and
+//! `report-predicted-vs-measured.svg` are added. Everything is rendered in memory first, so a
+//! failure writes nothing. The template context is documented in `docs/manifest.md`.
 
+pub mod evaluation;
 pub mod svg;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use anyhow::{bail, ensure, Context, Result};
 use minijinja::{Environment, UndefinedBehavior, Value};
 use serde::Serialize;
 
+use crate::artifact::evaluation::Evaluation;
 use crate::artifact::manifest::{GroupEntry, LayerEntry, Manifest};
 use crate::artifact::{self, Artifact, Location};
 use crate::cli::Reporter;
@@ -32,6 +35,8 @@ pub struct ReportArgs {
     /// The Markdown file; the SVGs go beside it.
     pub output: PathBuf,
     pub template: Option<PathBuf>,
+    /// A `qsens.evaluation` of the same model: adds the "Predicted vs measured" section.
+    pub evaluation: Option<Location>,
 }
 
 /// A rendered report: the Markdown and the SVG files (name, content) to write beside it.
@@ -47,6 +52,14 @@ pub fn run(args: &ReportArgs, reporter: Reporter) -> Result<()> {
     ensure!(out.as_os_str() != "-", "the report needs a file path (-o FILE): its plots are written beside it");
     let manifest: Artifact<Manifest> = artifact::read(args.manifest.clone())?;
     validate(&manifest.payload).with_context(|| format!("{}", args.manifest))?;
+    let evaluation = match &args.evaluation {
+        Some(location) => {
+            let e: Artifact<Evaluation> = artifact::read(location.clone())?;
+            evaluation::validate(&e.payload, &manifest.payload).with_context(|| format!("{location}"))?;
+            Some(e)
+        }
+        None => None,
+    };
     let (name, template) = match &args.template {
         Some(p) => (
             p.file_name().map_or_else(|| "template".into(), |n| n.to_string_lossy().into_owned()),
@@ -55,10 +68,13 @@ pub fn run(args: &ReportArgs, reporter: Reporter) -> Result<()> {
         None => ("report.md.j2".to_string(), DEFAULT_TEMPLATE.to_string()),
     };
     let stem = out.file_stem().map_or_else(|| "report".into(), |s| s.to_string_lossy().into_owned());
-    let rendered = render(&manifest, &stem, &name, &template).with_context(|| match &args.template {
-        Some(p) => format!("template {}", p.display()),
-        None => "default template".into(),
-    })?;
+    let rendered =
+        render_with_evaluation(&manifest, evaluation.as_ref(), &stem, &name, &template).with_context(|| match &args
+            .template
+        {
+            Some(p) => format!("template {}", p.display()),
+            None => "default template".into(),
+        })?;
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -553,6 +569,18 @@ fn environment<'a>() -> Environment<'a> {
 
 /// Renders the report for `manifest` with plots named `<stem>-*.svg`.
 pub fn render(manifest: &Artifact<Manifest>, stem: &str, template_name: &str, template: &str) -> Result<Rendered> {
+    render_with_evaluation(manifest, None, stem, template_name, template)
+}
+
+/// [`render`], with the "Predicted vs measured" section of an evaluation that
+/// [`evaluation::validate`] accepted for this manifest.
+pub fn render_with_evaluation(
+    manifest: &Artifact<Manifest>,
+    evaluation: Option<&Artifact<Evaluation>>,
+    stem: &str,
+    template_name: &str,
+    template: &str,
+) -> Result<Rendered> {
     let m = &manifest.payload;
     let none = m.formats.last().map_or("NONE", |f| f.info.name.as_str());
     let layer_rows: Vec<Row> = m.layers.iter().filter_map(layer_row).collect();
@@ -569,13 +597,22 @@ pub fn render(manifest: &Artifact<Manifest>, stem: &str, template_name: &str, te
         ("towers", format!("{stem}-towers.svg"), "Vision vs text"),
         ("frontier", format!("{stem}-frontier.svg"), "Frontier"),
     ];
-    let svgs = vec![
+    let mut svgs = vec![
         (files[0].1.clone(), sensitivity_plot(&rows, level)),
         (files[1].1.clone(), towers_plot(&rows, &stats, level)),
         (files[2].1.clone(), frontier_plot(m)),
     ];
-    let plots: std::collections::BTreeMap<&str, Value> =
+    let mut plots: std::collections::BTreeMap<&str, Value> =
         files.iter().map(|(id, file, title)| (*id, minijinja::context! { file => file, title => title })).collect();
+    let evaluation_context = evaluation.map(|e| {
+        let section = evaluation::section(e, m, stem);
+        plots.insert(
+            "predicted_vs_measured",
+            minijinja::context! { file => &section.plot_file, title => evaluation::PLOT_TITLE },
+        );
+        svgs.push((section.plot_file, section.plot));
+        section.context
+    });
 
     let s = &m.summary;
     let fp = &m.frontier;
@@ -628,6 +665,7 @@ pub fn render(manifest: &Artifact<Manifest>, stem: &str, template_name: &str, te
         exports => Value::from_serialize(&m.exports),
         confidence => Value::from_serialize(&m.confidence),
         source => Value::from_serialize(&m.scores_source),
+        evaluation => evaluation_context,
     };
     let mut env = environment();
     env.add_template_owned(template_name.to_string(), template.to_string()).map_err(one_line)?;

@@ -48,6 +48,31 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (h - lo as f64) * (sorted[hi] - sorted[lo])
 }
 
+/// The central `level` percentile interval of `values` (sorted in place, which must be
+/// non-empty): the `(1 − level)/2` and `(1 + level)/2` quantiles, numpy's linear interpolation.
+pub fn percentile_interval(values: &mut [f64], level: f64) -> [f64; 2] {
+    values.sort_by(f64::total_cmp);
+    let alpha = (1.0 - level) / 2.0;
+    [quantile(values, alpha), quantile(values, 1.0 - alpha)]
+}
+
+/// The bootstrap draws: for each of `settings.resamples` resamples of `n` samples drawn with
+/// replacement (ChaCha8 seeded with `settings.seed`), how often each sample was drawn, as
+/// `[resample][sample]`. The same `n` and settings give the same draws wherever they are used,
+/// so every recipe `evaluate` measures (and every group `search` scores) is resampled alike.
+pub fn resample_counts(n: usize, settings: &Bootstrap) -> Vec<Vec<u32>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
+    (0..settings.resamples)
+        .map(|_| {
+            let mut w = vec![0u32; n];
+            for _ in 0..n {
+                w[rng.random_range(0..n)] += 1;
+            }
+            w
+        })
+        .collect()
+}
+
 /// Ranks (1-based, largest first, ties by index) of `values`.
 pub fn ranks_desc(values: &[f64]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..values.len()).collect();
@@ -71,16 +96,7 @@ pub fn intervals(
     let n = first.first().map_or(0, |row| row.len());
     assert!(n > 0 && settings.resamples > 0, "bootstrap needs samples and resamples");
     let b = settings.resamples;
-    let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
-    let counts: Vec<Vec<u32>> = (0..b)
-        .map(|_| {
-            let mut w = vec![0u32; n];
-            for _ in 0..n {
-                w[rng.random_range(0..n)] += 1;
-            }
-            w
-        })
-        .collect();
+    let counts = resample_counts(n, settings);
     // totals[e][f][r]
     let totals: Vec<Vec<Vec<f64>>> = entities
         .par_iter()
@@ -112,19 +128,12 @@ pub fn intervals(
             rank_samples[e].push(rank);
         }
     }
-    let alpha = (1.0 - SCORE_LEVEL) / 2.0;
     let rank_alpha = (1.0 - RANK_LEVEL) / 2.0;
     totals
         .into_iter()
         .zip(rank_samples)
         .map(|(per_format, mut ranks)| {
-            let per_format = per_format
-                .into_iter()
-                .map(|mut v| {
-                    v.sort_by(f64::total_cmp);
-                    [quantile(&v, alpha), quantile(&v, 1.0 - alpha)]
-                })
-                .collect();
+            let per_format = per_format.into_iter().map(|mut v| percentile_interval(&mut v, SCORE_LEVEL)).collect();
             ranks.sort_unstable();
             let lo = ranks[((b - 1) as f64 * rank_alpha).floor() as usize];
             let hi = ranks[((b - 1) as f64 * (1.0 - rank_alpha)).ceil() as usize];

@@ -1,4 +1,7 @@
-//! Writes the demo set: `cargo run --release --example demo_assets -- OUT_DIR`.
+//! `demo-assets`: writes the generated demo set that `make demo` runs the pipeline on
+//! (`demo-assets OUT_DIR`; docs/demo.md). Not a pipeline stage: a binary rather than an example
+//! so that `cargo build --bins` builds it with the stages' own dependency features (an example
+//! also enables the dev-dependencies' features, which compiled the library a second time).
 //!
 //! Prints one line per file (`written` or `unchanged`, size, path) on stderr; `-q` prints nothing.
 
@@ -12,21 +15,21 @@ fn main() -> ExitCode {
         match arg.to_str() {
             Some("-q" | "--quiet") => quiet = true,
             Some("-h" | "--help") => {
-                println!("usage: demo_assets [-q] OUT_DIR\n\nWrites the qsens demo set (images, captions.json, model/) to OUT_DIR.");
+                println!("usage: demo-assets [-q] OUT_DIR\n\nWrites the qsens demo set (images, captions.json, model/) to OUT_DIR.");
                 return ExitCode::SUCCESS;
             }
             _ if out_dir.is_none() => out_dir = Some(PathBuf::from(arg)),
             _ => {
-                eprintln!("demo_assets: unexpected argument {arg:?} (usage: demo_assets [-q] OUT_DIR)");
+                eprintln!("demo-assets: unexpected argument {arg:?} (usage: demo-assets [-q] OUT_DIR)");
                 return ExitCode::from(2);
             }
         }
     }
     let Some(out_dir) = out_dir else {
-        eprintln!("demo_assets: missing OUT_DIR (usage: demo_assets [-q] OUT_DIR)");
+        eprintln!("demo-assets: missing OUT_DIR (usage: demo-assets [-q] OUT_DIR)");
         return ExitCode::from(2);
     };
-    qsens::cli::run_main("demo_assets", || {
+    qsens::cli::run_main("demo-assets", || {
         let written = qsens::demo::write_demo_set(&out_dir)?;
         if !quiet {
             for w in &written {
