@@ -1,4 +1,482 @@
 //! Stage `evaluate`: measured loss, KL and top-1 agreement of quantization recipes on held-out
-//! samples.
+//! samples, beside the objective `search` predicted for them.
+//!
+//! Every recipe is run as the checkpoint `quantize` writes for it computes
+//! ([`crate::quant::served`]): FP8 weights dequantized from E4M3 with their scale, inputs
+//! quantized with their static calibrated scale. A recipe comes from a manifest (its chosen
+//! recipe, or re-solved at other budgets along its frontier) or from a quantized checkpoint
+//! directory, which gives the same numbers as the manifest it was written from. The unquantized
+//! model and, with a manifest, every searchable group at its fewest-bits format are always
+//! measured too. Per sample and recipe: one forward with logits at every position, compared with
+//! the unquantized forward's ([`metrics`]).
 
 pub mod metrics;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::DType;
+
+use crate::artifact::evaluation::{
+    EvalConfidence, EvalSample, Evaluation, QuantizedLayer, RecipeResult, SampleMetrics,
+};
+use crate::artifact::inputs::ModelInputs;
+use crate::artifact::manifest::Manifest;
+use crate::artifact::scores::{GroupScores, LayerScores, ModelSummary, Scores};
+use crate::artifact::{self, Artifact, Location, Provenance};
+use crate::cli::Reporter;
+use crate::model::loader::Checkpoint;
+use crate::model::qwen3_vl::{ForwardOptions, Keep, LogitsMode, Qwen3VL};
+use crate::model::{LayerKind, NoTap, Tap};
+use crate::quant::served::{self, DequantizedWeights, RecipeLayer, ServedPlan, ServedTap};
+use crate::quant::{WeightStats, NONE};
+use crate::score::{self, Method};
+use crate::search::confidence::Bootstrap;
+use crate::search::solver::Limits;
+use crate::search::{Overrides, Problem};
+
+pub const TOOL: &str = "evaluate";
+
+/// Everything `evaluate` needs.
+#[derive(Debug, Clone)]
+pub struct EvaluateArgs {
+    /// The unquantized checkpoint.
+    pub model_dir: PathBuf,
+    /// Held-out `qsens.model-inputs`.
+    pub inputs: Location,
+    /// Manifests whose chosen recipes are measured; the first one also gives the all-quantized
+    /// baseline and the frontier recipes.
+    pub manifests: Vec<Location>,
+    /// Quantized checkpoints (written by `quantize`) measured as they are.
+    pub checkpoints: Vec<PathBuf>,
+    /// Recipes re-solved along the first manifest's frontier.
+    pub frontier: usize,
+    /// Measure only the first N samples.
+    pub num_samples: Option<usize>,
+    pub output: Location,
+    pub device: String,
+    pub dtype: DType,
+    pub bootstrap: Bootstrap,
+    /// Write wall times (JSON) here; kept out of the artifact so it stays deterministic.
+    pub timings: Option<PathBuf>,
+}
+
+/// A recipe ready to run.
+struct Planned {
+    result: RecipeResult,
+    tap: ServedTap,
+    /// The model it runs on: `None` for the unquantized model, else an index into the loaded
+    /// quantized checkpoints.
+    model: Option<usize>,
+}
+
+/// Runs `evaluate`.
+pub fn run(args: &EvaluateArgs, reporter: &Reporter) -> Result<()> {
+    ensure!(
+        !args.manifests.is_empty() || !args.checkpoints.is_empty(),
+        "nothing to evaluate: give --manifest and/or --checkpoint"
+    );
+    let started = std::time::Instant::now();
+    let input_bytes = artifact::read_bytes(&args.inputs)?;
+    let inputs: Artifact<ModelInputs> =
+        artifact::from_bytes(&input_bytes).with_context(|| format!("{}", args.inputs))?;
+    let inputs = inputs.payload;
+    let mut provenance = Provenance::default();
+    provenance.source("inputs", &args.inputs, artifact::sha256_bytes(&input_bytes));
+    artifact::model_provenance(&args.model_dir, &mut provenance)?;
+
+    let device = score::parse_device(&args.device)?;
+    let model = Qwen3VL::load(&args.model_dir, args.dtype, &device)
+        .with_context(|| format!("loading model from {}", args.model_dir.display()))?;
+    score::validate_inputs(&inputs, &model, Method::KlDiv).with_context(|| format!("{}", args.inputs))?;
+    let n = inputs.samples.len().min(args.num_samples.unwrap_or(usize::MAX));
+    ensure!(n > 0, "{}: no samples to evaluate", args.inputs);
+
+    let mut manifests = Vec::new();
+    for loc in &args.manifests {
+        let bytes = artifact::read_bytes(loc)?;
+        let m: Artifact<Manifest> = artifact::from_bytes(&bytes).with_context(|| format!("{loc}"))?;
+        check_manifest_model(loc, &m.payload, &provenance)?;
+        provenance.source("manifest", loc, artifact::sha256_bytes(&bytes));
+        manifests.push((loc.clone(), m.payload));
+    }
+
+    // The recipes.
+    let mut cache = DequantizedWeights::default();
+    let mut planned = vec![Planned {
+        result: empty_result("unquantized", "unquantized", None, 16.0, Some(0.0), 0, &[]),
+        tap: ServedTap::default(),
+        model: None,
+    }];
+    let weight_amax = weight_amaxes(&model)?;
+    for (i, (loc, m)) in manifests.iter().enumerate() {
+        let problem = Problem::from_scores(&scores_of(m), &Overrides::default())
+            .with_context(|| format!("{loc}: rebuilding its search problem"))?;
+        let mut add = |name: String, kind: &str, choice: Vec<usize>| -> Result<()> {
+            let plan = plan_of(m, &problem, &choice, &model, &weight_amax).with_context(|| format!("{loc}"))?;
+            let tap = ServedTap::from_plan(&plan, &model, &mut cache)?;
+            planned.push(Planned { result: recipe_result(name, kind, loc, m, &problem, &plan)?, tap, model: None });
+            Ok(())
+        };
+        if i == 0 {
+            let fewest: Vec<usize> =
+                problem.groups.iter().map(|g| if g.disabled { problem.none_index() } else { 0 }).collect();
+            add(format!("all {}", problem.format_name(0)), "all-quantized", fewest)?;
+        }
+        let chosen: Vec<usize> = m.groups.iter().map(|g| g.chosen_index).collect();
+        let name = if manifests.len() == 1 { "chosen".to_string() } else { format!("chosen ({})", loc) };
+        add(name, "chosen", chosen.clone())?;
+        if i == 0 && args.frontier > 0 {
+            let (lo, hi) = (problem.min_effective_bits(), problem.max_effective_bits());
+            let mut seen = vec![chosen];
+            for k in 1..=args.frontier {
+                let budget = lo + (hi - lo) * k as f64 / (args.frontier + 1) as f64;
+                let r = problem.solve(budget, &Limits::default())?;
+                if seen.contains(&r.choice) {
+                    continue;
+                }
+                seen.push(r.choice.clone());
+                add(format!("frontier {:.2} bits", r.effective_bits), "frontier", r.choice)?;
+            }
+        }
+    }
+    let mut checkpoint_models = Vec::new();
+    for dir in &args.checkpoints {
+        let (qmodel, tap, result) = load_checkpoint(dir, args, &device, manifests.first())?;
+        artifact::model_provenance(dir, &mut provenance)?;
+        planned.push(Planned { result, tap, model: Some(checkpoint_models.len()) });
+        checkpoint_models.push(qmodel);
+    }
+
+    let load_s = started.elapsed().as_secs_f64();
+    let measuring = std::time::Instant::now();
+
+    // Per sample: the unquantized forward, then each recipe against it.
+    let opts = ForwardOptions { logits: LogitsMode::All, keep: Keep::Nothing, trace: false };
+    let mut per_recipe: Vec<Vec<SampleMetrics>> = vec![Vec::with_capacity(n); planned.len()];
+    let mut samples = Vec::with_capacity(n);
+    let bar = reporter.bar((n * planned.len()) as u64, "evaluating");
+    for (index, sample) in inputs.samples.iter().take(n).enumerate() {
+        bar.set_message(sample.id.clone());
+        let input = score::model_input(sample, &inputs)?;
+        let labels = &sample.labels;
+        let base = model
+            .forward(&input, &mut NoTap, &opts)
+            .with_context(|| format!("sample {index} ({})", sample.id))?
+            .logits
+            .context("forward returned no logits")?;
+        samples.push(EvalSample {
+            index,
+            id: sample.id.clone(),
+            num_tokens: labels.len(),
+            num_label_tokens: labels.iter().skip(1).filter(|&&l| l != -100).count(),
+        });
+        for (r, p) in planned.iter_mut().enumerate() {
+            let m = match p.model {
+                None => &model,
+                Some(i) => &checkpoint_models[i],
+            };
+            let logits = if r == 0 {
+                base.clone()
+            } else {
+                let tap: &mut dyn Tap = &mut p.tap;
+                m.forward(&input, tap, &opts)
+                    .with_context(|| format!("sample {index} ({}), recipe {}", sample.id, p.result.name))?
+                    .logits
+                    .context("forward returned no logits")?
+            };
+            per_recipe[r].push(metrics::sample_metrics(&base, &logits, labels)?);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let evaluate_s = measuring.elapsed().as_secs_f64();
+
+    let base = per_recipe[0].clone();
+    let mut recipes = Vec::with_capacity(planned.len());
+    for (p, per_sample) in planned.into_iter().zip(per_recipe) {
+        let mut result = p.result;
+        result.overall = metrics::summarize(&per_sample, &base, &args.bootstrap)?;
+        result.per_sample = per_sample;
+        recipes.push(result);
+    }
+    provenance
+        .param("dtype", dtype_name(args.dtype))
+        .param("frontier", args.frontier)
+        .param("bootstrap", args.bootstrap.resamples)
+        .param("seed", args.bootstrap.seed);
+    let model_summary = match manifests.first() {
+        Some((_, m)) => m.summary.model.clone(),
+        None => ModelSummary {
+            name: dir_name(&args.model_dir),
+            architecture: "Qwen3VLForConditionalGeneration".into(),
+            num_parameters: model.num_parameters(),
+        },
+    };
+    let evaluation = Evaluation {
+        model: model_summary,
+        dtype: dtype_name(args.dtype).into(),
+        samples,
+        recipes,
+        confidence: EvalConfidence {
+            method: if args.bootstrap.resamples > 0 && n > 1 { "bootstrap" } else { "none" }.into(),
+            resamples: args.bootstrap.resamples,
+            seed: args.bootstrap.seed,
+            level: crate::search::confidence::SCORE_LEVEL,
+        },
+    };
+    artifact::write(args.output.clone(), &Artifact::new(TOOL, provenance, evaluation.clone()))?;
+    for r in &evaluation.recipes[1..] {
+        reporter.note(format!(
+            "{:<24} {:>6.2} bits  Δloss {:+.3} %  KL/token {:.3e}  top-1 agreement {:.2} %",
+            r.name,
+            r.effective_bits,
+            100.0 * r.overall.delta_nll_relative.value,
+            r.overall.kl_all.value,
+            100.0 * r.overall.top1_agreement_all.value
+        ));
+    }
+    reporter.detail(format!("timings: load (model, inputs, recipes) {load_s:.2} s, measurement {evaluate_s:.2} s"));
+    if let Some(path) = &args.timings {
+        let json = serde_json::json!({
+            "load_s": load_s,
+            "evaluate_s": evaluate_s,
+            "samples": n,
+            "recipes": evaluation.recipes.len(),
+            "device": args.device,
+            "dtype": dtype_name(args.dtype),
+        });
+        artifact::write_file_atomic(path, &serde_json::to_vec_pretty(&json)?)?;
+    }
+    reporter.note(format!("evaluated {} recipes on {n} samples → {}", evaluation.recipes.len(), args.output));
+    Ok(())
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F64 => "f64",
+        _ => "other",
+    }
+}
+
+fn dir_name(dir: &Path) -> String {
+    dir.canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| dir.display().to_string())
+}
+
+/// The manifest's scores must have been made from this checkpoint (same config and weights).
+fn check_manifest_model(loc: &Location, m: &Manifest, here: &Provenance) -> Result<()> {
+    let here_digests: Vec<&str> =
+        here.sources.iter().filter(|s| s.role.starts_with("model-")).map(|s| s.digest.as_str()).collect();
+    for s in m.scores_source.provenance.sources.iter().filter(|s| s.role.starts_with("model-")) {
+        ensure!(
+            here_digests.contains(&s.digest.as_str()),
+            "{loc} was made from another model: its {} {} is not in this checkpoint",
+            s.role,
+            s.path
+        );
+    }
+    Ok(())
+}
+
+/// max |W| of every layer, as the model holds it.
+fn weight_amaxes(model: &Qwen3VL) -> Result<Vec<f32>> {
+    (0..model.layers().len()).map(|id| Ok(WeightStats::of(model.linear(id).weight())?.amax)).collect()
+}
+
+/// A scores artifact with the manifest's groups and layers (monotone scores, costs, flags): enough
+/// to rebuild its search problem and re-solve or evaluate recipes on it.
+fn scores_of(m: &Manifest) -> Scores {
+    let formats: Vec<_> = m.formats.iter().map(|f| f.info.clone()).collect();
+    Scores {
+        model: m.summary.model.clone(),
+        method: m.summary.method.clone(),
+        dtype: m.summary.dtype.clone(),
+        formats,
+        samples: Vec::new(),
+        num_inputs: m.summary.num_inputs,
+        calibration_samples: Vec::new(),
+        layers: m
+            .layers
+            .iter()
+            .map(|l| LayerScores {
+                name: l.name.clone(),
+                group: l.group.clone(),
+                tower: l.tower.clone(),
+                kind: l.kind.clone(),
+                shape: l.shape,
+                params: l.params,
+                input_amax: l.input_amax,
+                weight_amax: l.weight_amax,
+                per_sample: Vec::new(),
+            })
+            .collect(),
+        groups: m
+            .groups
+            .iter()
+            .map(|g| GroupScores {
+                name: g.name.clone(),
+                members: g.members.clone(),
+                params: g.params,
+                costs: g.costs.clone(),
+                scores: g.scores.clone(),
+                per_sample: Vec::new(),
+                disabled: g.disabled,
+                cost_excluded: g.cost_excluded,
+            })
+            .collect(),
+    }
+}
+
+/// The served plan of a format choice per group of the manifest.
+fn plan_of(
+    m: &Manifest,
+    problem: &Problem,
+    choice: &[usize],
+    model: &Qwen3VL,
+    weight_amax: &[f32],
+) -> Result<ServedPlan> {
+    let group_format: std::collections::HashMap<&str, &str> =
+        problem.groups.iter().zip(choice).map(|(g, &f)| (g.name.as_str(), problem.format_name(f))).collect();
+    let mut layers = Vec::with_capacity(m.layers.len());
+    for l in &m.layers {
+        let Some(id) = model.layer_id(&l.name) else { bail!("the model has no layer `{}`", l.name) };
+        layers.push(RecipeLayer {
+            name: l.name.clone(),
+            kind: if l.kind == LayerKind::PatchEmbed.as_str() { LayerKind::PatchEmbed } else { LayerKind::Linear },
+            format: group_format.get(l.group.as_str()).copied().unwrap_or(NONE).to_string(),
+            input_amax: l.input_amax as f32,
+            weight_amax: weight_amax[id],
+        });
+    }
+    served::plan(&layers, model.config().tie_word_embeddings(), false)
+}
+
+/// The recipe's entry, its prediction taken from the layers actually served in FP8 (a tied
+/// lm_head or the patch embedding that the recipe names but the checkpoint keeps 16-bit count as
+/// unquantized, here as in the measurement).
+fn recipe_result(
+    name: String,
+    kind: &str,
+    loc: &Location,
+    m: &Manifest,
+    problem: &Problem,
+    plan: &ServedPlan,
+) -> Result<RecipeResult> {
+    let served_choice = served_choice(m, problem, plan);
+    let eval = problem.evaluate(&served_choice)?;
+    let groups_quantized = served_choice.iter().filter(|&&f| f != problem.none_index()).count();
+    Ok(empty_result(
+        &name,
+        kind,
+        Some(loc.to_string()),
+        eval.effective_bits,
+        Some(eval.objective),
+        groups_quantized,
+        &plan.fp8,
+    ))
+}
+
+/// Format index per group of what is served: a group's reference format when its members are in
+/// FP8, NONE otherwise.
+fn served_choice(m: &Manifest, problem: &Problem, plan: &ServedPlan) -> Vec<usize> {
+    let fp8 = problem.format_index(served::FP8);
+    m.groups
+        .iter()
+        .map(|g| match fp8 {
+            Some(f) if g.members.iter().any(|n| plan.get(n).is_some()) => f,
+            _ => problem.none_index(),
+        })
+        .collect()
+}
+
+fn empty_result(
+    name: &str,
+    kind: &str,
+    source: Option<String>,
+    effective_bits: f64,
+    predicted_objective: Option<f64>,
+    groups_quantized: usize,
+    fp8: &[served::Fp8Layer],
+) -> RecipeResult {
+    let zero = crate::artifact::evaluation::Estimate { value: 0.0, ci: None };
+    RecipeResult {
+        name: name.to_string(),
+        kind: kind.to_string(),
+        source,
+        effective_bits,
+        predicted_objective,
+        groups_quantized,
+        layers_quantized: fp8.len(),
+        quantized_layers: fp8
+            .iter()
+            .map(|l| QuantizedLayer { name: l.name.clone(), format: served::FP8.into() })
+            .collect(),
+        per_sample: Vec::new(),
+        overall: crate::artifact::evaluation::Metrics {
+            mean_nll: zero,
+            delta_nll: zero,
+            delta_nll_relative: zero,
+            perplexity: zero,
+            kl_all: zero,
+            kl_label: zero,
+            top1_agreement_all: zero,
+            top1_agreement_label: zero,
+        },
+    }
+}
+
+/// A quantized checkpoint as its own model (FP8 weights dequantized at load) with the tap that
+/// applies its static input scales; with a manifest, its prediction from the manifest's scores.
+fn load_checkpoint(
+    dir: &Path,
+    args: &EvaluateArgs,
+    device: &candle_core::Device,
+    manifest: Option<&(Location, Manifest)>,
+) -> Result<(Qwen3VL, ServedTap, RecipeResult)> {
+    let model =
+        Qwen3VL::load(dir, args.dtype, device).with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    let ck = Checkpoint::open(dir).with_context(|| format!("opening checkpoint {}", dir.display()))?;
+    let mut scales = Vec::with_capacity(model.layers().len());
+    let mut fp8 = Vec::new();
+    for l in model.layers() {
+        let scale = ck.scalar_f32(&format!("{}.input_scale", l.name))?;
+        if let Some(s) = scale {
+            let w = ck.scalar_f32(&format!("{}.weight_scale", l.name))?.unwrap_or(f32::NAN);
+            fp8.push(served::Fp8Layer { name: l.name.clone(), weight_scale: w, input_scale: s });
+        }
+        scales.push(scale);
+    }
+    ensure!(!fp8.is_empty(), "{}: no layer has an input_scale; is it a qsens/ModelOpt FP8 checkpoint?", dir.display());
+    let plan = ServedPlan { fp8, ..ServedPlan::default() };
+    let name = dir_name(dir);
+    let result = match manifest {
+        Some((loc, m)) => {
+            let problem = Problem::from_scores(&scores_of(m), &Overrides::default())
+                .with_context(|| format!("{loc}: rebuilding its search problem"))?;
+            let mut r = recipe_result(name, "checkpoint", loc, m, &problem, &plan)?;
+            r.source = Some(dir.display().to_string());
+            r
+        }
+        None => {
+            // ModelOpt's effective bits over every scored layer, groups by ModelOpt's default rules.
+            let layers = model.layers();
+            let total: u64 = layers.iter().map(|l| l.params()).sum();
+            let fp8_params: u64 = layers.iter().filter(|l| plan.get(&l.name).is_some()).map(|l| l.params()).sum();
+            let bits = 16.0 * (total as f64 - fp8_params as f64 / 2.0) / total as f64;
+            let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
+            let groups = crate::quant::GroupingRules::default()
+                .group(&names)
+                .iter()
+                .filter(|g| g.members.iter().any(|&i| plan.get(names[i]).is_some()))
+                .count();
+            empty_result(&name, "checkpoint", Some(dir.display().to_string()), bits, None, groups, &plan.fp8)
+        }
+    };
+    Ok((model, ServedTap::from_input_scales(scales), result))
+}

@@ -1,0 +1,242 @@
+//! `evaluate` (issue 11) on the fixtures: the unquantized model's loss is HF's, a recipe measured
+//! from its manifest and from the checkpoint `quantize` wrote for it give the same numbers, the
+//! baselines and frontier recipes are there with their predictions, and the CLI refuses bad input.
+//! (KL and top-1 agreement against a brute-force f64 computation: tests/evaluate_metrics.rs.)
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use qsens::artifact::evaluation::{Evaluation, RecipeResult};
+use qsens::artifact::manifest::Manifest;
+use qsens::artifact::{self, Artifact};
+use serde_json::Value;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn run(bin: &str, args: &[&str]) -> Output {
+    Command::new(bin).args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+fn ok(bin: &str, args: &[&str]) -> Output {
+    let o = run(bin, args);
+    assert!(o.status.success(), "{bin} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+    inputs: PathBuf,
+    manifest: PathBuf,
+}
+
+/// Inputs of the 4 reference samples, their scores and a searched manifest, made once.
+fn setup(fx: &Path) -> &'static Setup {
+    static SETUP: OnceLock<Setup> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let model = fx.join("qwen3-vl-tiny");
+        let (db, calib, inputs) = (d.join("c.db"), d.join("calib.json"), d.join("inputs.msgpack"));
+        let extract = env!("CARGO_BIN_EXE_calib-extract");
+        ok(extract, &["-q", "--from-coco", s(&fx.join("coco/captions.json")), "--db", s(&db)]);
+        let query = "SELECT sample_id, image_id, file_name, caption, split FROM samples WHERE image_id <= 4";
+        ok(extract, &["-q", "--db", s(&db), "--image-root", s(&fx.join("images")), "--query", query, "-o", s(&calib)]);
+        ok(
+            env!("CARGO_BIN_EXE_preprocess"),
+            &[
+                "-q",
+                "--calibration",
+                s(&calib),
+                "--model",
+                s(&model),
+                "--min-pixels",
+                "65536",
+                "--max-pixels",
+                "262144",
+                "-o",
+                s(&inputs),
+            ],
+        );
+        let scores = d.join("scores.msgpack");
+        ok(env!("CARGO_BIN_EXE_score-layers"), &["-q", "--model", s(&model), "--inputs", s(&inputs), "-o", s(&scores)]);
+        let manifest = d.join("manifest.json");
+        ok(
+            env!("CARGO_BIN_EXE_search"),
+            &[
+                "-q",
+                "--scores",
+                s(&scores),
+                "--effective-bits",
+                "10",
+                "--exclude-cost",
+                "*lm_head*",
+                "-o",
+                s(&manifest),
+            ],
+        );
+        Setup { model, inputs, manifest, dir }
+    })
+}
+
+/// The searched manifest with the fixture recipe `export_fp8_<which>`'s formats.
+fn fixture_manifest(fx: &Path, which: &str) -> PathBuf {
+    let st = setup(fx);
+    let r: Value =
+        serde_json::from_slice(&std::fs::read(fx.join(format!("modelopt/export_fp8_{which}/recipe.json"))).unwrap())
+            .unwrap();
+    let modules: HashSet<&str> = r["enabled_modules"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+    let mut m: Artifact<Manifest> = artifact::read(st.manifest.as_path()).unwrap();
+    for g in &mut m.payload.groups {
+        let fp8 = g.members.iter().any(|n| modules.contains(n.as_str()));
+        g.chosen = if fp8 { "FP8" } else { "NONE" }.into();
+        g.chosen_index = usize::from(!fp8);
+    }
+    for l in &mut m.payload.layers {
+        l.chosen = if modules.contains(l.name.as_str()) { "FP8" } else { "NONE" }.into();
+    }
+    let path = st.dir.path().join(format!("manifest-{which}.json"));
+    artifact::write(path.as_path(), &m).unwrap();
+    path
+}
+
+fn evaluate(st: &Setup, name: &str, extra: &[&str]) -> Evaluation {
+    let out = st.dir.path().join(name);
+    let mut args = vec!["-q", "--model", s(&st.model), "--inputs", s(&st.inputs), "--bootstrap", "200", "-o", s(&out)];
+    args.extend_from_slice(extra);
+    ok(env!("CARGO_BIN_EXE_evaluate"), &args);
+    artifact::read::<Evaluation>(out.as_path()).unwrap().payload
+}
+
+fn losses(r: &RecipeResult) -> Vec<f64> {
+    r.per_sample.iter().map(|m| m.nll_sum / m.label_tokens as f64).collect()
+}
+
+fn recipe<'a>(e: &'a Evaluation, kind: &str) -> &'a RecipeResult {
+    e.recipes.iter().find(|r| r.kind == kind).unwrap_or_else(|| panic!("no {kind} recipe"))
+}
+
+#[test]
+fn unquantized_loss_is_hf_and_a_checkpoint_measures_as_its_manifest() {
+    let fx = fixtures_or_skip!();
+    let st = setup(&fx);
+    let index: Value = serde_json::from_slice(&std::fs::read(fx.join("reference/index.json")).unwrap()).unwrap();
+    for (which, layout) in [("text", "modelopt"), ("all", "compressed-tensors")] {
+        let manifest = fixture_manifest(&fx, which);
+        let checkpoint = st.dir.path().join(format!("ckpt-{which}"));
+        ok(
+            env!("CARGO_BIN_EXE_quantize"),
+            &[
+                "-q",
+                "--model",
+                s(&st.model),
+                "--manifest",
+                s(&manifest),
+                "--layout",
+                layout,
+                "-o",
+                s(&checkpoint),
+                "--force",
+            ],
+        );
+        let e =
+            evaluate(st, &format!("eval-{which}.json"), &["--manifest", s(&manifest), "--checkpoint", s(&checkpoint)]);
+        assert_eq!(e.samples.len(), 4);
+
+        // The unquantized model's loss per sample is HF's (fixture reference), KL 0, full agreement.
+        let base = recipe(&e, "unquantized");
+        for (k, loss) in losses(base).iter().enumerate() {
+            let hf = index["samples"][k]["loss"].as_f64().unwrap();
+            assert!((loss - hf).abs() <= 1e-5 * hf, "sample {k}: {loss} vs HF {hf}");
+        }
+        assert_eq!(base.overall.kl_all.value, 0.0);
+        assert_eq!(base.overall.top1_agreement_all.value, 1.0);
+
+        // The checkpoint gives exactly the numbers of the manifest's chosen recipe.
+        let (chosen, ck) = (recipe(&e, "chosen"), recipe(&e, "checkpoint"));
+        assert_eq!(chosen.per_sample, ck.per_sample, "{which}");
+        assert_eq!(chosen.overall, ck.overall, "{which}");
+        assert_eq!(chosen.quantized_layers, ck.quantized_layers);
+        assert_eq!(chosen.predicted_objective, ck.predicted_objective);
+        assert!(chosen.overall.kl_all.value > 0.0 && chosen.overall.top1_agreement_all.value < 1.0);
+        let r: Value = serde_json::from_slice(
+            &std::fs::read(fx.join(format!("modelopt/export_fp8_{which}/recipe.json"))).unwrap(),
+        )
+        .unwrap();
+        for (k, loss) in losses(chosen).iter().enumerate() {
+            let mo = r["fake_quant_loss_per_sample"][k].as_f64().unwrap();
+            eprintln!(
+                "{which} sample {k}: loss {loss:.7}, ModelOpt fake quant {mo:.7} ({:.1e})",
+                (loss - mo).abs() / mo
+            );
+        }
+    }
+}
+
+#[test]
+fn baselines_frontier_and_predictions() {
+    let fx = fixtures_or_skip!();
+    let st = setup(&fx);
+    let manifest = fixture_manifest(&fx, "text");
+    let e = evaluate(st, "eval-frontier.msgpack", &["--manifest", s(&manifest), "--frontier", "3"]);
+    let m: Manifest = artifact::read::<Manifest>(manifest.as_path()).unwrap().payload;
+    assert_eq!(e.recipes[0].kind, "unquantized");
+    assert_eq!(e.recipes[0].predicted_objective, Some(0.0));
+
+    // The chosen recipe's prediction is the Σ of its groups' scores in the manifest (nothing of
+    // this recipe is kept 16-bit), counted independently here.
+    let chosen = recipe(&e, "chosen");
+    let sum: f64 = m.groups.iter().map(|g| g.scores[g.chosen_index]).sum();
+    assert!((chosen.predicted_objective.unwrap() - sum).abs() <= 1e-12 * sum.abs().max(1.0));
+    assert_eq!(chosen.groups_quantized, m.groups.iter().filter(|g| g.chosen == "FP8").count());
+    assert_eq!(chosen.layers_quantized, 12);
+
+    // All FP8: every group but the two a checkpoint keeps 16-bit (the patch embedding, the tied lm_head).
+    let all = recipe(&e, "all-quantized");
+    assert_eq!(all.groups_quantized, m.groups.len() - 2);
+    assert!(all.effective_bits < chosen.effective_bits);
+    assert!(all.overall.kl_all.value > chosen.overall.kl_all.value);
+
+    // Frontier recipes: distinct, each within the manifest's budget range, predictions ordered.
+    let frontier: Vec<&RecipeResult> = e.recipes.iter().filter(|r| r.kind == "frontier").collect();
+    assert!(!frontier.is_empty() && frontier.len() <= 3);
+    for w in frontier.windows(2) {
+        assert!(w[0].effective_bits < w[1].effective_bits);
+        assert!(w[0].predicted_objective >= w[1].predicted_objective);
+    }
+    // Intervals bracket the estimates, and every sample was measured for every recipe.
+    for r in &e.recipes {
+        assert_eq!(r.per_sample.len(), 4);
+        if let Some([lo, hi]) = r.overall.mean_nll.ci {
+            assert!(lo <= r.overall.mean_nll.value + 1e-12 && r.overall.mean_nll.value <= hi + 1e-12, "{}", r.name);
+        }
+    }
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line() {
+    let fx = fixtures_or_skip!();
+    let st = setup(&fx);
+    let out = st.dir.path().join("never.json");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec![], "nothing to evaluate"),
+        (vec!["--manifest".into(), s(&st.inputs).into()], "inputs.msgpack"),
+        (vec!["--checkpoint".into(), s(&st.model).into()], "no layer has an input_scale"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["--model", s(&st.model), "--inputs", s(&st.inputs), "-o", s(&out)];
+        args.extend(extra.iter().map(String::as_str));
+        let o = run(env!("CARGO_BIN_EXE_evaluate"), &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+        assert!(!out.exists());
+    }
+}
