@@ -1,8 +1,10 @@
 # qsens — per-layer quantization sensitivity for Qwen3-VL. See README.md.
 #
-#   make demo      all five stages on the generated demo set (no downloads)
+#   make demo      every stage on the generated demo set (no downloads)
 #   make test      the test suite (what CI runs through .ci/run)
-#   make report    the pipeline on your own model/data (set the variables below)
+#   make report    the pipeline on your own model/data (set the variables below), with the
+#                  measured evaluation of the recipe in the report (EVALUATE=0: without)
+#   make quantize  also write the FP8 checkpoint ($(OUTPUT_DIR)/checkpoint-fp8); make all: both
 #
 # Each stage is a file target, so make reruns only what changed: touching the manifest reruns
 # only manifest-to-md; changing BITS reruns search and the report; changing the images reruns
@@ -38,6 +40,14 @@ DISABLE      ?=
 EXCLUDE_COST ?=
 SCORE_FLAGS  ?=
 SEARCH_FLAGS ?=
+# Held-out samples for `evaluate` (drawn disjoint from the calibration set) and frontier recipes.
+NUM_EVAL     ?= 32
+FRONTIER     ?= 8
+EVALUATE     ?= 1
+EVALUATE_FLAGS ?=
+# `quantize`: checkpoint layout (auto, modelopt, compressed-tensors) and extra flags.
+LAYOUT       ?= auto
+QUANTIZE_FLAGS ?=
 
 # ---- outputs (same folder and roles as the ModelOpt driver's) ---------------------------------
 PREFIX       := fp8_autoquant_all_layers_fp8
@@ -47,13 +57,17 @@ SCORES       := $(OUTPUT_DIR)/$(PREFIX)_autoquant_state.msgpack
 MANIFEST     := $(OUTPUT_DIR)/$(PREFIX)_quant_manifest.json
 REPORT       := $(OUTPUT_DIR)/per-layer-sensitivity.md
 EXPORT_DIR   := $(OUTPUT_DIR)/recipes
+EVAL_SAMPLES := $(OUTPUT_DIR)/evaluation_samples.json
+EVAL_INPUTS  := $(OUTPUT_DIR)/evaluation_inputs.msgpack
+EVALUATION   := $(OUTPUT_DIR)/evaluation.msgpack
+CHECKPOINT   := $(OUTPUT_DIR)/checkpoint-fp8
 
-BINS := calib-extract preprocess score-layers search manifest-to-md
+BINS := calib-extract preprocess score-layers search manifest-to-md quantize evaluate
 BIN_FILES := $(addprefix $(BIN_DIR)/,$(BINS))
 
-.PHONY: all demo demo-assets build build-cuda report test bench bench-preprocess bench-model bench-score \
+.PHONY: all demo demo-assets build build-cuda report evaluate quantize test bench bench-preprocess bench-model bench-score \
         fuzz clean-output help FORCE
-all: report
+all: report quantize
 
 help:
 	@sed -n '1,12p' Makefile
@@ -80,11 +94,12 @@ demo-assets: $(BIN_DIR)/demo-assets
 
 demo:
 	@$(MAKE) --no-print-directory demo-assets
-	@$(MAKE) --no-print-directory report OUTPUT_DIR=tmp/demo NUM_SAMPLES=8 BITS=12 \
+	@$(MAKE) --no-print-directory all OUTPUT_DIR=tmp/demo NUM_SAMPLES=6 NUM_EVAL=3 FRONTIER=4 BITS=12 \
 	    EXCLUDE_COST='*lm_head*'
 	@echo
 	@echo "demo report: tmp/demo/per-layer-sensitivity.md (plots beside it)"
 	@echo "manifest:    tmp/demo/$(PREFIX)_quant_manifest.json; recipes: tmp/demo/recipes/"
+	@echo "evaluation:  tmp/demo/evaluation.msgpack; FP8 checkpoint: tmp/demo/checkpoint-fp8/"
 
 # ---- settings stamps: a stage reruns when its settings change, not only its input files -------
 # $(call stamp,NAME,VALUE) names a file whose content is VALUE; it is rewritten (and so newer)
@@ -99,10 +114,16 @@ EXTRACT_SETTINGS := $(NUM_SAMPLES) $(SEED) $(PROMPT) $(SPLIT) $(IMAGE_ROOT)
 PREPROCESS_SETTINGS := $(MODEL_DIR) $(MIN_PIXELS) $(MAX_PIXELS)
 SCORE_SETTINGS := $(MODEL_DIR) $(METHOD) $(DEVICE) $(DTYPE) $(DISABLE) $(EXCLUDE_COST) $(SCORE_FLAGS)
 SEARCH_SETTINGS := $(BITS) $(DISABLE) $(EXCLUDE_COST) $(SEARCH_FLAGS)
+EVAL_EXTRACT_SETTINGS := $(NUM_EVAL) $(SEED) $(PROMPT) $(SPLIT) $(IMAGE_ROOT)
+EVALUATE_SETTINGS := $(MODEL_DIR) $(FRONTIER) $(DEVICE) $(DTYPE) $(EVALUATE_FLAGS)
+QUANTIZE_SETTINGS := $(MODEL_DIR) $(LAYOUT) $(QUANTIZE_FLAGS)
 $(eval $(call stamp_rule,extract,$(EXTRACT_SETTINGS)))
 $(eval $(call stamp_rule,preprocess,$(PREPROCESS_SETTINGS)))
 $(eval $(call stamp_rule,score,$(SCORE_SETTINGS)))
 $(eval $(call stamp_rule,search,$(SEARCH_SETTINGS)))
+$(eval $(call stamp_rule,eval-extract,$(EVAL_EXTRACT_SETTINGS)))
+$(eval $(call stamp_rule,evaluate,$(EVALUATE_SETTINGS)))
+$(eval $(call stamp_rule,quantize,$(QUANTIZE_SETTINGS)))
 FORCE:
 
 opt = $(if $(2),$(1) '$(2)')
@@ -136,12 +157,37 @@ $(MANIFEST): $(SCORES) $(call stamp,search) | $(BIN_DIR)/search
 	    $(call glob_flags,--disable,$(DISABLE)) $(call glob_flags,--exclude-cost,$(EXCLUDE_COST)) \
 	    --export-dir $(EXPORT_DIR) $(SEARCH_FLAGS) -o $@
 
-# ---- stage 5: manifest-to-md -----------------------------------------------------------------
-$(REPORT): $(MANIFEST) | $(BIN_DIR)/manifest-to-md
-	$(BIN_DIR)/manifest-to-md --manifest $(MANIFEST) -o $@
+# ---- evaluate: held-out samples (disjoint from the calibration set), measured recipes ----------
+$(EVAL_SAMPLES): $(CALIB_DB) $(CALIBRATION) $(call stamp,eval-extract) | $(BIN_DIR)/calib-extract
+	$(BIN_DIR)/calib-extract --db $(CALIB_DB) --image-root $(IMAGE_ROOT) --num $(NUM_EVAL) \
+	    --seed $(SEED) --prompt '$(PROMPT)' $(call opt,--split,$(SPLIT)) --exclude $(CALIBRATION) -o $@
+
+$(EVAL_INPUTS): $(EVAL_SAMPLES) $(MODEL_DIR)/config.json $(call stamp,preprocess) | $(BIN_DIR)/preprocess
+	$(BIN_DIR)/preprocess --calibration $(EVAL_SAMPLES) --model $(MODEL_DIR) \
+	    $(call opt,--min-pixels,$(MIN_PIXELS)) $(call opt,--max-pixels,$(MAX_PIXELS)) -o $@
+
+$(EVALUATION): $(EVAL_INPUTS) $(MANIFEST) $(call stamp,evaluate) | $(BIN_DIR)/evaluate
+	$(BIN_DIR)/evaluate --model $(MODEL_DIR) --inputs $(EVAL_INPUTS) --manifest $(MANIFEST) \
+	    --frontier $(FRONTIER) --device $(DEVICE) --dtype $(DTYPE) $(EVALUATE_FLAGS) -o $@
+
+evaluate: $(EVALUATION)
+	@echo "evaluation: $(EVALUATION)"
+
+# ---- stage 5: manifest-to-md (with the evaluation unless EVALUATE=0) ---------------------------
+REPORT_EVALUATION := $(if $(filter 1,$(EVALUATE)),$(EVALUATION))
+$(REPORT): $(MANIFEST) $(REPORT_EVALUATION) | $(BIN_DIR)/manifest-to-md
+	$(BIN_DIR)/manifest-to-md --manifest $(MANIFEST) $(call opt,--evaluation,$(REPORT_EVALUATION)) -o $@
 
 report: $(REPORT)
 	@echo "report: $(REPORT)"
+
+# ---- quantize: the FP8 checkpoint of the manifest (docs/quantize.md) ----------------------------
+$(CHECKPOINT)/config.json: $(MANIFEST) $(SCORES) $(MODEL_DIR)/config.json $(call stamp,quantize) | $(BIN_DIR)/quantize
+	$(BIN_DIR)/quantize --model $(MODEL_DIR) --manifest $(MANIFEST) --scores $(SCORES) --layout $(LAYOUT) \
+	    $(QUANTIZE_FLAGS) --force -o $(CHECKPOINT)
+
+quantize: $(CHECKPOINT)/config.json
+	@echo "checkpoint: $(CHECKPOINT)"
 
 clean-output:
 	rm -rf $(OUTPUT_DIR)

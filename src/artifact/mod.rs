@@ -365,8 +365,22 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 /// `blake3:<hex>` of a (possibly multi-GB) file, memory-mapped and hashed on all cores: model
 /// weights are hashed on every run, and sha256 of 9 GB would cost tens of seconds.
 pub fn blake3_file(path: &Path) -> Result<String> {
+    // Hashed through a sliding 256 MiB map on all cores: the digest of the whole file, while only
+    // one window of it is mapped at a time (a whole-file map would count the file in the process's
+    // resident memory).
+    const WINDOW: u64 = 256 << 20;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = file.metadata().with_context(|| format!("reading {}", path.display()))?.len();
     let mut hasher = blake3::Hasher::new();
-    hasher.update_mmap_rayon(path).with_context(|| format!("hashing {}", path.display()))?;
+    let mut offset = 0;
+    while offset < len {
+        let n = WINDOW.min(len - offset);
+        // SAFETY: read-only view of a file we do not modify; unmapped before the next window.
+        let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(n as usize).map(&file) }
+            .with_context(|| format!("hashing {}", path.display()))?;
+        hasher.update_rayon(&map);
+        offset += n;
+    }
     Ok(format!("blake3:{}", hasher.finalize().to_hex()))
 }
 

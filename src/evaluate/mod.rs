@@ -115,7 +115,12 @@ pub fn run(args: &EvaluateArgs, reporter: &Reporter) -> Result<()> {
         let mut add = |name: String, kind: &str, choice: Vec<usize>| -> Result<()> {
             let plan = plan_of(m, &problem, &choice, &model, &weight_amax).with_context(|| format!("{loc}"))?;
             let tap = ServedTap::from_plan(&plan, &model, &mut cache)?;
-            planned.push(Planned { result: recipe_result(name, kind, loc, m, &problem, &plan)?, tap, model: None });
+            let mut result = recipe_result(name, kind, loc, m, &problem, &plan)?;
+            if kind == "frontier" {
+                // Named by what is served (a kept patch embedding or tied lm_head counts 16-bit).
+                result.name = format!("frontier {:.2} bits", result.effective_bits);
+            }
+            planned.push(Planned { result, tap, model: None });
             Ok(())
         };
         if i == 0 {
@@ -136,7 +141,7 @@ pub fn run(args: &EvaluateArgs, reporter: &Reporter) -> Result<()> {
                     continue;
                 }
                 seen.push(r.choice.clone());
-                add(format!("frontier {:.2} bits", r.effective_bits), "frontier", r.choice)?;
+                add(String::new(), "frontier", r.choice)?;
             }
         }
     }

@@ -417,21 +417,44 @@ fn unfused_scale_shards(plan: &ServedPlan) -> Vec<&str> {
         .collect()
 }
 
-/// max |x| of a stored float tensor.
+/// max |x| of a stored float tensor, decoded in parallel chunks without an f32 copy.
 fn max_abs(bytes: &[u8], dtype: Dtype) -> Result<f32> {
     use rayon::prelude::*;
-    let values = to_f32(bytes, dtype)?;
-    Ok(values.par_chunks(1 << 16).map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs()))).reduce(|| 0.0, f32::max))
+    let width = element_size(dtype)?;
+    Ok(bytes
+        .par_chunks(width << 16)
+        .map(|c| c.chunks_exact(width).fold(0f32, |m, b| m.max(decode(b, dtype).abs())))
+        .reduce(|| 0.0, f32::max))
 }
 
-/// Little-endian stored floats as f32.
+/// Little-endian stored floats as f32, decoded in parallel.
 fn to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
-    Ok(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+    use rayon::prelude::*;
+    let width = element_size(dtype)?;
+    let mut out = vec![0f32; bytes.len() / width];
+    out.par_chunks_mut(1 << 16).zip(bytes.par_chunks(width << 16)).for_each(|(o, b)| {
+        for (o, b) in o.iter_mut().zip(b.chunks_exact(width)) {
+            *o = decode(b, dtype);
+        }
+    });
+    Ok(out)
+}
+
+fn element_size(dtype: Dtype) -> Result<usize> {
+    match dtype {
+        Dtype::F32 => Ok(4),
+        Dtype::BF16 | Dtype::F16 => Ok(2),
         other => bail!("weights stored as {other:?} cannot be quantized (F32, BF16 or F16)"),
-    })
+    }
+}
+
+#[inline]
+fn decode(b: &[u8], dtype: Dtype) -> f32 {
+    match dtype {
+        Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        Dtype::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        _ => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+    }
 }
 
 /// `value` rounded to `dtype` (bf16 / f16 / f32).
