@@ -5,108 +5,34 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
+use qsens::artifact;
 use qsens::artifact::evaluation::{Evaluation, RecipeResult};
 use qsens::artifact::manifest::Manifest;
-use qsens::artifact::{self, Artifact};
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::pipeline::{ok, pipeline, run, s, Pipeline};
 
-fn run(bin: &str, args: &[&str]) -> Output {
-    Command::new(bin).args(args).stdin(Stdio::null()).output().unwrap()
-}
-
-fn ok(bin: &str, args: &[&str]) -> Output {
-    let o = run(bin, args);
-    assert!(o.status.success(), "{bin} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    o
-}
-
-struct Setup {
-    dir: tempfile::TempDir,
-    model: PathBuf,
-    inputs: PathBuf,
-    manifest: PathBuf,
-}
-
-/// Inputs of the 4 reference samples, their scores and a searched manifest, made once.
-fn setup(fx: &Path) -> &'static Setup {
-    static SETUP: OnceLock<Setup> = OnceLock::new();
+fn setup(fx: &Path) -> &'static Pipeline {
+    static SETUP: OnceLock<Pipeline> = OnceLock::new();
     SETUP.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let model = fx.join("qwen3-vl-tiny");
-        let (db, calib, inputs) = (d.join("c.db"), d.join("calib.json"), d.join("inputs.msgpack"));
-        let extract = env!("CARGO_BIN_EXE_calib-extract");
-        ok(extract, &["-q", "--from-coco", s(&fx.join("coco/captions.json")), "--db", s(&db)]);
-        let query = "SELECT sample_id, image_id, file_name, caption, split FROM samples WHERE image_id <= 4";
-        ok(extract, &["-q", "--db", s(&db), "--image-root", s(&fx.join("images")), "--query", query, "-o", s(&calib)]);
-        ok(
+        let bins = [
+            env!("CARGO_BIN_EXE_calib-extract"),
             env!("CARGO_BIN_EXE_preprocess"),
-            &[
-                "-q",
-                "--calibration",
-                s(&calib),
-                "--model",
-                s(&model),
-                "--min-pixels",
-                "65536",
-                "--max-pixels",
-                "262144",
-                "-o",
-                s(&inputs),
-            ],
-        );
-        let scores = d.join("scores.msgpack");
-        ok(env!("CARGO_BIN_EXE_score-layers"), &["-q", "--model", s(&model), "--inputs", s(&inputs), "-o", s(&scores)]);
-        let manifest = d.join("manifest.json");
-        ok(
+            env!("CARGO_BIN_EXE_score-layers"),
             env!("CARGO_BIN_EXE_search"),
-            &[
-                "-q",
-                "--scores",
-                s(&scores),
-                "--effective-bits",
-                "10",
-                "--exclude-cost",
-                "*lm_head*",
-                "-o",
-                s(&manifest),
-            ],
-        );
-        Setup { model, inputs, manifest, dir }
+        ];
+        pipeline(fx, bins)
     })
 }
 
-/// The searched manifest with the fixture recipe `export_fp8_<which>`'s formats.
 fn fixture_manifest(fx: &Path, which: &str) -> PathBuf {
-    let st = setup(fx);
-    let r: Value =
-        serde_json::from_slice(&std::fs::read(fx.join(format!("modelopt/export_fp8_{which}/recipe.json"))).unwrap())
-            .unwrap();
-    let modules: HashSet<&str> = r["enabled_modules"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
-    let mut m: Artifact<Manifest> = artifact::read(st.manifest.as_path()).unwrap();
-    for g in &mut m.payload.groups {
-        let fp8 = g.members.iter().any(|n| modules.contains(n.as_str()));
-        g.chosen = if fp8 { "FP8" } else { "NONE" }.into();
-        g.chosen_index = usize::from(!fp8);
-    }
-    for l in &mut m.payload.layers {
-        l.chosen = if modules.contains(l.name.as_str()) { "FP8" } else { "NONE" }.into();
-    }
-    let path = st.dir.path().join(format!("manifest-{which}.json"));
-    artifact::write(path.as_path(), &m).unwrap();
-    path
+    setup(fx).fixture_manifest(fx, which)
 }
 
-fn evaluate(st: &Setup, name: &str, extra: &[&str]) -> Evaluation {
+fn evaluate(st: &Pipeline, name: &str, extra: &[&str]) -> Evaluation {
     let out = st.dir.path().join(name);
     let mut args = vec!["-q", "--model", s(&st.model), "--inputs", s(&st.inputs), "--bootstrap", "200", "-o", s(&out)];
     args.extend_from_slice(extra);

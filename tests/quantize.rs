@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device};
@@ -26,77 +26,22 @@ use qsens::quant::WeightStats;
 use safetensors::SafeTensors;
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn run(bin: &str, args: &[&str]) -> Output {
-    Command::new(bin).args(args).stdin(Stdio::null()).output().unwrap()
-}
-
-fn ok(bin: &str, args: &[&str]) -> Output {
-    let o = run(bin, args);
-    assert!(o.status.success(), "{bin} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    o
-}
+use common::pipeline::{ok, pipeline, recipe, run, s, Pipeline};
 
 fn quantize(args: &[&str]) -> Output {
     run(env!("CARGO_BIN_EXE_quantize"), args)
 }
 
-/// Scores and a searched manifest of the fixture checkpoint, made once per test binary.
-struct Setup {
-    dir: tempfile::TempDir,
-    model: PathBuf,
-    scores: PathBuf,
-    manifest: PathBuf,
-}
-
-fn setup(fx: &Path) -> &'static Setup {
-    static SETUP: OnceLock<Setup> = OnceLock::new();
+fn setup(fx: &Path) -> &'static Pipeline {
+    static SETUP: OnceLock<Pipeline> = OnceLock::new();
     SETUP.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let model = fx.join("qwen3-vl-tiny");
-        let (db, calib, inputs) = (d.join("c.db"), d.join("calib.json"), d.join("inputs.msgpack"));
-        let extract = env!("CARGO_BIN_EXE_calib-extract");
-        ok(extract, &["-q", "--from-coco", s(&fx.join("coco/captions.json")), "--db", s(&db)]);
-        let query = "SELECT sample_id, image_id, file_name, caption, split FROM samples WHERE image_id <= 4";
-        ok(extract, &["-q", "--db", s(&db), "--image-root", s(&fx.join("images")), "--query", query, "-o", s(&calib)]);
-        ok(
+        let bins = [
+            env!("CARGO_BIN_EXE_calib-extract"),
             env!("CARGO_BIN_EXE_preprocess"),
-            &[
-                "-q",
-                "--calibration",
-                s(&calib),
-                "--model",
-                s(&model),
-                "--min-pixels",
-                "65536",
-                "--max-pixels",
-                "262144",
-                "-o",
-                s(&inputs),
-            ],
-        );
-        let scores = d.join("scores.msgpack");
-        ok(env!("CARGO_BIN_EXE_score-layers"), &["-q", "--model", s(&model), "--inputs", s(&inputs), "-o", s(&scores)]);
-        let manifest = d.join("manifest.json");
-        ok(
+            env!("CARGO_BIN_EXE_score-layers"),
             env!("CARGO_BIN_EXE_search"),
-            &[
-                "-q",
-                "--scores",
-                s(&scores),
-                "--effective-bits",
-                "10",
-                "--exclude-cost",
-                "*lm_head*",
-                "-o",
-                s(&manifest),
-            ],
-        );
-        Setup { model, scores, manifest, dir }
+        ];
+        pipeline(fx, bins)
     })
 }
 
@@ -104,35 +49,12 @@ fn read_manifest(path: &Path) -> Artifact<Manifest> {
     artifact::read(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()))
 }
 
-/// The fixture recipe `export_fp8_<which>`: its enabled modules and fake-quant losses.
-fn recipe(fx: &Path, which: &str) -> (HashSet<String>, Vec<f64>) {
-    let r: Value =
-        serde_json::from_slice(&std::fs::read(fx.join(format!("modelopt/export_fp8_{which}/recipe.json"))).unwrap())
-            .unwrap();
-    let modules = r["enabled_modules"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect();
-    let losses = r["fake_quant_loss_per_sample"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-    (modules, losses)
-}
-
-/// The searched manifest with the formats of `modules` (FP8) and NONE elsewhere, written as `name`.
-fn manifest_with(setup: &Setup, modules: &HashSet<String>, name: &str) -> PathBuf {
-    let mut m = read_manifest(&setup.manifest);
-    for g in &mut m.payload.groups {
-        let fp8 = g.members.iter().any(|n| modules.contains(n));
-        g.chosen = if fp8 { "FP8" } else { "NONE" }.into();
-        g.chosen_index = usize::from(!fp8);
-    }
-    for l in &mut m.payload.layers {
-        l.chosen = if modules.contains(&l.name) { "FP8" } else { "NONE" }.into();
-    }
-    let path = setup.dir.path().join(name);
-    artifact::write(path.as_path(), &m).unwrap();
-    path
+fn manifest_with(setup: &Pipeline, modules: &HashSet<String>, name: &str) -> PathBuf {
+    setup.manifest_with(modules, name)
 }
 
 fn fixture_manifest(fx: &Path, which: &str) -> PathBuf {
-    let (modules, _) = recipe(fx, which);
-    manifest_with(setup(fx), &modules, &format!("manifest-{which}.json"))
+    setup(fx).fixture_manifest(fx, which)
 }
 
 /// `quantize` into a fresh directory; returns it.
@@ -418,9 +340,8 @@ fn compressed_tensors_layout_ignores_every_unquantized_linear() {
     let scale = st.tensor("model.visual.blocks.0.attn.qkv.weight_scale").unwrap();
     assert_eq!((scale.dtype(), scale.shape()), (safetensors::Dtype::F32, &[1usize][..]));
     assert_eq!(st.tensor("model.visual.patch_embed.proj.weight").unwrap().dtype(), safetensors::Dtype::F32);
-    // Provenance rides in the safetensors metadata, which loaders ignore.
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let prov: Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["qsens"]).unwrap();
+    // Provenance rides in the config's producer, which loaders ignore.
+    let prov = &qc["producer"];
     assert_eq!(prov["layout"], "compressed-tensors");
     assert_eq!(prov["scores"], Value::String(m.scores_source.digest.clone()));
 }
@@ -492,7 +413,7 @@ fn sharded_output_has_an_index_and_the_same_tensors() {
 
 /// Runs `quantize` expecting exit 2 with one line on stderr containing every `needle`, and no
 /// output directory nor temporary left behind.
-fn refused(st: &Setup, args: &[&str], needles: &[&str]) {
+fn refused(st: &Pipeline, args: &[&str], needles: &[&str]) {
     let before: BTreeMap<String, ()> = entries(st.dir.path());
     let o = quantize(args);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -572,7 +493,11 @@ fn bad_input_is_refused_with_one_line_and_nothing_written() {
         let b = std::fs::read(&p).unwrap();
         std::fs::write(&p, &b[..b.len() - 1000]).unwrap();
     });
-    refused(st, &["--model", s(&truncated), "--manifest", s(&text), "-o", o], &["model.safetensors", "truncated"]);
+    refused(
+        st,
+        &["--model", s(&truncated), "--manifest", s(&text), "-o", o],
+        &["truncated/model.safetensors", "not a valid safetensors file"],
+    );
 
     // An existing output directory without --force.
     let existing = st.dir.path().join("existing");

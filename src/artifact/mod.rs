@@ -294,7 +294,8 @@ fn file_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-/// Removes the temporaries (and SQLite `-journal` companions) of writes to `path` whose writer
+/// Removes the temporaries (files, or `quantize`'s directories; and SQLite `-journal` companions)
+/// of writes to `path` whose writer
 /// process no longer runs: what a write interrupted by SIGKILL leaves. Best effort: errors are
 /// ignored, and where process liveness cannot be told (not Linux) nothing is removed.
 pub fn remove_stale_temporaries(path: &Path) {
@@ -312,7 +313,12 @@ pub fn remove_stale_temporaries(path: &Path) {
         if !rest.contains(".tmp") || pid == std::process::id() || process_may_run(pid) {
             continue;
         }
-        let _ = std::fs::remove_file(entry.path());
+        // A directory is a checkpoint `quantize` was writing.
+        let _ = if entry.path().is_dir() {
+            std::fs::remove_dir_all(entry.path())
+        } else {
+            std::fs::remove_file(entry.path())
+        };
     }
 }
 

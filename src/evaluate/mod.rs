@@ -206,7 +206,7 @@ pub fn run(args: &EvaluateArgs, reporter: &Reporter) -> Result<()> {
         recipes.push(result);
     }
     provenance
-        .param("dtype", dtype_name(args.dtype))
+        .param("dtype", score::dtype_name(args.dtype))
         .param("frontier", args.frontier)
         .param("bootstrap", args.bootstrap.resamples)
         .param("seed", args.bootstrap.seed);
@@ -220,7 +220,7 @@ pub fn run(args: &EvaluateArgs, reporter: &Reporter) -> Result<()> {
     };
     let evaluation = Evaluation {
         model: model_summary,
-        dtype: dtype_name(args.dtype).into(),
+        dtype: score::dtype_name(args.dtype).into(),
         samples,
         recipes,
         confidence: EvalConfidence {
@@ -249,22 +249,12 @@ pub fn run(args: &EvaluateArgs, reporter: &Reporter) -> Result<()> {
             "samples": n,
             "recipes": evaluation.recipes.len(),
             "device": args.device,
-            "dtype": dtype_name(args.dtype),
+            "dtype": score::dtype_name(args.dtype),
         });
         artifact::write_file_atomic(path, &serde_json::to_vec_pretty(&json)?)?;
     }
     reporter.note(format!("evaluated {} recipes on {n} samples → {}", evaluation.recipes.len(), args.output));
     Ok(())
-}
-
-fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        DType::F64 => "f64",
-        _ => "other",
-    }
 }
 
 fn dir_name(dir: &Path) -> String {

@@ -59,9 +59,8 @@ fn open_shard(path: &Path, populate: bool) -> Result<Shard> {
     }
     let mmap = unsafe { options.map(&file) }
         .map_err(|e| candle_core::Error::Msg(format!("cannot map {}: {e}", path.display())))?;
-    let (header_len, meta) = SafeTensors::read_metadata(&mmap[..]).map_err(|e| {
-        candle_core::Error::Msg(format!("{} is not a valid safetensors file (truncated?): {e}", path.display()))
-    })?;
+    let (header_len, meta) = SafeTensors::read_metadata(&mmap[..])
+        .map_err(|e| candle_core::Error::Msg(format!("{} is not a valid safetensors file: {e}", path.display())))?;
     Ok(Shard { path: path.to_path_buf(), file, mmap, data_start: 8 + header_len, meta })
 }
 

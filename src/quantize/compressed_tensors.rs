@@ -1,7 +1,7 @@
 //! llm-compressor's `float-quantized` compressed-tensors format, read by vLLM's
 //! `compressed-tensors` quantization method and by HF transformers with the `compressed-tensors`
 //! package:
-//! - `config.json`'s `quantization_config`: one config group (FP8 E4M3 weights with a per-tensor
+//! - `config.json`'s `quantization_config` (plus a `producer` key with qsens' provenance): one config group (FP8 E4M3 weights with a per-tensor
 //!   scale, static per-tensor FP8 inputs) targeting `Linear`, and `ignore` naming every Linear
 //!   that stays unquantized by its exact checkpoint name;
 //! - per FP8 layer: `weight` float8_e4m3fn, `weight_scale` and `input_scale` of shape `[1]` in
@@ -19,8 +19,9 @@ fn fp8_tensor_args() -> Value {
 /// `config.json`'s `quantization_config`. `ignore`: the unquantized Linear modules by their HF
 /// checkpoint names, in model order (vLLM maps them through the model's `hf_to_vllm_mapper`; HF
 /// matches them as they are). `quantization_status: "compressed"` is what makes HF decompress the
-/// FP8 weights with their scales.
-pub fn quantization_config(ignore: &[String]) -> Value {
+/// FP8 weights with their scales. `producer` (provenance) is a top-level key compressed-tensors'
+/// `QuantizationConfig` ignores (`extra="ignore"`), as vLLM does.
+pub fn quantization_config(ignore: &[String], producer: Value) -> Value {
     json!({
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
@@ -35,6 +36,7 @@ pub fn quantization_config(ignore: &[String]) -> Value {
             }
         },
         "ignore": ignore,
-        "kv_cache_scheme": null
+        "kv_cache_scheme": null,
+        "producer": producer
     })
 }

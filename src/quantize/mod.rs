@@ -267,7 +267,18 @@ fn prepare(args: &QuantizeArgs) -> Result<Job> {
 
     let (tensors, sources) = output_tensors(&checkpoint, &plan, layout, &weight_dtypes)?;
 
-    let producer = json!({"name": "qsens", "version": env!("CARGO_PKG_VERSION")});
+    // Provenance rides in the config's `producer`, a key every loader ignores (ModelOpt's own
+    // names its exporter there); the safetensors header keeps only `format: pt`, since its
+    // metadata map is written in hash order and would make the files differ run to run.
+    let producer = json!({
+        "name": "qsens",
+        "version": env!("CARGO_PKG_VERSION"),
+        "tool": TOOL,
+        "manifest": manifest_digest,
+        "scores": scores_digest,
+        "layout": layout.as_str(),
+        "fuse_scales": args.fuse_scales,
+    });
     let quantized: std::collections::HashSet<&str> = plan.fp8.iter().map(|l| l.name.as_str()).collect();
     let (quantization_config, hf_quant_config) = match layout {
         Layout::Modelopt => {
@@ -294,22 +305,13 @@ fn prepare(args: &QuantizeArgs) -> Result<Job> {
                 .filter(|l| l.kind != LayerKind::PatchEmbed.as_str() && !quantized.contains(l.name.as_str()))
                 .map(|l| l.name.clone())
                 .collect();
-            (compressed_tensors::quantization_config(&ignore), None)
+            (compressed_tensors::quantization_config(&ignore, producer.clone()), None)
         }
     };
     let config_json = with_quantization_config(&config_text, &quantization_config)
         .with_context(|| format!("adding quantization_config to {}", config_path.display()))?;
 
-    let provenance = json!({
-        "tool": TOOL,
-        "version": env!("CARGO_PKG_VERSION"),
-        "manifest": manifest_digest,
-        "scores": scores_digest,
-        "layout": layout.as_str(),
-        "fuse_scales": args.fuse_scales,
-    });
-    let metadata =
-        HashMap::from([("format".to_string(), "pt".to_string()), ("qsens".to_string(), provenance.to_string())]);
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     Ok(Job {
         checkpoint,
         layout,
@@ -575,8 +577,12 @@ fn write(args: &QuantizeArgs, job: &Job, reporter: &Reporter) -> Result<()> {
     };
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     let stem = out.file_name().map_or_else(|| "checkpoint".into(), |n| n.to_string_lossy().into_owned());
+    // Named as every artifact's temporaries, `.<name>.<pid>.<random>.tmp`, so that a rerun removes
+    // what a killed run left.
+    artifact::remove_stale_temporaries(out);
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{stem}.qsens-"))
+        .prefix(&format!(".{stem}.{}.", std::process::id()))
+        .suffix(".tmp")
         .tempdir_in(&parent)
         .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
 
@@ -610,7 +616,7 @@ fn write(args: &QuantizeArgs, job: &Job, reporter: &Reporter) -> Result<()> {
     // Into place: an existing output (--force) is moved aside first and removed after.
     let tmp_path = tmp.keep();
     let old = if out.exists() {
-        let old = parent.join(format!(".{stem}.qsens-old-{}", std::process::id()));
+        let old = parent.join(format!(".{stem}.{}.old.tmp", std::process::id()));
         std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
         Some(old)
     } else {

@@ -328,7 +328,7 @@ fn plan(opts: &ScoreOptions, model: &Qwen3VL, inputs: &ModelInputs) -> Result<(P
     Ok((Plan { formats, group_members, skip, to_score, calibration }, scores))
 }
 
-fn dtype_name(dtype: DType) -> &'static str {
+pub fn dtype_name(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",

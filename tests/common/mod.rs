@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod pipeline;
 pub mod qwen;
 
 use std::path::PathBuf;
