@@ -6,26 +6,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use qsens::artifact;
 use qsens::artifact::evaluation::{Evaluation, RecipeResult};
 use qsens::artifact::manifest::Manifest;
 use serde_json::Value;
 
-use common::pipeline::{ok, pipeline, run, s, Pipeline};
+use common::pipeline::{ok, run, s, Pipeline};
 
 fn setup(fx: &Path) -> &'static Pipeline {
-    static SETUP: OnceLock<Pipeline> = OnceLock::new();
-    SETUP.get_or_init(|| {
-        let bins = [
-            env!("CARGO_BIN_EXE_calib-extract"),
-            env!("CARGO_BIN_EXE_preprocess"),
-            env!("CARGO_BIN_EXE_score-layers"),
-            env!("CARGO_BIN_EXE_search"),
-        ];
-        pipeline(fx, bins)
-    })
+    common::pipeline::shared(fx)
 }
 
 fn fixture_manifest(fx: &Path, which: &str) -> PathBuf {

@@ -12,7 +12,6 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::OnceLock;
 
 use candle_core::{DType, Device};
 use qsens::artifact::manifest::Manifest;
@@ -26,23 +25,14 @@ use qsens::quant::WeightStats;
 use safetensors::SafeTensors;
 use serde_json::Value;
 
-use common::pipeline::{ok, pipeline, recipe, run, s, Pipeline};
+use common::pipeline::{recipe, run, s, Pipeline};
 
 fn quantize(args: &[&str]) -> Output {
     run(env!("CARGO_BIN_EXE_quantize"), args)
 }
 
 fn setup(fx: &Path) -> &'static Pipeline {
-    static SETUP: OnceLock<Pipeline> = OnceLock::new();
-    SETUP.get_or_init(|| {
-        let bins = [
-            env!("CARGO_BIN_EXE_calib-extract"),
-            env!("CARGO_BIN_EXE_preprocess"),
-            env!("CARGO_BIN_EXE_score-layers"),
-            env!("CARGO_BIN_EXE_search"),
-        ];
-        pipeline(fx, bins)
-    })
+    common::pipeline::shared(fx)
 }
 
 fn read_manifest(path: &Path) -> Artifact<Manifest> {

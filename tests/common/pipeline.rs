@@ -59,6 +59,20 @@ pub fn pipeline(fx: &Path, bins: [&str; 4]) -> Pipeline {
     Pipeline { dir, model, inputs, scores, manifest }
 }
 
+/// The pipeline of this test binary, made on first use.
+pub fn shared(fx: &Path) -> &'static Pipeline {
+    static PIPELINE: std::sync::OnceLock<Pipeline> = std::sync::OnceLock::new();
+    PIPELINE.get_or_init(|| {
+        let bins = [
+            env!("CARGO_BIN_EXE_calib-extract"),
+            env!("CARGO_BIN_EXE_preprocess"),
+            env!("CARGO_BIN_EXE_score-layers"),
+            env!("CARGO_BIN_EXE_search"),
+        ];
+        pipeline(fx, bins)
+    })
+}
+
 /// The fixture recipe `modelopt/export_fp8_<which>`: its enabled modules and fake-quant losses.
 pub fn recipe(fx: &Path, which: &str) -> (HashSet<String>, Vec<f64>) {
     let path = fx.join(format!("modelopt/export_fp8_{which}/recipe.json"));
