@@ -22,12 +22,17 @@ CUDA=$(echo "$DIR"/venv/lib/python3*/site-packages/nvidia/cu13)
   done
   # The driver API symbols cudarc links against, taken from its sources.
   mkdir -p stubs
-  CUDARC=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.10 2>/dev/null | head -1)
+  # Not `ls | head` in a command substitution: under pipefail a missing directory ends the script
+  # right there, with no message, before the fetch below could run.
+  cudarc_src() { compgen -G "${CARGO_HOME:-$HOME/.cargo}/registry/src/*/cudarc-0.19.10" | head -1 || true; }
+  CUDARC=$(cudarc_src)
   if [ -z "$CUDARC" ]; then
+    echo "fetching cudarc 0.19.10's sources (for the libcuda link stub)"
     tmp=$(mktemp -d)
     (cd "$tmp" && cargo init -q --name fetch && cargo add -q cudarc@=0.19.10 --no-default-features && cargo fetch -q)
     rm -rf "$tmp"
-    CUDARC=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.10 | head -1)
+    CUDARC=$(cudarc_src)
+    [ -n "$CUDARC" ] || { echo "error: cargo fetch did not bring cudarc-0.19.10 into ${CARGO_HOME:-$HOME/.cargo}/registry" >&2; exit 2; }
   fi
   grep -oP '^\s+fn \Kcu\w+(?=\()' "$CUDARC/src/driver/sys/mod.rs" | sort -u \
     | sed 's/.*/int &(void) { return 100; }/' > stubs/libcuda_stub.c
