@@ -1,5 +1,6 @@
 //! CUDA launches of `kernels/quant.cu` (feature `cuda`); the arithmetic is that of `fp8.rs` and
-//! `sensitivity.rs`.
+//! `sensitivity.rs`. Launches take plain arguments, so this module depends on no op of ours (the
+//! ops call in here, never the reverse).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -7,22 +8,26 @@ use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
 use half::{bf16, f16};
 
-use super::fp8::FakeQuantE4M3;
-
-const QUANT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quant.ptx"));
+const QUANT_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/quant.fatbin"));
 const MODULE: &str = "qsens_quant";
 
-pub fn fake_quant_e4m3(op: &FakeQuantE4M3, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+/// `x → rne_e4m3(clamp(x · scale, ±448)) · inv_scale` elementwise (`fp8::FakeQuantE4M3`).
+pub fn fake_quant_e4m3(
+    scale: f32,
+    inv_scale: f32,
+    storage: &CudaStorage,
+    layout: &Layout,
+) -> Result<(CudaStorage, Shape)> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("fake-quant-e4m3: input must be contiguous");
     };
     let dev = storage.device();
     let out = match &storage.slice {
-        CudaStorageSlice::F32(s) => launch::<f32>(dev, "fake_quant_e4m3_f32", &s.slice(start..end), end - start, op)?,
+        CudaStorageSlice::F32(s) => launch::<f32>(dev, "fake_quant_e4m3_f32", &s.slice(start..end), end - start, scale, inv_scale)?,
         CudaStorageSlice::BF16(s) => {
-            launch::<bf16>(dev, "fake_quant_e4m3_bf16", &s.slice(start..end), end - start, op)?
+            launch::<bf16>(dev, "fake_quant_e4m3_bf16", &s.slice(start..end), end - start, scale, inv_scale)?
         }
-        CudaStorageSlice::F16(s) => launch::<f16>(dev, "fake_quant_e4m3_f16", &s.slice(start..end), end - start, op)?,
+        CudaStorageSlice::F16(s) => launch::<f16>(dev, "fake_quant_e4m3_f16", &s.slice(start..end), end - start, scale, inv_scale)?,
         _ => candle_core::bail!("fake-quant-e4m3: unsupported dtype {:?} on CUDA", storage.dtype()),
     };
     Ok((out, layout.shape().clone()))
@@ -33,12 +38,13 @@ fn launch<T>(
     kernel: &str,
     src: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
     n: usize,
-    op: &FakeQuantE4M3,
+    scale: f32,
+    inv_scale: f32,
 ) -> Result<CudaStorage>
 where
     T: DeviceRepr + candle_core::cuda_backend::CudaDType,
 {
-    let func = dev.get_or_load_custom_func(kernel, MODULE, QUANT_PTX)?;
+    let func = dev.get_or_load_custom_image(kernel, MODULE, QUANT_IMAGE)?;
     // SAFETY: every element is written by the kernel below.
     let dst = unsafe { dev.alloc::<T>(n)? };
     let blocks = n.div_ceil(256).clamp(1, 65_535 * 8) as u32;
@@ -47,8 +53,8 @@ where
     b.arg(src);
     b.arg(&dst);
     b.arg(&n);
-    b.arg(&op.scale);
-    b.arg(&op.inv_scale);
+    b.arg(&scale);
+    b.arg(&inv_scale);
     // SAFETY: argument types match the kernel signature (ptr, ptr, size_t, float, float).
     unsafe { b.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
@@ -76,7 +82,7 @@ pub fn gradient_score(
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     macro_rules! stage1 {
         ($kernel:literal, $g:expr, $y:expr, $q:expr) => {{
-            let func = dev.get_or_load_custom_func($kernel, MODULE, QUANT_PTX)?;
+            let func = dev.get_or_load_custom_image($kernel, MODULE, QUANT_IMAGE)?;
             let (g, y, q) = ($g.slice(a0..a1), $y.slice(b0..b1), $q.slice(c0..c1));
             let mut b = func.builder();
             b.arg(&g);
@@ -102,7 +108,7 @@ pub fn gradient_score(
     }
     // SAFETY: written by stage 2.
     let out = unsafe { dev.alloc::<f32>(1)? };
-    let func = dev.get_or_load_custom_func("sum_partials", MODULE, QUANT_PTX)?;
+    let func = dev.get_or_load_custom_image("sum_partials", MODULE, QUANT_IMAGE)?;
     let nb = blocks as usize;
     let mut b = func.builder();
     b.arg(&partials);
@@ -128,7 +134,7 @@ pub fn amax_update(slot: usize, acc: &mut CudaStorage, la: &Layout, x: &CudaStor
     let mut target = acc.slice_mut(a0 + slot..a0 + slot + 1);
     macro_rules! launch {
         ($kernel:literal, $s:expr) => {{
-            let func = dev.get_or_load_custom_func($kernel, MODULE, QUANT_PTX)?;
+            let func = dev.get_or_load_custom_image($kernel, MODULE, QUANT_IMAGE)?;
             let src = $s.slice(x0..x1);
             let mut b = func.builder();
             b.arg(&src);

@@ -240,7 +240,7 @@ impl CustomOp1 for FakeQuantE4M3 {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::quant::cuda::fake_quant_e4m3(self, storage, layout)
+        crate::quant::cuda::fake_quant_e4m3(self.scale, self.inv_scale, storage, layout)
     }
 }
 

@@ -1,4 +1,5 @@
 use cudaforge::{KernelBuilder, Result};
+
 use std::env;
 use std::path::PathBuf;
 
@@ -11,18 +12,36 @@ fn main() -> Result<()> {
     println!("cargo::rerun-if-changed=src/cuda_utils.cuh");
     println!("cargo::rerun-if-changed=src/binary_op_macros.cuh");
 
-    // Build for PTX
+    // qsens: compressed fatbins (SASS for each target GPU generation, PTX for the newest) instead
+    // of PTX, so the driver does not compile these kernels on first use (vendor/README.md).
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
-    let ptx_path = out_dir.join("ptx.rs");
-    let bindings = KernelBuilder::new()
-        .source_dir("src") // Scan src/ for .cu files
-        .exclude(&["moe_*.cu", "mmvq_gguf.cu", "mmq_*.cu"]) // Exclude statically compiled kernels from ptx build
-        .arg("--expt-relaxed-constexpr")
-        .arg("-std=c++17")
-        .arg("-O3")
-        .build_ptx()?;
-
-    bindings.write(&ptx_path)?;
+    let statically_linked = |name: &str| name.starts_with("moe_") || name.starts_with("mmq_") || name == "mmvq_gguf.cu";
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("src")
+        .expect("reading src/")
+        .map(|entry| entry.expect("reading src/").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "cu"))
+        .filter(|path| !statically_linked(path.file_name().unwrap().to_str().unwrap()))
+        .collect();
+    sources.sort();
+    let jobs: Vec<(PathBuf, PathBuf)> = sources
+        .iter()
+        .map(|src| (src.clone(), out_dir.join(src.with_extension("fatbin").file_name().unwrap())))
+        .collect();
+    qsens_cuda_build::compile_fatbins(
+        &jobs,
+        &["--expt-relaxed-constexpr", "-std=c++17", "-O3", "--default-stream", "per-thread"],
+    );
+    let images: String = sources
+        .iter()
+        .map(|src| {
+            let stem = src.file_stem().unwrap().to_str().unwrap();
+            format!(
+                "pub const {}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.fatbin\"));\n",
+                stem.to_uppercase()
+            )
+        })
+        .collect();
+    std::fs::write(out_dir.join("images.rs"), images).expect("writing images.rs");
 
     let mut moe_sources = vec![
         "src/moe/moe_gguf.cu",

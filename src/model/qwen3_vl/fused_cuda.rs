@@ -16,9 +16,9 @@ use half::{bf16, f16};
 
 use super::fused::ScoreRows;
 
-const ATTN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
-const ACT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/act.ptx"));
+const ATTN_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin"));
+const NORM_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/norm.fatbin"));
+const ACT_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/act.fatbin"));
 
 #[derive(Clone, Copy)]
 enum Module {
@@ -28,11 +28,11 @@ enum Module {
 }
 
 impl Module {
-    fn name_ptx(self) -> (&'static str, &'static str) {
+    fn name_image(self) -> (&'static str, &'static [u8]) {
         match self {
-            Module::Attn => ("qsens_attention", ATTN_PTX),
-            Module::Norm => ("qsens_norm", NORM_PTX),
-            Module::Act => ("qsens_act", ACT_PTX),
+            Module::Attn => ("qsens_attention", ATTN_IMAGE),
+            Module::Norm => ("qsens_norm", NORM_IMAGE),
+            Module::Act => ("qsens_act", ACT_IMAGE),
         }
     }
 }
@@ -79,8 +79,8 @@ fn kernel(dev: &CudaDevice, m: Module, name: &str, dt: DType) -> Result<CudaFunc
         DType::U8 => "u8",
         dt => bail!("{name}: no CUDA kernel for {dt:?}"),
     };
-    let (module, ptx) = m.name_ptx();
-    Ok(dev.get_or_load_custom_func(&format!("{name}_{suffix}"), module, ptx)?.into_cuda_function())
+    let (module, image) = m.name_image();
+    Ok(dev.get_or_load_custom_image(&format!("{name}_{suffix}"), module, image)?.into_cuda_function())
 }
 
 /// After a launch: with `sync_check`, waits for the kernel and names it in the error.

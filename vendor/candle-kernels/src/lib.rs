@@ -1,5 +1,6 @@
-mod ptx {
-    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+// qsens: compiled images (fatbins) instead of PTX; vendor/README.md.
+mod images {
+    include!(concat!(env!("OUT_DIR"), "/images.rs"));
 }
 
 #[repr(u32)]
@@ -34,7 +35,7 @@ pub const ALL_IDS: [Id; 11] = [
 
 pub struct Module {
     index: usize,
-    ptx: &'static str,
+    image: &'static [u8],
 }
 
 impl Module {
@@ -42,8 +43,9 @@ impl Module {
         self.index
     }
 
-    pub fn ptx(&self) -> &'static str {
-        self.ptx
+    /// The module's fatbin, for `cuModuleLoadData`.
+    pub fn image(&self) -> &'static [u8] {
+        self.image
     }
 }
 
@@ -62,7 +64,7 @@ macro_rules! mdl {
     ($cst:ident, $id:ident) => {
         pub const $cst: Module = Module {
             index: module_index(Id::$id),
-            ptx: ptx::$cst,
+            image: images::$cst,
         };
     };
 }

@@ -336,6 +336,34 @@ impl CudaDevice {
         })
     }
 
+    /// Like [`Self::get_or_load_custom_func`], for a compiled image (cubin or fatbin) instead of
+    /// PTX: the driver loads it without compiling anything. (qsens addition, vendor/README.md.)
+    pub fn get_or_load_custom_image(
+        &self,
+        fn_name: &str,
+        module_name: &str,
+        image: &[u8],
+    ) -> Result<CudaFunc> {
+        let ms = self.custom_modules.read().unwrap();
+        if let Some(mdl) = ms.get(module_name).as_ref() {
+            let func = mdl.load_function(fn_name).w()?;
+            return Ok(CudaFunc {
+                func,
+                stream: self.stream.clone(),
+            });
+        }
+        drop(ms);
+        let mut ms = self.custom_modules.write().unwrap();
+        let image = cudarc::nvrtc::Ptx::from_binary(image.to_vec());
+        let cuda_module = self.context.load_module(image).w()?;
+        ms.insert(module_name.to_string(), cuda_module.clone());
+        let func = cuda_module.load_function(fn_name).w()?;
+        Ok(CudaFunc {
+            func,
+            stream: self.stream.clone(),
+        })
+    }
+
     pub fn get_or_load_func(&self, fn_name: &str, mdl: &kernels::Module) -> Result<CudaFunc> {
         let ms = self.modules.read().unwrap();
         if let Some(mdl) = ms.mdls[mdl.index()].as_ref() {
@@ -347,7 +375,9 @@ impl CudaDevice {
         }
         drop(ms);
         let mut ms = self.modules.write().unwrap();
-        let cuda_module = self.context.load_module(mdl.ptx().into()).w()?;
+        // qsens: the vendored candle-kernels ships fatbins, not PTX (vendor/README.md).
+        let image = cudarc::nvrtc::Ptx::from_binary(mdl.image().to_vec());
+        let cuda_module = self.context.load_module(image).w()?;
         ms.mdls[mdl.index()] = Some(cuda_module.clone());
         let func = cuda_module.load_function(fn_name).w()?;
         Ok(CudaFunc {
