@@ -6,6 +6,8 @@
 #   scripts/bench_gpu.sh [N...]        e.g. scripts/bench_gpu.sh 32 128
 # Environment: OUT (results folder, default $OUT or /tmp/qsens-bench), SKIP_MODELOPT=1, SKIP_CHECKS=1, LONG=1
 # (also score one ~1,000-image-token sample), QSENS_FLAGS (extra score-layers flags).
+# The timed qsens runs use CUDA_CACHE_DISABLE=1, so they are first calls as on a fresh machine (the
+# binaries carry compiled kernels; docs/cuda.md); scripts/bench_gpu_evaluate.sh compares cold and warm.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/qsens-bench}; mkdir -p "$OUT"
@@ -46,8 +48,8 @@ cat $CKPT/*.safetensors > /dev/null   # page cache: both tools load from memory
 for N in $SIZES; do
   log "N=$N: inputs"
   python3 scripts/bench/make_inputs.py --num "$N" --out $W/inputs-$N.msgpack || exit 1
-  log "N=$N: qsens score-layers"
-  python3 scripts/bench/gpumem.py "$OUT/qsens-$N.mem.json" -- $W/bin/score-layers --model $CKPT \
+  log "N=$N: qsens score-layers (driver JIT cache disabled: timed as a first call on a fresh machine)"
+  CUDA_CACHE_DISABLE=1 python3 scripts/bench/gpumem.py "$OUT/qsens-$N.mem.json" -- $W/bin/score-layers --model $CKPT \
     --inputs $W/inputs-$N.msgpack --device cuda --dtype bf16 -v --timings "$OUT/qsens-$N.timings.json" \
     -o $W/scores-$N.msgpack ${QSENS_FLAGS:-} || FAILED="$FAILED score-$N"
   S0=$(date +%s.%N)

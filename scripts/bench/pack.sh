@@ -11,13 +11,13 @@ SHARED=${SHARED:-../shared}
 mkdir -p .carry/wheels .carry/bin
 grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
 
-# 1. binaries: score-layers with CUDA; search and manifest-to-md need none.
-#    WITH_SELFTEST=1 adds examples/gpu_selftest (the fused kernels' GPU check, ~47 MB stripped).
+# 1. binaries: score-layers and evaluate with CUDA; search and manifest-to-md need none.
+#    WITH_SELFTEST=1 adds examples/gpu_selftest (the fused kernels' GPU check, ~43 MB stripped).
 SELFTEST=${WITH_SELFTEST:+--example gpu_selftest}
 ( source "$CUDA_ENV" && CARGO_TARGET_DIR=$CUDA_TARGET cargo build -q --release --features cuda --bin score-layers \
-    --example profile_scoring $SELFTEST )
+    --bin evaluate --example profile_scoring $SELFTEST )
 cargo build -q --release --bin search --bin manifest-to-md --bin preprocess --bin calib-extract
-strip -o .carry/bin/score-layers "$CUDA_TARGET/release/score-layers"
+for b in score-layers evaluate; do strip -o .carry/bin/$b "$CUDA_TARGET/release/$b"; done
 strip -o .carry/bin/profile_scoring "$CUDA_TARGET/release/examples/profile_scoring"
 if [ -n "$SELFTEST" ]; then strip -o .carry/bin/gpu_selftest "$CUDA_TARGET/release/examples/gpu_selftest"; fi
 for b in search manifest-to-md; do strip -o .carry/bin/$b target/release/$b; done
