@@ -1,0 +1,234 @@
+//! Sparse mixture-of-experts MLP of Qwen3-VL-MoE (HF `modeling_qwen3_vl_moe.py`:
+//! `Qwen3VLMoeTextSparseMoeBlock` = `Qwen3VLMoeTextTopKRouter` + `Qwen3VLMoeTextExperts`), on the
+//! released fused-expert tensors, with a hand-written backward.
+//!
+//! `p = softmax(x·Gᵀ)`, the top-k experts by `p` with weights `p_k / Σ p_k` (`norm_topk_prob`),
+//! `out = Σ_k w_k · (silu(x·GU[e]_gate) ⊙ x·GU[e]_up) · D[e]`. The (token, slot) pairs are
+//! grouped by expert (a counting sort), each expert runs its two matmuls on its contiguous group,
+//! and the weighted rows are added back per token: one pass over the experts, no per-token loop.
+
+use candle_core::{bail, Result, Tensor};
+
+use super::config::MoeShape;
+use super::fused;
+use super::ops::acc_dtype;
+
+/// HF `Qwen3VLMoeTextSparseMoeBlock`: router and experts of one decoder layer.
+#[derive(Debug)]
+pub struct SparseMoeBlock {
+    /// Router `mlp.gate.weight` `[E, H]`.
+    gate: Tensor,
+    /// `mlp.experts.gate_up_proj` `[E, H, 2I]`: `x · gate_up_proj[e]` = gate ‖ up.
+    gate_up_proj: Tensor,
+    /// `mlp.experts.down_proj` `[E, I, H]`.
+    down_proj: Tensor,
+    shape: MoeShape,
+}
+
+/// The router's choice for every token.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// `x · gateᵀ` `[L, E]`, model dtype (HF `router_logits`).
+    pub logits: Tensor,
+    /// Softmax over the experts `[L, E]`, accumulation dtype.
+    pub probs: Tensor,
+    /// Chosen experts `[L, k]` u32, by descending probability (ties: lower expert first).
+    pub ids: Tensor,
+    /// Mixing weights `[L, k]`, model dtype: the top-k probabilities, renormalised to sum 1 when
+    /// `norm_topk_prob`.
+    pub weights: Tensor,
+}
+
+/// The (token, slot) pairs grouped by expert.
+#[derive(Debug)]
+struct Dispatch {
+    /// Token of each grouped row, u32 `[L·k]`.
+    tokens: Tensor,
+    /// Pair `t·k + slot` of each grouped row, u32 `[L·k]`.
+    pair_of_row: Tensor,
+    /// Its inverse: grouped row of each pair, u32 `[L·k]`.
+    row_of_pair: Tensor,
+    /// `(expert, first row, rows)` of every expert that received a token, in expert order.
+    groups: Vec<(usize, usize, usize)>,
+}
+
+impl Dispatch {
+    /// Counting sort of the pairs by expert; within an expert, pairs stay in token order.
+    fn new(ids: &Tensor, experts: usize) -> Result<Self> {
+        let k = ids.dim(1)?;
+        let dev = ids.device();
+        let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let mut counts = vec![0usize; experts];
+        for &e in &ids {
+            match counts.get_mut(e as usize) {
+                Some(c) => *c += 1,
+                None => bail!("router chose expert {e} of {experts}"),
+            }
+        }
+        let mut next = vec![0usize; experts];
+        let mut groups = Vec::new();
+        let mut start = 0;
+        for (e, &n) in counts.iter().enumerate() {
+            next[e] = start;
+            if n > 0 {
+                groups.push((e, start, n));
+            }
+            start += n;
+        }
+        let pairs = ids.len();
+        let mut tokens = vec![0u32; pairs];
+        let mut pair_of_row = vec![0u32; pairs];
+        let mut row_of_pair = vec![0u32; pairs];
+        for (pair, &e) in ids.iter().enumerate() {
+            let row = next[e as usize];
+            next[e as usize] += 1;
+            tokens[row] = (pair / k) as u32;
+            pair_of_row[row] = pair as u32;
+            row_of_pair[pair] = row as u32;
+        }
+        Ok(Dispatch {
+            tokens: Tensor::from_vec(tokens, pairs, dev)?,
+            pair_of_row: Tensor::from_vec(pair_of_row, pairs, dev)?,
+            row_of_pair: Tensor::from_vec(row_of_pair, pairs, dev)?,
+            groups,
+        })
+    }
+}
+
+/// What [`SparseMoeBlock::backward`] needs from the forward.
+#[derive(Debug)]
+pub struct MoeSaved {
+    routing: Routing,
+    dispatch: Dispatch,
+    /// Mixing weight of each grouped row `[L·k]`, model dtype.
+    row_weights: Tensor,
+    /// Per group (as `dispatch.groups`): the gate and up halves `[n, I]` of `x · gate_up_proj[e]`.
+    gate_up: Vec<(Tensor, Tensor)>,
+    /// Expert outputs before mixing, grouped rows `[L·k, H]`.
+    expert_out: Tensor,
+}
+
+impl MoeSaved {
+    pub fn routing(&self) -> &Routing {
+        &self.routing
+    }
+}
+
+impl SparseMoeBlock {
+    /// `gate` `[E, H]`, `gate_up_proj` `[E, H, 2I]`, `down_proj` `[E, I, H]` (checked by the loader).
+    pub fn new(gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, shape: MoeShape) -> Result<Self> {
+        let (e, h) = gate.dims2()?;
+        let (e2, h2, i2) = gate_up_proj.dims3()?;
+        let (e3, i3, h3) = down_proj.dims3()?;
+        if shape.top_k == 0 || shape.top_k > shape.experts {
+            bail!("top-k {} must be between 1 and the {} experts", shape.top_k, shape.experts)
+        }
+        if [e, e2, e3] != [shape.experts; 3]
+            || h2 != h
+            || h3 != h
+            || i2 != 2 * shape.intermediate
+            || i3 != shape.intermediate
+        {
+            bail!(
+                "expert shapes gate {:?}, gate_up_proj {:?}, down_proj {:?} do not fit {} experts of width {}",
+                gate.dims(),
+                gate_up_proj.dims(),
+                down_proj.dims(),
+                shape.experts,
+                shape.intermediate
+            )
+        }
+        Ok(SparseMoeBlock { gate, gate_up_proj, down_proj, shape })
+    }
+
+    pub fn shape(&self) -> MoeShape {
+        self.shape
+    }
+
+    /// HF `Qwen3VLMoeTextTopKRouter`: softmax in the accumulation dtype, top-k, renormalise.
+    pub fn route(&self, x: &Tensor) -> Result<Routing> {
+        let (dt, acc) = (x.dtype(), acc_dtype(x.dtype()));
+        let logits = x.matmul(&self.gate.t()?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(acc)?)?;
+        // Stable descending sort: equal probabilities keep the lower expert first.
+        let ids = probs.arg_sort_last_dim(false)?.narrow(1, 0, self.shape.top_k)?.contiguous()?;
+        let top = probs.gather(&ids, 1)?;
+        let weights = if self.shape.norm_topk_prob { top.broadcast_div(&top.sum_keepdim(1)?)? } else { top };
+        Ok(Routing { logits, probs, ids, weights: weights.to_dtype(dt)? })
+    }
+
+    /// `x` `[L, H]` → `(out [L, H], routing, saved for backward when save)`.
+    pub fn forward(&self, x: &Tensor, save: bool) -> Result<(Tensor, Routing, Option<MoeSaved>)> {
+        let routing = self.route(x)?;
+        let dispatch = Dispatch::new(&routing.ids, self.shape.experts)?;
+        // 1. Gather: the token of every (token, slot) pair, grouped by expert, [L·k, H]
+        let xs = x.index_select(&dispatch.tokens, 0)?;
+        // 2. Each expert's SwiGLU on its group, then its down_proj
+        let mut outs = Vec::with_capacity(dispatch.groups.len());
+        let mut gate_up = Vec::new();
+        for (&(e, _, _), (g, u, act)) in dispatch.groups.iter().zip(self.swiglu_groups(&xs, &dispatch)?) {
+            outs.push(act.matmul(&self.down_proj.get(e)?)?); // [n, H]
+            if save {
+                gate_up.push((g, u));
+            }
+        }
+        let expert_out = Tensor::cat(&outs, 0)?;
+        // 3. Mix: weight every row and add it to its token (HF `index_add_`)
+        let row_weights = routing.weights.flatten_all()?.index_select(&dispatch.pair_of_row, 0)?;
+        let mixed = expert_out.broadcast_mul(&row_weights.unsqueeze(1)?)?;
+        let out = x.zeros_like()?.index_add(&dispatch.tokens, &mixed, 0)?;
+        let saved = save.then(|| MoeSaved { routing: routing.clone(), dispatch, row_weights, gate_up, expert_out });
+        Ok((out, routing, saved))
+    }
+
+    /// `(gate, up, silu(gate)·up)`, each `[n, I]`, of every group of grouped rows `xs` `[L·k, H]`.
+    fn swiglu_groups(&self, xs: &Tensor, dispatch: &Dispatch) -> Result<Vec<(Tensor, Tensor, Tensor)>> {
+        let i = self.shape.intermediate;
+        let mut out = Vec::with_capacity(dispatch.groups.len());
+        for &(e, start, n) in &dispatch.groups {
+            let gu = xs.narrow(0, start, n)?.matmul(&self.gate_up_proj.get(e)?)?; // [n, 2I]
+            let (g, u) = (gu.narrow(1, 0, i)?.contiguous()?, gu.narrow(1, i, i)?.contiguous()?);
+            let act = fused::swiglu(&g, &u)?;
+            out.push((g, u, act));
+        }
+        Ok(out)
+    }
+
+    /// ∂loss/∂x from ∂loss/∂out, through the experts and through the router's mixing weights
+    /// (the choice of experts is piecewise constant and has no gradient).
+    pub fn backward(&self, s: &MoeSaved, dout: &Tensor) -> Result<Tensor> {
+        let (dt, acc) = (dout.dtype(), acc_dtype(dout.dtype()));
+        let (l, k) = s.routing.ids.dims2()?;
+        let d = &s.dispatch;
+        // Experts: dy = w · dout per grouped row [L·k, H], back through down_proj, the SwiGLU and
+        // gate_up_proj
+        let dout_rows = dout.index_select(&d.tokens, 0)?;
+        let dy = dout_rows.broadcast_mul(&s.row_weights.unsqueeze(1)?)?;
+        let mut dxs = Vec::with_capacity(d.groups.len());
+        for (&(e, start, n), (g, u)) in d.groups.iter().zip(&s.gate_up) {
+            let dact = dy.narrow(0, start, n)?.matmul(&self.down_proj.get(e)?.t()?)?; // [n, I]
+            let (dg, du) = fused::swiglu_backward(g, u, &dact)?;
+            let dgu = Tensor::cat(&[dg, du], 1)?; // [n, 2I]
+            dxs.push(dgu.matmul(&self.gate_up_proj.get(e)?.t()?)?); // [n, H]
+        }
+        let dx_experts = dout.zeros_like()?.index_add(&d.tokens, &Tensor::cat(&dxs, 0)?, 0)?;
+        // Router: ∂/∂w of a pair = ⟨dout[token], expert output⟩, back to [L, k]
+        let dw_rows = (dout_rows.to_dtype(acc)? * s.expert_out.to_dtype(acc)?)?.sum(1)?;
+        let dw = dw_rows.index_select(&d.row_of_pair, 0)?.reshape((l, k))?;
+        let probs = &s.routing.probs;
+        let top = probs.gather(&s.routing.ids, 1)?;
+        // w = p/Σp ⇒ ∂/∂p_j = (dw_j − Σ_k w_k·dw_k) / Σp
+        let dtop = if self.shape.norm_topk_prob {
+            let sum = top.sum_keepdim(1)?;
+            let w = top.broadcast_div(&sum)?;
+            dw.broadcast_sub(&(&w * &dw)?.sum_keepdim(1)?)?.broadcast_div(&sum)?
+        } else {
+            dw
+        };
+        let dprobs = probs.zeros_like()?.scatter_add(&s.routing.ids, &dtop, 1)?; // [L, E]
+                                                                                 // Softmax: ∂/∂z = p ⊙ (dp − ⟨p, dp⟩)
+        let dlogits = (probs * dprobs.broadcast_sub(&(probs * &dprobs)?.sum_keepdim(1)?)?)?;
+        let dx_router = dlogits.to_dtype(dt)?.matmul(&self.gate)?;
+        dx_experts + dx_router
+    }
+}

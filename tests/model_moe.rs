@@ -1,0 +1,317 @@
+//! Qwen3-VL-MoE (issue 15) on the tiny mixture-of-experts checkpoint (`fixtures/qwen3-vl-moe-tiny`,
+//! released 30B-A3B layout) against HF transformers 5.24 (`fixtures/reference_moe`, f32, sdpa
+//! attention, grouped_mm experts):
+//!
+//! - every stored intermediate within 1e-5 relative error (‖Δ‖/‖ref‖) and 1e-4 max absolute
+//!   error, the experts HF chose, the loss within 1e-5 relative;
+//! - the hand-written backward through router and experts against central finite differences
+//!   (f64), for the whole model and for one MoE block alone.
+//!
+//! The near tie. HF's smallest gap between the 2nd and 3rd router probability is 2.3e-6 (sample
+//! 01, layer 2, position 50). The chosen experts are compared before any tensor after them, and
+//! the match must not be luck: at every position HF's gap must exceed twice our largest router
+//! probability error on that sample, so no rounding of ours could have picked another expert.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use qsens::model::qwen3_vl::{expected_layers, ForwardOptions, Keep, LogitsMode, Qwen3VL};
+use qsens::model::{LayerId, Linear, NoTap, Tap};
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
+use common::qwen::{errors, input_from_reference, reference_moe, MOE_TINY, SAMPLES};
+
+const REL: f64 = 1e-5;
+const ABS: f64 = 1e-4;
+/// Sparse layers of the fixture (`mlp_only_layers: [1]`).
+const MOE_LAYERS: [usize; 2] = [0, 2];
+
+fn f64s(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Row-wise softmax of `[L, E]` logits, in f64.
+fn softmax_rows(logits: &Tensor) -> Vec<Vec<f64>> {
+    let e = logits.dim(logits.rank() - 1).unwrap();
+    f64s(logits)
+        .chunks(e)
+        .map(|row| {
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let ex: Vec<f64> = row.iter().map(|z| (z - m).exp()).collect();
+            let s: f64 = ex.iter().sum();
+            ex.into_iter().map(|v| v / s).collect()
+        })
+        .collect()
+}
+
+/// Gap between the k-th and (k+1)-th largest probability of a row.
+fn topk_gap(p: &[f64], k: usize) -> f64 {
+    let mut sorted = p.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    sorted[k - 1] - sorted[k]
+}
+
+#[test]
+fn moe_matches_hf_reference_f32() {
+    let fx = fixtures_or_skip!();
+    let model = Qwen3VL::load(&fx.join(MOE_TINY), DType::F32, &Device::Cpu).unwrap();
+    let cfg = model.config().clone();
+    assert_eq!(model.num_parameters(), 9_987_072, "the README's parameter count");
+    assert_eq!(model.layers(), expected_layers(&cfg).as_slice());
+    // No quantizable Linear inside a sparse block; the dense layer keeps its three.
+    let names: Vec<&str> = model.layers().iter().map(|l| l.name.as_str()).collect();
+    assert!(!names.iter().any(|n| n.contains("layers.0.mlp") || n.contains("layers.2.mlp")), "{names:?}");
+    assert!(names.contains(&"model.language_model.layers.1.mlp.down_proj"));
+    assert_eq!(names.len(), 35);
+    let k = cfg.text_config.num_experts_per_tok.unwrap();
+
+    let mut failures = Vec::new();
+    let mut worst: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    let mut tightest = (f64::INFINITY, String::new());
+    for s in 0..SAMPLES {
+        let r = reference_moe(&fx, s);
+        let input = input_from_reference(&r);
+        let opts = ForwardOptions { logits: LogitsMode::All, keep: Keep::Nothing, trace: true };
+        let fwd = model.forward(&input, &mut NoTap, &opts).unwrap();
+        let tr = &fwd.trace;
+
+        // 1. The same experts, decided by more than our numerical error.
+        for i in MOE_LAYERS {
+            let ours_ids = tr[&format!("router_topk_ids_{i}")].to_dtype(DType::I64).unwrap();
+            let theirs_ids = &r[&format!("router_topk_ids_{i}")];
+            let ours_ids: Vec<i64> = ours_ids.flatten_all().unwrap().to_vec1().unwrap();
+            let theirs_ids: Vec<i64> = theirs_ids.flatten_all().unwrap().to_vec1().unwrap();
+            let differ: Vec<usize> = (0..ours_ids.len() / k)
+                .filter(|&t| ours_ids[t * k..(t + 1) * k] != theirs_ids[t * k..(t + 1) * k])
+                .collect();
+            assert!(differ.is_empty(), "sample {s} layer {i}: other experts at positions {differ:?}");
+            let ours_p = softmax_rows(&tr[&format!("router_logits_{i}")]);
+            let theirs_p = softmax_rows(&r[&format!("router_logits_{i}")]);
+            let p_err =
+                ours_p.iter().flatten().zip(theirs_p.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            let (pos, gap) =
+                theirs_p.iter().map(|p| topk_gap(p, k)).enumerate().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+            let ours_gap = topk_gap(&ours_p[pos], k);
+            eprintln!(
+                "sample {s} layer {i}: smallest HF gap {gap:.3e} at position {pos} (ours {ours_gap:.3e}), \
+                 max router prob error {p_err:.2e}"
+            );
+            assert!(gap > 2.0 * p_err, "sample {s} layer {i}: gap {gap:.3e} at {pos} within our error {p_err:.2e}");
+            if gap / p_err < tightest.0 {
+                tightest =
+                    (gap / p_err, format!("sample {s} layer {i} position {pos}: gap {gap:.3e}, error {p_err:.2e}"));
+            }
+            if s == 1 && i == 2 {
+                // The README's near tie is where it says, and ours falls the same way.
+                assert_eq!(pos, 50);
+                assert!((2.0e-6..2.5e-6).contains(&gap), "{gap}");
+                assert!(ours_gap > 0.0 && (ours_gap - gap).abs() < gap / 2.0, "ours {ours_gap} vs HF {gap}");
+            }
+        }
+
+        // 2. Every stored intermediate.
+        let mut check = |name: &str, ours: &Tensor, theirs: &Tensor| {
+            let theirs = theirs.reshape(ours.shape()).unwrap();
+            let (rel, abs) = errors(ours, &theirs);
+            let key = name.split('#').next().unwrap().to_string();
+            let w = worst.entry(key).or_insert((0.0, 0.0));
+            w.0 = w.0.max(rel);
+            w.1 = w.1.max(abs);
+            if !(rel <= REL && abs <= ABS) {
+                failures.push(format!("sample {s} {name}: rel {rel:.3e} abs {abs:.3e}"));
+            }
+        };
+        let mut names = vec!["vision_patch_embed".to_string(), "vision_block_in_0".to_string()];
+        names.extend((0..cfg.vision_config.depth - 1).map(|i| format!("vision_block_out_{i}")));
+        names.extend(["vision_last_hidden".to_string(), "image_embeds".to_string()]);
+        names.extend((0..cfg.vision_config.deepstack_visual_indexes.len()).map(|i| format!("deepstack_{i}")));
+        for i in 0..cfg.text_config.num_hidden_layers {
+            names.extend([format!("text_layer_in_{i}"), format!("mlp_in_{i}"), format!("mlp_out_{i}")]);
+        }
+        for i in MOE_LAYERS {
+            names.extend([format!("router_logits_{i}"), format!("router_topk_weights_{i}")]);
+        }
+        names.extend(["text_final_norm_in".to_string(), "text_final_hidden".to_string()]);
+        for name in &names {
+            let ours = tr.get(name).unwrap_or_else(|| panic!("trace lacks {name}"));
+            check(name, ours, &r[name]);
+        }
+        assert!(!tr.contains_key("router_logits_1"), "layer 1 is dense");
+        // Logits (untied lm_head): the stored columns and the log-sum-exp over the vocabulary.
+        let logits = fwd.logits.as_ref().unwrap();
+        let cols = r["logit_col_ids"].to_dtype(DType::U32).unwrap();
+        check("logits_cols", &logits.index_select(&cols, 1).unwrap(), &r["logits_cols"]);
+        let lse = logits.log_sum_exp(1).unwrap();
+        check("logsumexp", &lse, &r["logsumexp"]);
+        let labels = input.labels.as_ref().unwrap();
+        let (rows, tgts): (Vec<u32>, Vec<u32>) =
+            (1..labels.len()).filter(|&t| labels[t] != -100).map(|t| ((t - 1) as u32, labels[t] as u32)).unzip();
+        let n = rows.len();
+        let rows = Tensor::from_vec(rows, n, &Device::Cpu).unwrap();
+        let tgts = Tensor::from_vec(tgts, (n, 1), &Device::Cpu).unwrap();
+        let nll = (lse.index_select(&rows, 0).unwrap()
+            - logits.index_select(&rows, 0).unwrap().gather(&tgts, 1).unwrap().squeeze(1).unwrap())
+        .unwrap();
+        check("label_token_nll", &nll, &r["label_token_nll"]);
+        let loss = Tensor::new(fwd.loss.unwrap(), &Device::Cpu).unwrap();
+        check("loss", &loss, &r["loss"]);
+    }
+    eprintln!("worst over samples (rel, abs):");
+    for (name, (rel, abs)) in &worst {
+        eprintln!("  {name:24} {rel:.2e} {abs:.2e}");
+    }
+    eprintln!("tightest expert choice: {} (gap / error = {:.1})", tightest.1, tightest.0);
+    assert!(failures.is_empty(), "out of tolerance:\n{}", failures.join("\n"));
+}
+
+/// The block alone on HF's own `mlp_in`: no upstream error, so any difference is the block's.
+#[test]
+fn moe_block_on_hf_inputs_f32() {
+    let fx = fixtures_or_skip!();
+    let model = Qwen3VL::load(&fx.join(MOE_TINY), DType::F32, &Device::Cpu).unwrap();
+    assert!(model.moe_block(1).is_none(), "layer 1 is dense");
+    let mut worst = [0.0f64; 3];
+    for s in 0..SAMPLES {
+        let r = reference_moe(&fx, s);
+        for i in MOE_LAYERS {
+            let block = model.moe_block(i).unwrap();
+            let x = r[&format!("mlp_in_{i}")].squeeze(0).unwrap();
+            let (out, routing, _) = block.forward(&x, false).unwrap();
+            let ids = routing.ids.to_dtype(DType::I64).unwrap();
+            let their_ids = &r[&format!("router_topk_ids_{i}")];
+            assert_eq!(
+                ids.flatten_all().unwrap().to_vec1::<i64>().unwrap(),
+                their_ids.flatten_all().unwrap().to_vec1::<i64>().unwrap(),
+                "sample {s} layer {i}"
+            );
+            for (j, (ours, name)) in
+                [(&routing.logits, "router_logits"), (&routing.weights, "router_topk_weights"), (&out, "mlp_out")]
+                    .into_iter()
+                    .enumerate()
+            {
+                let theirs = r[&format!("{name}_{i}")].reshape(ours.shape()).unwrap();
+                let (rel, abs) = errors(ours, &theirs);
+                worst[j] = worst[j].max(abs);
+                assert!(rel <= REL && abs <= ABS, "sample {s} {name}_{i}: rel {rel:.3e} abs {abs:.3e}");
+            }
+            // Weights are a distribution over the chosen experts.
+            let sums = f64s(&routing.weights.sum(1).unwrap());
+            assert!(sums.iter().all(|v| (v - 1.0).abs() < 1e-6), "{sums:?}");
+        }
+    }
+    eprintln!(
+        "max |Δ| on HF inputs: router_logits {:.2e}, weights {:.2e}, mlp_out {:.2e}",
+        worst[0], worst[1], worst[2]
+    );
+}
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rand_distr::StandardNormal.sample(&mut rng)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn dot(a: &Tensor, b: &Tensor) -> f64 {
+    (a * b).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// One block, f64: ⟨∂⟨out, g⟩/∂x, u⟩ against the central difference along `u`.
+#[test]
+fn moe_block_backward_matches_finite_differences_f64() {
+    let fx = fixtures_or_skip!();
+    let model = Qwen3VL::load(&fx.join(MOE_TINY), DType::F64, &Device::Cpu).unwrap();
+    let r = reference_moe(&fx, 2);
+    for i in MOE_LAYERS {
+        let block = model.moe_block(i).unwrap();
+        let x = r[&format!("mlp_in_{i}")].squeeze(0).unwrap().to_dtype(DType::F64).unwrap();
+        let (out, routing, saved) = block.forward(&x, true).unwrap();
+        let g = randn(out.dims(), 10 + i as u64);
+        let dx = block.backward(saved.as_ref().unwrap(), &g).unwrap();
+        let eps = 1e-6;
+        for seed in 0..3u64 {
+            let u = randn(x.dims(), 100 * i as u64 + seed);
+            let f = |sign: f64| {
+                let xp = (&x + (&u * (sign * eps)).unwrap()).unwrap();
+                let (o, rt, _) = block.forward(&xp, false).unwrap();
+                // Finite differences only mean something where the choice of experts holds.
+                assert_eq!(
+                    f64s(&rt.ids.to_dtype(DType::F64).unwrap()),
+                    f64s(&routing.ids.to_dtype(DType::F64).unwrap())
+                );
+                dot(&o, &g)
+            };
+            let fd = (f(1.0) - f(-1.0)) / (2.0 * eps);
+            let analytic = dot(&dx, &u);
+            let rel = (fd - analytic).abs() / analytic.abs();
+            eprintln!("layer {i} direction {seed}: analytic {analytic:+.9e} fd {fd:+.9e} rel {rel:.2e}");
+            assert!(rel < 1e-6, "layer {i}: analytic {analytic} fd {fd} rel {rel}");
+        }
+    }
+}
+
+/// Adds `eps · dir` to one layer's output; records ∂loss/∂output of every layer.
+#[derive(Default)]
+struct Probe {
+    target: Option<(LayerId, f64, Tensor)>,
+    dy: std::collections::HashMap<LayerId, Tensor>,
+}
+
+impl Tap for Probe {
+    fn forward(&mut self, id: LayerId, linear: &Linear, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        match &self.target {
+            Some((t, eps, dir)) if *t == id => Ok(Some((linear.forward(x)? + (dir * *eps)?)?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn backward(&mut self, id: LayerId, _: &Linear, _: &Tensor, _: &Tensor, dy: &Tensor) -> candle_core::Result<()> {
+        self.dy.insert(id, dy.clone());
+        Ok(())
+    }
+}
+
+/// The whole model, f64: the gradient at layers before, between and after the sparse blocks
+/// (so through one or both of them) against central differences of the loss.
+#[test]
+fn backward_through_experts_matches_finite_differences_f64() {
+    let fx = fixtures_or_skip!();
+    let model = Qwen3VL::load(&fx.join(MOE_TINY), DType::F64, &Device::Cpu).unwrap();
+    let input = input_from_reference(&reference_moe(&fx, 2));
+    let opts = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Backward, trace: false };
+    let mut probe = Probe::default();
+    let fwd = model.forward(&input, &mut probe, &opts).unwrap();
+    model.backward(&fwd, &mut probe).unwrap();
+    assert_eq!(probe.dy.len(), model.layers().len(), "every layer once");
+    let plain = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Nothing, trace: false };
+    let names = [
+        "model.visual.blocks.0.attn.qkv",
+        "model.visual.deepstack_merger_list.0.linear_fc2",
+        "model.language_model.layers.0.self_attn.q_proj",
+        "model.language_model.layers.0.self_attn.o_proj",
+        "model.language_model.layers.1.mlp.down_proj",
+        "model.language_model.layers.2.self_attn.v_proj",
+    ];
+    let eps = 1e-5;
+    let mut failures = Vec::new();
+    for (seed, name) in names.iter().enumerate() {
+        let id = model.layer_id(name).unwrap();
+        let dy = &probe.dy[&id];
+        let u = randn(dy.dims(), seed as u64 + 1);
+        let analytic = dot(dy, &u);
+        let mut l = [0.0; 2];
+        for (j, sign) in [1.0, -1.0].into_iter().enumerate() {
+            let mut tap = Probe { target: Some((id, sign * eps, u.clone())), ..Default::default() };
+            let f = model.forward(&input, &mut tap, &plain).unwrap();
+            l[j] = f.loss_tensor().unwrap().to_scalar::<f64>().unwrap();
+        }
+        let fd = (l[0] - l[1]) / (2.0 * eps);
+        let rel = (fd - analytic).abs() / analytic.abs();
+        eprintln!("{name:50} <dy,u> {analytic:+.9e}  fd {fd:+.9e}  rel {rel:.2e}");
+        if rel.is_nan() || rel > 1e-5 {
+            failures.push(format!("{name}: analytic {analytic} fd {fd} rel {rel}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
