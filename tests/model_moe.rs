@@ -5,7 +5,9 @@
 //! - every stored intermediate within 1e-5 relative error (‖Δ‖/‖ref‖) and 1e-4 max absolute
 //!   error, the experts HF chose, the loss within 1e-5 relative;
 //! - the hand-written backward through router and experts against central finite differences
-//!   (f64), for the whole model and for one MoE block alone.
+//!   (f64), for the whole model and for one MoE block alone;
+//! - a checkpoint with a missing or misshapen expert tensor, or top-k > experts, refused with one
+//!   line naming the file and the fault, exit 2.
 //!
 //! The near tie. HF's smallest gap between the 2nd and 3rd router probability is 2.3e-6 (sample
 //! 01, layer 2, position 50). The chosen experts are compared before any tensor after them, and
@@ -13,6 +15,9 @@
 //! probability error on that sample, so no rounding of ours could have picked another expert.
 
 mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use candle_core::{DType, Device, Tensor};
 use qsens::model::qwen3_vl::{expected_layers, ForwardOptions, Keep, LogitsMode, Qwen3VL};
@@ -314,4 +319,113 @@ fn backward_through_experts_matches_finite_differences_f64() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn run_ok(bin: &str, args: &[&str]) {
+    let o = Command::new(bin).args(args).stdin(Stdio::null()).output().unwrap();
+    assert!(o.status.success(), "{bin} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A copy of the MoE checkpoint folder with `edit` applied to its tensors and `config` to its
+/// config.json.
+fn broken_checkpoint(
+    fx: &Path,
+    dir: &Path,
+    edit: impl Fn(&mut std::collections::HashMap<String, Tensor>),
+    config: impl Fn(&mut serde_json::Value),
+) -> PathBuf {
+    let src = fx.join(MOE_TINY);
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap();
+        if name != "model.safetensors" && name != "config.json" {
+            std::fs::copy(&p, dir.join(name)).unwrap();
+        }
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config(&mut cfg);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn bad_moe_checkpoints_are_refused_with_one_line() {
+    let fx = fixtures_or_skip!();
+    let tmp = tempfile::tempdir().unwrap();
+    // Valid inputs (one sample) so that the failure is the checkpoint's.
+    let db = tmp.path().join("calib.db");
+    let calib = tmp.path().join("calib.json");
+    let inputs = tmp.path().join("inputs.msgpack");
+    run_ok(
+        env!("CARGO_BIN_EXE_calib-extract"),
+        &["-q", "--from-coco", s(&fx.join("coco/captions.json")), "--db", s(&db)],
+    );
+    let query = "SELECT sample_id, image_id, file_name, caption, split FROM samples WHERE image_id <= 1";
+    run_ok(
+        env!("CARGO_BIN_EXE_calib-extract"),
+        &["-q", "--db", s(&db), "--image-root", s(&fx.join("images")), "--query", query, "-o", s(&calib)],
+    );
+    let model = fx.join(MOE_TINY);
+    let pre = ["-q", "--calibration", s(&calib), "--model", s(&model), "--max-pixels", "262144", "-o", s(&inputs)];
+    run_ok(env!("CARGO_BIN_EXE_preprocess"), &pre);
+
+    let down = "model.language_model.layers.2.mlp.experts.down_proj";
+    let gate_up = "model.language_model.layers.0.mlp.experts.gate_up_proj";
+    let cases: Vec<(&str, PathBuf, Vec<&str>)> = vec![
+        (
+            "missing expert tensor",
+            broken_checkpoint(&fx, &tmp.path().join("missing"), |t| drop(t.remove(down)), |_| {}),
+            vec![down, "model.safetensors", "missing"],
+        ),
+        (
+            // transformers' in-memory layout [E, 2I, H] instead of the released [E, H, 2I]
+            "transposed experts",
+            broken_checkpoint(
+                &fx,
+                &tmp.path().join("transposed"),
+                |t| {
+                    let w = t[gate_up].transpose(1, 2).unwrap().contiguous().unwrap();
+                    t.insert(gate_up.to_string(), w);
+                },
+                |_| {},
+            ),
+            vec![gate_up, "model.safetensors", "[8, 96, 32]", "[8, 32, 96]"],
+        ),
+        (
+            "top-k > experts",
+            broken_checkpoint(
+                &fx,
+                &tmp.path().join("topk"),
+                |_| {},
+                |c| c["text_config"]["num_experts_per_tok"] = serde_json::json!(9),
+            ),
+            vec!["config.json", "num_experts_per_tok = 9 exceeds num_experts = 8"],
+        ),
+    ];
+    for (what, dir, needles) in cases {
+        let out = tmp.path().join("scores.msgpack");
+        let o = Command::new(env!("CARGO_BIN_EXE_score-layers"))
+            .args(["--model", s(&dir), "--inputs", s(&inputs), "-o", s(&out)])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        eprintln!("{what}: {}", err.trim_end());
+        assert_eq!(o.status.code(), Some(2), "{what}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{what}: one line: {err}");
+        assert!(err.starts_with("score-layers: "), "{what}: {err}");
+        for needle in needles {
+            assert!(err.contains(needle), "{what}: `{needle}` not in: {err}");
+        }
+        assert!(!out.exists(), "{what}: nothing written");
+    }
 }
