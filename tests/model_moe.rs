@@ -429,3 +429,66 @@ fn bad_moe_checkpoints_are_refused_with_one_line() {
         assert!(!out.exists(), "{what}: nothing written");
     }
 }
+
+/// FP8 calibration of the fused experts against ModelOpt 0.47 (`modelopt_moe/autoquant_gradient.json`,
+/// `calibrated_amax_per_recipe`, the 4 reference samples): one input amax per projection per layer,
+/// one weight amax per expert (gate and up share it), experts no token reached included.
+#[test]
+fn experts_amax_match_modelopt() {
+    let fx = fixtures_or_skip!();
+    let model = Qwen3VL::load(&fx.join(MOE_TINY), DType::F32, &Device::Cpu).unwrap();
+    let path = fx.join("modelopt_moe/autoquant_gradient.json");
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cal = &run["calibrated_amax_per_recipe"]["FP8_DEFAULT_CFG(effective-bits: 8.0)"];
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("reference_moe/index.json")).unwrap()).unwrap();
+
+    let mut amax: Vec<_> = MOE_LAYERS.iter().map(|&i| model.moe_block(i).unwrap().weight_amax().unwrap()).collect();
+    let opts = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: true };
+    for s in 0..SAMPLES {
+        let input = input_from_reference(&reference_moe(&fx, s));
+        let fwd = model.forward(&input, &mut NoTap, &opts).unwrap();
+        for (a, &i) in amax.iter_mut().zip(&MOE_LAYERS) {
+            model.moe_block(i).unwrap().observe(&fwd.trace[&format!("mlp_in_{i}")], a).unwrap();
+        }
+    }
+    let mut worst = (0.0f64, String::new());
+    let mut check = |name: String, ours: f32| {
+        let theirs = cal[&name].as_f64().unwrap_or_else(|| panic!("{name} not in {}", path.display()));
+        let rel = (ours as f64 - theirs).abs() / theirs;
+        if rel > worst.0 {
+            worst = (rel, name.clone());
+        }
+        assert!(rel <= 1e-6, "{name}: ours {ours} ModelOpt {theirs} rel {rel:.2e}");
+    };
+    for (a, &i) in amax.iter().zip(&MOE_LAYERS) {
+        let p = format!("model.language_model.layers.{i}.mlp.experts");
+        check(format!("{p}.gate_up_proj_input_quantizer"), a.gate_up_input);
+        check(format!("{p}.down_proj_input_quantizer"), a.down_input);
+        for e in 0..8 {
+            check(format!("{p}.gate_up_proj_weight_quantizers.{e}"), a.gate_up_weight[e]);
+            check(format!("{p}.down_proj_weight_quantizers.{e}"), a.down_weight[e]);
+        }
+        // Token slots per expert = HF's routing counts summed over the samples.
+        let hf: Vec<u64> = (0..8)
+            .map(|e| {
+                index["samples"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s["expert_token_counts"][i.to_string()][e].as_u64().unwrap())
+                    .sum()
+            })
+            .collect();
+        assert_eq!(a.tokens_routed, hf, "layer {i}");
+    }
+    assert_eq!(amax[0].tokens_routed[4], 3, "the README's nearly idle expert");
+    // An expert no token reaches still has its weight amax: layer 2, expert 3 on sample 01 alone.
+    let block = model.moe_block(2).unwrap();
+    let mut one = block.weight_amax().unwrap();
+    let fwd = model.forward(&input_from_reference(&reference_moe(&fx, 1)), &mut NoTap, &opts).unwrap();
+    block.observe(&fwd.trace["mlp_in_2"], &mut one).unwrap();
+    assert_eq!(one.tokens_routed[3], 0);
+    assert_eq!((one.gate_up_weight[3], one.down_weight[3]), (amax[1].gate_up_weight[3], amax[1].down_weight[3]));
+    eprintln!("worst amax: {} rel {:.2e}", worst.1, worst.0);
+}

@@ -95,6 +95,20 @@ impl Dispatch {
     }
 }
 
+/// FP8 calibration of one layer's experts as ModelOpt 0.47 does it (`_QuantFusedExperts`): one
+/// input amax per projection shared by all experts, one weight amax per expert and projection
+/// (gate and up share one: the max over the whole `[H, 2I]` slice).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertsAmax {
+    pub gate_up_input: f32,
+    pub down_input: f32,
+    /// Per expert.
+    pub gate_up_weight: Vec<f32>,
+    pub down_weight: Vec<f32>,
+    /// (token, slot) pairs routed to each expert while observing.
+    pub tokens_routed: Vec<u64>,
+}
+
 /// What [`SparseMoeBlock::backward`] needs from the forward.
 #[derive(Debug)]
 pub struct MoeSaved {
@@ -192,6 +206,37 @@ impl SparseMoeBlock {
             out.push((g, u, act));
         }
         Ok(out)
+    }
+
+    /// Weight amax of every expert, as ModelOpt's `weight_only_quantize` gives them before any
+    /// token is seen (so an expert no token reaches still has one); input amax 0.
+    pub fn weight_amax(&self) -> Result<ExpertsAmax> {
+        let per_expert = |w: &Tensor| -> Result<Vec<f32>> {
+            w.abs()?.flatten_from(1)?.max(1)?.to_dtype(candle_core::DType::F32)?.to_vec1()
+        };
+        Ok(ExpertsAmax {
+            gate_up_input: 0.0,
+            down_input: 0.0,
+            gate_up_weight: per_expert(&self.gate_up_proj)?,
+            down_weight: per_expert(&self.down_proj)?,
+            tokens_routed: vec![0; self.shape.experts],
+        })
+    }
+
+    /// Folds one sample's block input `x` `[L, H]` into the input amax: gate_up sees every token,
+    /// down_proj every routed (token, expert) pair before its mixing weight.
+    pub fn observe(&self, x: &Tensor, amax: &mut ExpertsAmax) -> Result<()> {
+        let f32_max =
+            |t: &Tensor| -> Result<f32> { t.abs()?.max_all()?.to_dtype(candle_core::DType::F32)?.to_scalar() };
+        amax.gate_up_input = amax.gate_up_input.max(f32_max(x)?);
+        let routing = self.route(x)?;
+        let dispatch = Dispatch::new(&routing.ids, self.shape.experts)?;
+        let xs = x.index_select(&dispatch.tokens, 0)?;
+        for (&(e, _, n), (_, _, act)) in dispatch.groups.iter().zip(self.swiglu_groups(&xs, &dispatch)?) {
+            amax.down_input = amax.down_input.max(f32_max(&act)?);
+            amax.tokens_routed[e] += n as u64;
+        }
+        Ok(())
     }
 
     /// ∂loss/∂x from ∂loss/∂out, through the experts and through the router's mixing weights
