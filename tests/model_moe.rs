@@ -20,8 +20,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use candle_core::{DType, Device, Tensor};
+use qsens::model::qwen3_vl::moe::{ExpertsAmax, SparseMoeBlock};
 use qsens::model::qwen3_vl::{expected_layers, ForwardOptions, Keep, LogitsMode, Qwen3VL};
 use qsens::model::{LayerId, Linear, NoTap, Tap};
+use qsens::quant::sensitivity::gradient_score;
+use qsens::quant::Fp8PerTensor;
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
@@ -430,6 +433,20 @@ fn bad_moe_checkpoints_are_refused_with_one_line() {
     }
 }
 
+/// The experts' FP8 calibration (weights, then the 4 reference samples), per sparse layer.
+fn calibrate_experts(fx: &Path, model: &Qwen3VL) -> Vec<ExpertsAmax> {
+    let mut amax: Vec<_> = MOE_LAYERS.iter().map(|&i| model.moe_block(i).unwrap().weight_amax().unwrap()).collect();
+    let opts = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: true };
+    for s in 0..SAMPLES {
+        let input = input_from_reference(&reference_moe(fx, s));
+        let fwd = model.forward(&input, &mut NoTap, &opts).unwrap();
+        for (a, &i) in amax.iter_mut().zip(&MOE_LAYERS) {
+            model.moe_block(i).unwrap().observe(&fwd.trace[&format!("mlp_in_{i}")], a).unwrap();
+        }
+    }
+    amax
+}
+
 /// FP8 calibration of the fused experts against ModelOpt 0.47 (`modelopt_moe/autoquant_gradient.json`,
 /// `calibrated_amax_per_recipe`, the 4 reference samples): one input amax per projection per layer,
 /// one weight amax per expert (gate and up share it), experts no token reached included.
@@ -443,15 +460,8 @@ fn experts_amax_match_modelopt() {
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fx.join("reference_moe/index.json")).unwrap()).unwrap();
 
-    let mut amax: Vec<_> = MOE_LAYERS.iter().map(|&i| model.moe_block(i).unwrap().weight_amax().unwrap()).collect();
+    let amax = calibrate_experts(&fx, &model);
     let opts = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: true };
-    for s in 0..SAMPLES {
-        let input = input_from_reference(&reference_moe(&fx, s));
-        let fwd = model.forward(&input, &mut NoTap, &opts).unwrap();
-        for (a, &i) in amax.iter_mut().zip(&MOE_LAYERS) {
-            model.moe_block(i).unwrap().observe(&fwd.trace[&format!("mlp_in_{i}")], a).unwrap();
-        }
-    }
     let mut worst = (0.0f64, String::new());
     let mut check = |name: String, ours: f32| {
         let theirs = cal[&name].as_f64().unwrap_or_else(|| panic!("{name} not in {}", path.display()));
@@ -491,4 +501,52 @@ fn experts_amax_match_modelopt() {
     assert_eq!(one.tokens_routed[3], 0);
     assert_eq!((one.gate_up_weight[3], one.down_weight[3]), (amax[1].gate_up_weight[3], amax[1].down_weight[3]));
     eprintln!("worst amax: {} rel {:.2e}", worst.1, worst.0);
+}
+
+/// ModelOpt's gradient score of each layer's experts group (`modelopt_moe/autoquant_gradient.json`):
+/// `Σ (∂L/∂Y ⊙ (Y_fp8 − Y))²` on the whole block's output `Y` (already routing-weighted), with
+/// only that block's experts fake-quantized and the router on the unquantized input.
+#[test]
+fn experts_gradient_scores_match_modelopt() {
+    struct ExpertScores<'a> {
+        amax: &'a [ExpertsAmax],
+        scores: std::collections::BTreeMap<usize, f64>,
+    }
+    impl Tap for ExpertScores<'_> {
+        fn moe_backward(
+            &mut self,
+            block: &SparseMoeBlock,
+            x: &Tensor,
+            y: &Tensor,
+            dy: &Tensor,
+        ) -> candle_core::Result<()> {
+            let slot = MOE_LAYERS.iter().position(|&i| i == block.layer()).unwrap();
+            let yq = block.forward_quantized(x, &Fp8PerTensor, &self.amax[slot])?;
+            let score = gradient_score(dy, y, &yq)?.to_scalar::<f32>()?;
+            *self.scores.entry(block.layer()).or_default() += score as f64;
+            Ok(())
+        }
+    }
+    let fx = fixtures_or_skip!();
+    let model = Qwen3VL::load(&fx.join(MOE_TINY), DType::F32, &Device::Cpu).unwrap();
+    let amax = calibrate_experts(&fx, &model);
+    let mut tap = ExpertScores { amax: &amax, scores: Default::default() };
+    let opts = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Backward, trace: false };
+    for s in 0..SAMPLES {
+        let input = input_from_reference(&reference_moe(&fx, s));
+        let fwd = model.forward(&input, &mut tap, &opts).unwrap();
+        model.backward(&fwd, &mut tap).unwrap();
+    }
+    let path = fx.join("modelopt_moe/autoquant_gradient.json");
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for i in MOE_LAYERS {
+        let name = format!("model.language_model.layers.{i}.mlp.experts");
+        let group = run["groups"].as_array().unwrap().iter().find(|g| g["group"] == name.as_str()).unwrap();
+        assert_eq!(group["formats"][0], "FP8_DEFAULT_CFG(effective-bits: 8.0)");
+        let theirs = group["scores"][0].as_f64().unwrap();
+        let ours = tap.scores[&i];
+        let rel = (ours - theirs).abs() / theirs;
+        eprintln!("{name}: ours {ours:.6e} ModelOpt {theirs:.6e} rel {rel:.2e}");
+        assert!(rel <= 0.05, "{name}: ours {ours} ModelOpt {theirs} rel {rel}");
+    }
 }

@@ -444,7 +444,7 @@ impl Qwen3VL {
                     // Released fused layout, no `.weight`: x · gate_up_proj[e] = gate ‖ up.
                     let gate_up = wr.get(&format!("{p}.mlp.experts.gate_up_proj"), &[e, d, 2 * mi])?;
                     let down = wr.get(&format!("{p}.mlp.experts.down_proj"), &[e, mi, d])?;
-                    Mlp::Sparse(SparseMoeBlock::new(gate, gate_up, down, shape)?)
+                    Mlp::Sparse(SparseMoeBlock::new(i, gate, gate_up, down, shape)?)
                 }
                 None => {
                     let mi = t.intermediate_size;

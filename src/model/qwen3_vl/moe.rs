@@ -12,6 +12,7 @@ use candle_core::{bail, Result, Tensor};
 use super::config::MoeShape;
 use super::fused;
 use super::ops::acc_dtype;
+use crate::quant::{Format, WeightStats};
 
 /// HF `Qwen3VLMoeTextSparseMoeBlock`: router and experts of one decoder layer.
 #[derive(Debug)]
@@ -23,6 +24,8 @@ pub struct SparseMoeBlock {
     /// `mlp.experts.down_proj` `[E, I, H]`.
     down_proj: Tensor,
     shape: MoeShape,
+    /// Index of the decoder layer this block belongs to.
+    layer: usize,
 }
 
 /// The router's choice for every token.
@@ -112,6 +115,9 @@ pub struct ExpertsAmax {
 /// What [`SparseMoeBlock::backward`] needs from the forward.
 #[derive(Debug)]
 pub struct MoeSaved {
+    /// Block input and plain output `[L, H]`.
+    x: Tensor,
+    out: Tensor,
     routing: Routing,
     dispatch: Dispatch,
     /// Mixing weight of each grouped row `[L·k]`, model dtype.
@@ -126,11 +132,20 @@ impl MoeSaved {
     pub fn routing(&self) -> &Routing {
         &self.routing
     }
+
+    pub fn input(&self) -> &Tensor {
+        &self.x
+    }
+
+    pub fn output(&self) -> &Tensor {
+        &self.out
+    }
 }
 
 impl SparseMoeBlock {
-    /// `gate` `[E, H]`, `gate_up_proj` `[E, H, 2I]`, `down_proj` `[E, I, H]` (checked by the loader).
-    pub fn new(gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, shape: MoeShape) -> Result<Self> {
+    /// Decoder layer `layer`'s block: `gate` `[E, H]`, `gate_up_proj` `[E, H, 2I]`, `down_proj`
+    /// `[E, I, H]`.
+    pub fn new(layer: usize, gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, shape: MoeShape) -> Result<Self> {
         let (e, h) = gate.dims2()?;
         let (e2, h2, i2) = gate_up_proj.dims3()?;
         let (e3, i3, h3) = down_proj.dims3()?;
@@ -152,11 +167,16 @@ impl SparseMoeBlock {
                 shape.intermediate
             )
         }
-        Ok(SparseMoeBlock { gate, gate_up_proj, down_proj, shape })
+        Ok(SparseMoeBlock { gate, gate_up_proj, down_proj, shape, layer })
     }
 
     pub fn shape(&self) -> MoeShape {
         self.shape
+    }
+
+    /// The decoder layer this block belongs to.
+    pub fn layer(&self) -> usize {
+        self.layer
     }
 
     /// HF `Qwen3VLMoeTextTopKRouter`: softmax in the accumulation dtype, top-k, renormalise.
@@ -191,7 +211,15 @@ impl SparseMoeBlock {
         let row_weights = routing.weights.flatten_all()?.index_select(&dispatch.pair_of_row, 0)?;
         let mixed = expert_out.broadcast_mul(&row_weights.unsqueeze(1)?)?;
         let out = x.zeros_like()?.index_add(&dispatch.tokens, &mixed, 0)?;
-        let saved = save.then(|| MoeSaved { routing: routing.clone(), dispatch, row_weights, gate_up, expert_out });
+        let saved = save.then(|| MoeSaved {
+            x: x.clone(),
+            out: out.clone(),
+            routing: routing.clone(),
+            dispatch,
+            row_weights,
+            gate_up,
+            expert_out,
+        });
         Ok((out, routing, saved))
     }
 
@@ -237,6 +265,29 @@ impl SparseMoeBlock {
             amax.tokens_routed[e] += n as u64;
         }
         Ok(())
+    }
+
+    /// The block's output with its experts quantized as ModelOpt's `_QuantFusedExperts` does:
+    /// each projection's input with the layer's shared input amax, each expert's weights with
+    /// their own amax (gate and up together). The router is never quantized: it routes on `x`.
+    pub fn forward_quantized(&self, x: &Tensor, format: &dyn Format, amax: &ExpertsAmax) -> Result<Tensor> {
+        let i = self.shape.intermediate;
+        let routing = self.route(x)?;
+        let dispatch = Dispatch::new(&routing.ids, self.shape.experts)?;
+        let xs = format.quantize_input(&x.index_select(&dispatch.tokens, 0)?, amax.gate_up_input)?;
+        let mut outs = Vec::with_capacity(dispatch.groups.len());
+        for &(e, start, n) in &dispatch.groups {
+            let weight = |w: &Tensor, amax: f32| format.quantize_weight(w, &WeightStats { amax });
+            let gate_up = weight(&self.gate_up_proj.get(e)?, amax.gate_up_weight[e])?;
+            let gu = xs.narrow(0, start, n)?.matmul(&gate_up)?; // [n, 2I]
+            let act = fused::swiglu(&gu.narrow(1, 0, i)?.contiguous()?, &gu.narrow(1, i, i)?.contiguous()?)?;
+            let down = weight(&self.down_proj.get(e)?, amax.down_weight[e])?;
+            outs.push(format.quantize_input(&act, amax.down_input)?.matmul(&down)?);
+            // [n, H]
+        }
+        let row_weights = routing.weights.flatten_all()?.index_select(&dispatch.pair_of_row, 0)?;
+        let mixed = Tensor::cat(&outs, 0)?.broadcast_mul(&row_weights.unsqueeze(1)?)?;
+        x.zeros_like()?.index_add(&dispatch.tokens, &mixed, 0)
     }
 
     /// ∂loss/∂x from ∂loss/∂out, through the experts and through the router's mixing weights

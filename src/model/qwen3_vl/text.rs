@@ -178,6 +178,7 @@ impl DecoderLayer {
                 self.post_attention_layernorm.backward_add(&s.h_mid, &s.r2, &[&dn2_up, &dn2_gate], dout)?
             }
             (Mlp::Sparse(moe), MlpSaved::Sparse(saved)) => {
+                tap.moe_backward(moe, saved.input(), saved.output(), dout)?;
                 let dn2 = moe.backward(saved, dout)?;
                 self.post_attention_layernorm.backward_add(&s.h_mid, &s.r2, &[&dn2], dout)?
             }
