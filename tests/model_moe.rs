@@ -25,6 +25,7 @@ use qsens::model::qwen3_vl::{expected_layers, ForwardOptions, Keep, LogitsMode, 
 use qsens::model::{LayerId, Linear, NoTap, Tap};
 use qsens::quant::sensitivity::gradient_score;
 use qsens::quant::Fp8PerTensor;
+use qsens::score::kl::KlBase;
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
@@ -548,5 +549,48 @@ fn experts_gradient_scores_match_modelopt() {
         let rel = (ours - theirs).abs() / theirs;
         eprintln!("{name}: ours {ours:.6e} ModelOpt {theirs:.6e} rel {rel:.2e}");
         assert!(rel <= 0.05, "{name}: ours {ours} ModelOpt {theirs} rel {rel}");
+    }
+}
+
+/// ModelOpt's kl_div score of each layer's experts group (`modelopt_moe/autoquant_kl_div.json`):
+/// `Σ_positions KL(P ‖ Q)` with only that block's experts fake-quantized, summed over the samples.
+#[test]
+fn experts_kl_scores_match_modelopt() {
+    struct QuantizeExperts<'a> {
+        layer: usize,
+        amax: &'a ExpertsAmax,
+    }
+    impl Tap for QuantizeExperts<'_> {
+        fn moe_forward(&mut self, block: &SparseMoeBlock, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+            if block.layer() != self.layer {
+                return Ok(None);
+            }
+            block.forward_quantized(x, &Fp8PerTensor, self.amax).map(Some)
+        }
+    }
+    let fx = fixtures_or_skip!();
+    let model = Qwen3VL::load(&fx.join(MOE_TINY), DType::F32, &Device::Cpu).unwrap();
+    let amax = calibrate_experts(&fx, &model);
+    let opts = ForwardOptions { logits: LogitsMode::All, keep: Keep::Nothing, trace: false };
+    let mut ours = [0.0f64; 2];
+    for s in 0..SAMPLES {
+        let input = input_from_reference(&reference_moe(&fx, s));
+        let base = model.forward(&input, &mut NoTap, &opts).unwrap().logits.unwrap();
+        let base = KlBase::new(&base).unwrap();
+        for (slot, &i) in MOE_LAYERS.iter().enumerate() {
+            let mut tap = QuantizeExperts { layer: i, amax: &amax[slot] };
+            let logits = model.forward(&input, &mut tap, &opts).unwrap().logits.unwrap();
+            ours[slot] += base.kl_sum(&logits).unwrap().to_scalar::<f64>().unwrap();
+        }
+    }
+    let path = fx.join("modelopt_moe/autoquant_kl_div.json");
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (slot, &i) in MOE_LAYERS.iter().enumerate() {
+        let name = format!("model.language_model.layers.{i}.mlp.experts");
+        let group = run["groups"].as_array().unwrap().iter().find(|g| g["group"] == name.as_str()).unwrap();
+        let theirs = group["scores"][0].as_f64().unwrap();
+        let rel = (ours[slot] - theirs).abs() / theirs;
+        eprintln!("{name}: ours {:.6e} ModelOpt {theirs:.6e} rel {rel:.2e}", ours[slot]);
+        assert!(rel <= 0.05, "{name}: ours {} ModelOpt {theirs} rel {rel}", ours[slot]);
     }
 }

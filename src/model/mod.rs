@@ -95,6 +95,12 @@ pub trait Tap {
         Ok(())
     }
 
+    /// Forward of a sparse MoE block with input `x` `[L, hidden]`. Return `Some(y)` to replace
+    /// the block's output (e.g. with its experts fake-quantized), `None` for the plain block.
+    fn moe_forward(&mut self, _block: &SparseMoeBlock, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// Backward of a sparse MoE block (router and fused experts, which are no [`Linear`]):
     /// `x` its input, `y` its plain output, `dy` = ∂loss/∂y, each `[L, hidden]`. Called in the
     /// same reverse order as [`Tap::backward`].

@@ -116,7 +116,8 @@ impl DecoderLayer {
                 (down, save.then_some(MlpSaved::Dense { gate, up, gate_y, up_y, act, down_y }))
             }
             Mlp::Sparse(moe) => {
-                let (down, routing, saved) = moe.forward(&n2, save)?;
+                let (plain, routing, saved) = moe.forward(&n2, save)?;
+                let down = tap.moe_forward(moe, &n2)?.unwrap_or(plain);
                 rec("router_logits", &routing.logits);
                 rec("router_topk_ids", &routing.ids);
                 rec("router_topk_weights", &routing.weights);
