@@ -594,3 +594,40 @@ fn experts_kl_scores_match_modelopt() {
         assert!(rel <= 0.05, "{name}: ours {} ModelOpt {theirs} rel {rel}", ours[slot]);
     }
 }
+
+/// Costs as ModelOpt counts them (`params × bits / 16 × cost weight`): every expert's weights in
+/// the layer's group, the router not at all; under `active_moe` the experts weigh top_k / E. The
+/// denominators of the lm_head-excluded runs under both cost models, and of the plain run.
+#[test]
+fn experts_costs_match_modelopt() {
+    let fx = fixtures_or_skip!();
+    let model = Qwen3VL::load(&fx.join(MOE_TINY), DType::F32, &Device::Cpu).unwrap();
+    let runs = [
+        ("autoquant_gradient.json", false, false),
+        ("autoquant_gradient_lmhead_cost_excluded.json", true, false),
+        ("autoquant_gradient_lmhead_cost_excluded_active_moe.json", true, true),
+    ];
+    for (file, lm_head_excluded, active_moe) in runs {
+        let path = fx.join("modelopt_moe").join(file);
+        let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let mut denominator = 0.0;
+        for layer in model.layers() {
+            if !(lm_head_excluded && layer.name == "lm_head") {
+                denominator += layer.params() as f64;
+            }
+        }
+        for i in MOE_LAYERS {
+            let block = model.moe_block(i).unwrap();
+            let weight = if active_moe { block.active_moe_cost_weight() } else { 1.0 };
+            let name = format!("model.language_model.layers.{i}.mlp.experts");
+            let group = run["groups"].as_array().unwrap().iter().find(|g| g["group"] == name.as_str()).unwrap();
+            let none_cost = block.expert_params() as f64 * weight;
+            assert_eq!(group["cost_weight"].as_f64().unwrap(), weight, "{file} {name}");
+            assert_eq!(group["uncompressed_cost"].as_f64().unwrap(), none_cost, "{file} {name}");
+            let costs: Vec<f64> = group["costs"].as_array().unwrap().iter().map(|c| c.as_f64().unwrap()).collect();
+            assert_eq!(costs, vec![none_cost * 8.0 / 16.0, none_cost], "{file} {name}");
+            denominator += none_cost;
+        }
+        assert_eq!(run["cost_denominator"].as_f64().unwrap(), denominator, "{file}");
+    }
+}

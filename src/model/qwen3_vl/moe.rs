@@ -174,6 +174,18 @@ impl SparseMoeBlock {
         self.shape
     }
 
+    /// Weights of all its experts, `E·(H·2I + I·H)`: ModelOpt's cost unit for the experts group
+    /// (`_get_module_weight_numel`; the router is never quantized and not counted).
+    pub fn expert_params(&self) -> u64 {
+        (self.gate_up_proj.elem_count() + self.down_proj.elem_count()) as u64
+    }
+
+    /// ModelOpt's `active_moe` cost weight of the experts group: only `top_k` of the `E` experts
+    /// run per token (`_auto_quantize_cost.py`).
+    pub fn active_moe_cost_weight(&self) -> f64 {
+        self.shape.top_k as f64 / self.shape.experts as f64
+    }
+
     /// The decoder layer this block belongs to.
     pub fn layer(&self) -> usize {
         self.layer
