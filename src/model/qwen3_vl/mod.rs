@@ -857,7 +857,12 @@ impl Qwen3VL {
                     if resume {
                         rc.text_h.push(h.clone());
                     }
-                    let mut rec_layer = |name: &str, t: &Tensor| rec(format!("{name}_{i}"), t);
+                    // Names only when tracing: a forward without a trace formats nothing.
+                    let mut rec_layer = |name: &str, t: &Tensor| {
+                        if trace {
+                            rec(format!("{name}_{i}"), t)
+                        }
+                    };
                     let (out, sv) = self.text.layers[i].forward(&h, &ts, reg, tap, save, &mut rec_layer)?;
                     h = out;
                     layers_saved.extend(sv);
