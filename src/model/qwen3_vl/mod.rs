@@ -235,7 +235,8 @@ struct ResumeCache {
     final_hidden: Option<Tensor>,
 }
 
-/// Every quantizable layer a config implies, in HF `named_modules()` order.
+/// Every quantizable layer a config implies, in HF `named_modules()` order. The router and experts
+/// of a sparse MoE layer are not among them (they are no `Linear`; see [`moe`]).
 pub fn expected_layers(cfg: &Config) -> Vec<LayerInfo> {
     let v = &cfg.vision_config;
     let t = &cfg.text_config;
