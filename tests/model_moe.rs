@@ -24,7 +24,10 @@ use qsens::model::qwen3_vl::moe::{ExpertsAmax, SparseMoeBlock};
 use qsens::model::qwen3_vl::{expected_layers, ForwardOptions, Keep, LogitsMode, Qwen3VL};
 use qsens::model::{LayerId, Linear, NoTap, Tap};
 use qsens::quant::sensitivity::gradient_score;
-use qsens::quant::Fp8PerTensor;
+use qsens::quant::{Format, Fp8PerTensor, GroupingRules};
+use qsens::report::evaluation::spearman;
+use qsens::score::calibrate::{weight_stats, AmaxTap};
+use qsens::score::gradient::{GradientTap, LayerQuant};
 use qsens::score::kl::KlBase;
 use rand::SeedableRng;
 use rand_distr::Distribution;
@@ -685,4 +688,113 @@ fn bf16_runs_forward_and_backward() {
         let name = &model.layers()[*id].name;
         assert!(rel.is_finite() && rel < 0.25, "{name}: bf16 dy rel error {rel}");
     }
+}
+
+/// Every group of the MoE model scored by ModelOpt's gradient method with the library's taps (the
+/// Linear layers by `score::gradient::GradientTap`, the experts by `Tap::moe_backward`), grouped
+/// by ModelOpt's default rules, against `modelopt_moe/autoquant_gradient.json`: the same 30 groups,
+/// Spearman ≥ 0.99 and median relative difference ≤ 5 % (the bars).
+#[test]
+fn all_groups_gradient_scores_match_modelopt() {
+    struct Both<'a> {
+        linears: GradientTap<'a>,
+        experts: &'a [ExpertsAmax],
+        expert_scores: std::collections::BTreeMap<usize, f64>,
+    }
+    impl Tap for Both<'_> {
+        fn backward(
+            &mut self,
+            id: LayerId,
+            linear: &Linear,
+            x: &Tensor,
+            y: &Tensor,
+            dy: &Tensor,
+        ) -> candle_core::Result<()> {
+            self.linears.backward(id, linear, x, y, dy)
+        }
+        fn moe_backward(
+            &mut self,
+            block: &SparseMoeBlock,
+            x: &Tensor,
+            y: &Tensor,
+            dy: &Tensor,
+        ) -> candle_core::Result<()> {
+            let slot = MOE_LAYERS.iter().position(|&i| i == block.layer()).unwrap();
+            let yq = block.forward_quantized(x, &Fp8PerTensor, &self.experts[slot])?;
+            let score = gradient_score(dy, y, &yq)?.to_scalar::<f32>()?;
+            *self.expert_scores.entry(block.layer()).or_default() += score as f64;
+            Ok(())
+        }
+    }
+    let fx = fixtures_or_skip!();
+    let model = Qwen3VL::load(&fx.join(MOE_TINY), DType::F32, &Device::Cpu).unwrap();
+    let n = model.layers().len();
+    // 1. Calibration: every Linear's input amax (AmaxTap) and the experts' (from the block inputs).
+    let mut amax_tap = AmaxTap::new(n, &Device::Cpu).unwrap();
+    let experts = {
+        let mut experts: Vec<_> =
+            MOE_LAYERS.iter().map(|&i| model.moe_block(i).unwrap().weight_amax().unwrap()).collect();
+        let opts = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: true };
+        for s in 0..SAMPLES {
+            let fwd = model.forward(&input_from_reference(&reference_moe(&fx, s)), &mut amax_tap, &opts).unwrap();
+            for (a, &i) in experts.iter_mut().zip(&MOE_LAYERS) {
+                model.moe_block(i).unwrap().observe(&fwd.trace[&format!("mlp_in_{i}")], a).unwrap();
+            }
+        }
+        experts
+    };
+    assert_eq!(experts, calibrate_experts(&fx, &model), "calibrating beside AmaxTap changes nothing");
+    let input_amax = amax_tap.finish().unwrap();
+    let linears: Vec<&Linear> = (0..n).map(|id| model.linear(id)).collect();
+    let stats = weight_stats(&linears).unwrap();
+    let formats: Vec<Box<dyn Format>> = vec![Box::new(Fp8PerTensor)];
+    let skip = vec![false; n];
+    let quant = LayerQuant {
+        formats: &formats,
+        input_amax: &input_amax,
+        weight_stats: &stats,
+        skip: &skip,
+        cached_weights: None,
+    };
+    // 2. Scores: one forward and one backward per sample.
+    let mut tap = Both { linears: GradientTap::new(&quant, n), experts: &experts, expert_scores: Default::default() };
+    let opts = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Backward, trace: false };
+    for s in 0..SAMPLES {
+        let input = input_from_reference(&reference_moe(&fx, s));
+        let fwd = model.forward(&input, &mut tap, &opts).unwrap();
+        model.backward(&fwd, &mut tap).unwrap();
+    }
+    let expert_scores = tap.expert_scores.clone();
+    let layer_scores = tap.linears.finish().unwrap();
+    // 3. Groups: ModelOpt's rules over the Linear layers, one group per layer's experts.
+    let names: Vec<&str> = model.layers().iter().map(|l| l.name.as_str()).collect();
+    let mut ours: std::collections::BTreeMap<String, f64> = GroupingRules::default()
+        .group(&names)
+        .into_iter()
+        .map(|g| (g.name, g.members.iter().map(|&m| layer_scores[m][0]).sum()))
+        .collect();
+    for (i, s) in expert_scores {
+        ours.insert(format!("model.language_model.layers.{i}.mlp.experts"), s);
+    }
+    let path = fx.join("modelopt_moe/autoquant_gradient.json");
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let theirs: std::collections::BTreeMap<String, f64> = run["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["group"].as_str().unwrap().to_string(), g["scores"][0].as_f64().unwrap()))
+        .collect();
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>(), "the same 30 groups");
+    assert_eq!(ours.len(), 30);
+    let (a, b): (Vec<f64>, Vec<f64>) = ours.values().zip(theirs.values()).map(|(x, y)| (*x, *y)).unzip();
+    let rho = spearman(&a, &b).unwrap();
+    let mut rel: Vec<f64> = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / y.abs()).collect();
+    rel.sort_by(|x, y| x.total_cmp(y));
+    let median = (rel[rel.len() / 2 - 1] + rel[rel.len() / 2]) / 2.0;
+    eprintln!(
+        "30 groups: Spearman {rho:.6}, median relative difference {median:.2e}, worst {:.2e}",
+        rel[rel.len() - 1]
+    );
+    assert!(rho >= 0.99, "Spearman {rho}");
+    assert!(median <= 0.05, "median relative difference {median}");
 }
