@@ -24,10 +24,11 @@ use qsens::model::qwen3_vl::moe::{ExpertsAmax, SparseMoeBlock};
 use qsens::model::qwen3_vl::{expected_layers, ForwardOptions, Keep, LogitsMode, Qwen3VL};
 use qsens::model::{LayerId, Linear, NoTap, Tap};
 use qsens::quant::sensitivity::gradient_score;
-use qsens::quant::{Format, Fp8PerTensor, GroupingRules};
+use qsens::quant::{Format, Fp8PerTensor, GroupingRules, WeightStats};
 use qsens::report::evaluation::spearman;
 use qsens::score::calibrate::{weight_stats, AmaxTap};
 use qsens::score::gradient::{GradientTap, LayerQuant};
+use qsens::score::kl::GroupQuantTap;
 use qsens::score::kl::KlBase;
 use rand::SeedableRng;
 use rand_distr::Distribution;
@@ -729,24 +730,7 @@ fn all_groups_gradient_scores_match_modelopt() {
     let fx = fixtures_or_skip!();
     let model = Qwen3VL::load(&fx.join(MOE_TINY), DType::F32, &Device::Cpu).unwrap();
     let n = model.layers().len();
-    // 1. Calibration: every Linear's input amax (AmaxTap) and the experts' (from the block inputs).
-    let mut amax_tap = AmaxTap::new(n, &Device::Cpu).unwrap();
-    let experts = {
-        let mut experts: Vec<_> =
-            MOE_LAYERS.iter().map(|&i| model.moe_block(i).unwrap().weight_amax().unwrap()).collect();
-        let opts = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: true };
-        for s in 0..SAMPLES {
-            let fwd = model.forward(&input_from_reference(&reference_moe(&fx, s)), &mut amax_tap, &opts).unwrap();
-            for (a, &i) in experts.iter_mut().zip(&MOE_LAYERS) {
-                model.moe_block(i).unwrap().observe(&fwd.trace[&format!("mlp_in_{i}")], a).unwrap();
-            }
-        }
-        experts
-    };
-    assert_eq!(experts, calibrate_experts(&fx, &model), "calibrating beside AmaxTap changes nothing");
-    let input_amax = amax_tap.finish().unwrap();
-    let linears: Vec<&Linear> = (0..n).map(|id| model.linear(id)).collect();
-    let stats = weight_stats(&linears).unwrap();
+    let (input_amax, stats, experts) = calibrate_all(&fx, &model);
     let formats: Vec<Box<dyn Format>> = vec![Box::new(Fp8PerTensor)];
     let skip = vec![false; n];
     let quant = LayerQuant {
@@ -776,7 +760,31 @@ fn all_groups_gradient_scores_match_modelopt() {
     for (i, s) in expert_scores {
         ours.insert(format!("model.language_model.layers.{i}.mlp.experts"), s);
     }
-    let path = fx.join("modelopt_moe/autoquant_gradient.json");
+    assert_close_to_modelopt(&fx, "autoquant_gradient.json", &ours);
+}
+
+/// Calibration of the whole MoE model: every Linear's input amax (`AmaxTap`) and weight
+/// statistics, and the experts' amax from the block inputs of the same forwards.
+fn calibrate_all(fx: &Path, model: &Qwen3VL) -> (Vec<f32>, Vec<WeightStats>, Vec<ExpertsAmax>) {
+    let n = model.layers().len();
+    let mut amax_tap = AmaxTap::new(n, &Device::Cpu).unwrap();
+    let mut experts: Vec<_> = MOE_LAYERS.iter().map(|&i| model.moe_block(i).unwrap().weight_amax().unwrap()).collect();
+    let opts = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: true };
+    for s in 0..SAMPLES {
+        let fwd = model.forward(&input_from_reference(&reference_moe(fx, s)), &mut amax_tap, &opts).unwrap();
+        for (a, &i) in experts.iter_mut().zip(&MOE_LAYERS) {
+            model.moe_block(i).unwrap().observe(&fwd.trace[&format!("mlp_in_{i}")], a).unwrap();
+        }
+    }
+    assert_eq!(experts, calibrate_experts(fx, model), "calibrating beside AmaxTap changes nothing");
+    let linears: Vec<&Linear> = (0..n).map(|id| model.linear(id)).collect();
+    (amax_tap.finish().unwrap(), weight_stats(&linears).unwrap(), experts)
+}
+
+/// Our FP8 group scores against a ModelOpt run's: the same 30 groups, Spearman ≥ 0.99, median
+/// relative difference ≤ 5 % (the bars).
+fn assert_close_to_modelopt(fx: &Path, file: &str, ours: &std::collections::BTreeMap<String, f64>) {
+    let path = fx.join("modelopt_moe").join(file);
     let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let theirs: std::collections::BTreeMap<String, f64> = run["groups"]
         .as_array()
@@ -784,17 +792,73 @@ fn all_groups_gradient_scores_match_modelopt() {
         .iter()
         .map(|g| (g["group"].as_str().unwrap().to_string(), g["scores"][0].as_f64().unwrap()))
         .collect();
-    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>(), "the same 30 groups");
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>(), "{file}: the same groups");
     assert_eq!(ours.len(), 30);
     let (a, b): (Vec<f64>, Vec<f64>) = ours.values().zip(theirs.values()).map(|(x, y)| (*x, *y)).unzip();
     let rho = spearman(&a, &b).unwrap();
     let mut rel: Vec<f64> = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / y.abs()).collect();
     rel.sort_by(|x, y| x.total_cmp(y));
     let median = (rel[rel.len() / 2 - 1] + rel[rel.len() / 2]) / 2.0;
-    eprintln!(
-        "30 groups: Spearman {rho:.6}, median relative difference {median:.2e}, worst {:.2e}",
-        rel[rel.len() - 1]
-    );
-    assert!(rho >= 0.99, "Spearman {rho}");
-    assert!(median <= 0.05, "median relative difference {median}");
+    eprintln!("{file}: 30 groups, Spearman {rho:.6}, median relative difference {median:.2e}, worst {:.2e}", rel[29]);
+    assert!(rho >= 0.99, "{file}: Spearman {rho}");
+    assert!(median <= 0.05, "{file}: median relative difference {median}");
+}
+
+/// The same 30 groups by ModelOpt's kl_div method: each group alone fake-quantized (the Linears by
+/// `score::kl::GroupQuantTap`, the experts by `Tap::moe_forward`), `Σ KL(P ‖ Q)` over all positions
+/// and samples, against `modelopt_moe/autoquant_kl_div.json`.
+#[test]
+fn all_groups_kl_scores_match_modelopt() {
+    struct QuantizeGroup<'a> {
+        linears: GroupQuantTap<'a>,
+        experts: Option<(usize, &'a ExpertsAmax)>,
+    }
+    impl Tap for QuantizeGroup<'_> {
+        fn forward(&mut self, id: LayerId, linear: &Linear, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+            self.linears.forward(id, linear, x)
+        }
+        fn moe_forward(&mut self, block: &SparseMoeBlock, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+            match self.experts {
+                Some((layer, amax)) if layer == block.layer() => {
+                    block.forward_quantized(x, &Fp8PerTensor, amax).map(Some)
+                }
+                _ => Ok(None),
+            }
+        }
+    }
+    let fx = fixtures_or_skip!();
+    let model = Qwen3VL::load(&fx.join(MOE_TINY), DType::F32, &Device::Cpu).unwrap();
+    let n = model.layers().len();
+    let (input_amax, stats, experts) = calibrate_all(&fx, &model);
+    let formats: Vec<Box<dyn Format>> = vec![Box::new(Fp8PerTensor)];
+    let skip = vec![false; n];
+    let quant = LayerQuant {
+        formats: &formats,
+        input_amax: &input_amax,
+        weight_stats: &stats,
+        skip: &skip,
+        cached_weights: None,
+    };
+    let names: Vec<&str> = model.layers().iter().map(|l| l.name.as_str()).collect();
+    let groups = GroupingRules::default().group(&names);
+    let mut ours: std::collections::BTreeMap<String, f64> = Default::default();
+    let opts = ForwardOptions { logits: LogitsMode::All, keep: Keep::Nothing, trace: false };
+    for s in 0..SAMPLES {
+        let input = input_from_reference(&reference_moe(&fx, s));
+        let base = KlBase::new(&model.forward(&input, &mut NoTap, &opts).unwrap().logits.unwrap()).unwrap();
+        let mut kl = |name: String, tap: &mut QuantizeGroup| {
+            let logits = model.forward(&input, tap, &opts).unwrap().logits.unwrap();
+            *ours.entry(name).or_default() += base.kl_sum(&logits).unwrap().to_scalar::<f64>().unwrap();
+        };
+        for g in &groups {
+            let linears = GroupQuantTap { quant: &quant, members: &g.members, format: 0 };
+            kl(g.name.clone(), &mut QuantizeGroup { linears, experts: None });
+        }
+        for (slot, &i) in MOE_LAYERS.iter().enumerate() {
+            let linears = GroupQuantTap { quant: &quant, members: &[], format: 0 };
+            let name = format!("model.language_model.layers.{i}.mlp.experts");
+            kl(name, &mut QuantizeGroup { linears, experts: Some((i, &experts[slot])) });
+        }
+    }
+    assert_close_to_modelopt(&fx, "autoquant_kl_div.json", &ours);
 }
