@@ -16,6 +16,8 @@ pub mod qwen3_vl;
 
 use candle_core::{Result, Tensor};
 
+use qwen3_vl::moe::SparseMoeBlock;
+
 pub use linear::Linear;
 
 /// Dense index of a quantizable layer.
@@ -90,6 +92,19 @@ pub trait Tap {
     /// Backward of layer `id`: `x` is the input it saw in the forward, `y` its plain output and
     /// `dy` = ∂loss/∂y (`[rows, out]`). Called once per layer per backward, in reverse order.
     fn backward(&mut self, _id: LayerId, _linear: &Linear, _x: &Tensor, _y: &Tensor, _dy: &Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    /// Forward of a sparse MoE block with input `x` `[L, hidden]`. Return `Some(y)` to replace
+    /// the block's output (e.g. with its experts fake-quantized), `None` for the plain block.
+    fn moe_forward(&mut self, _block: &SparseMoeBlock, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Backward of a sparse MoE block (router and fused experts, which are no [`Linear`]):
+    /// `x` its input, `y` its plain output, `dy` = ∂loss/∂y, each `[L, hidden]`. Called in the
+    /// same reverse order as [`Tap::backward`].
+    fn moe_backward(&mut self, _block: &SparseMoeBlock, _x: &Tensor, _y: &Tensor, _dy: &Tensor) -> Result<()> {
         Ok(())
     }
 }

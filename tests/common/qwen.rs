@@ -8,11 +8,22 @@ use candle_core::{DType, Device, Tensor};
 use qsens::model::qwen3_vl::Input;
 
 pub const TINY: &str = "qwen3-vl-tiny";
+/// The mixture-of-experts checkpoint (released Qwen3-VL-30B-A3B layout).
+pub const MOE_TINY: &str = "qwen3-vl-moe-tiny";
 pub const SAMPLES: usize = 4;
 
 /// Reference tensors of `reference/sample_{k:02}.safetensors`.
 pub fn reference(fixtures: &Path, k: usize) -> HashMap<String, Tensor> {
-    let path = fixtures.join(format!("reference/sample_{k:02}.safetensors"));
+    reference_in(fixtures, "reference", k)
+}
+
+/// Reference tensors of `reference_moe/sample_{k:02}.safetensors` (HF on [`MOE_TINY`]).
+pub fn reference_moe(fixtures: &Path, k: usize) -> HashMap<String, Tensor> {
+    reference_in(fixtures, "reference_moe", k)
+}
+
+fn reference_in(fixtures: &Path, folder: &str, k: usize) -> HashMap<String, Tensor> {
+    let path = fixtures.join(format!("{folder}/sample_{k:02}.safetensors"));
     candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 

@@ -4,6 +4,10 @@
 //! `text_config.rope_scaling {mrope_section, mrope_interleaved, rope_type}` + `text_config.rope_theta`
 //! and `torch_dtype`, and the transformers-5 layout with `text_config.rope_parameters {rope_theta,
 //! mrope_section, ...}` and `dtype`. Field names are the HF keys verbatim.
+//!
+//! The mixture-of-experts variant (`model_type: "qwen3_vl_moe"`, HF `configuration_qwen3_vl_moe.py`,
+//! e.g. Qwen3-VL-30B-A3B) adds the expert keys to `text_config`; transformers 5 spells
+//! `num_experts` as `num_local_experts`.
 
 use serde::Deserialize;
 
@@ -82,6 +86,29 @@ pub struct TextConfig {
     pub dtype: Option<String>,
     #[serde(default)]
     pub torch_dtype: Option<String>,
+    /// Experts per sparse MoE layer (MoE only).
+    #[serde(default, alias = "num_local_experts")]
+    pub num_experts: Option<usize>,
+    /// Experts each token is routed to (top-k; MoE only).
+    #[serde(default)]
+    pub num_experts_per_tok: Option<usize>,
+    /// Width of one expert's SwiGLU (MoE only); dense layers use `intermediate_size`.
+    #[serde(default)]
+    pub moe_intermediate_size: Option<usize>,
+    /// Every `decoder_sparse_step`-th layer is sparse (HF: `(i + 1) % step == 0`).
+    #[serde(default = "default_sparse_step")]
+    pub decoder_sparse_step: usize,
+    /// Layers that keep the dense MLP.
+    #[serde(default)]
+    pub mlp_only_layers: Vec<usize>,
+    /// Renormalise the top-k router probabilities to sum 1. transformers 5.24 does not read this
+    /// key and always renormalises; vLLM follows it. Released MoE configs say `true`.
+    #[serde(default)]
+    pub norm_topk_prob: Option<bool>,
+}
+
+fn default_sparse_step() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -182,6 +209,15 @@ impl TextConfig {
     }
 }
 
+/// Sizes of one sparse MoE layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeShape {
+    pub experts: usize,
+    pub top_k: usize,
+    pub intermediate: usize,
+    pub norm_topk_prob: bool,
+}
+
 impl VisionConfig {
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_heads
@@ -224,15 +260,44 @@ impl Config {
             .or(self.text_config.torch_dtype.as_deref())
     }
 
+    /// Whether this is the mixture-of-experts model (`qwen3_vl_moe`; without a `model_type`,
+    /// whether `text_config` names experts).
+    pub fn is_moe(&self) -> bool {
+        match self.model_type.as_deref() {
+            Some(mt) => mt == "qwen3_vl_moe",
+            None => self.text_config.num_experts.is_some_and(|e| e > 0),
+        }
+    }
+
+    /// The expert layout when decoder layer `i` is a sparse MoE block (HF
+    /// `Qwen3VLMoeTextDecoderLayer`: not in `mlp_only_layers`, experts > 0 and
+    /// `(i + 1) % decoder_sparse_step == 0`); `None` for a dense MLP.
+    pub fn moe_layer(&self, i: usize) -> Option<MoeShape> {
+        let t = &self.text_config;
+        let experts = t.num_experts.filter(|&e| e > 0 && self.is_moe())?;
+        if t.mlp_only_layers.contains(&i) || t.decoder_sparse_step == 0 || (i + 1) % t.decoder_sparse_step != 0 {
+            return None;
+        }
+        Some(MoeShape {
+            experts,
+            top_k: t.num_experts_per_tok?,
+            intermediate: t.moe_intermediate_size?,
+            norm_topk_prob: t.norm_topk_prob.unwrap_or(true),
+        })
+    }
+
     /// Refuses what this implementation does not reproduce, with a message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
         let t = &self.text_config;
         let v = &self.vision_config;
         self.validate_sizes()?;
         if let Some(mt) = self.model_type.as_deref() {
-            if mt != "qwen3_vl" {
-                return Err(format!("model_type `{mt}` is not supported (expected `qwen3_vl`)"));
+            if mt != "qwen3_vl" && mt != "qwen3_vl_moe" {
+                return Err(format!("model_type `{mt}` is not supported (expected `qwen3_vl` or `qwen3_vl_moe`)"));
             }
+        }
+        if self.is_moe() {
+            self.validate_moe()?;
         }
         if t.hidden_act != "silu" {
             return Err(format!("text_config.hidden_act `{}` is not supported (only `silu`)", t.hidden_act));
@@ -294,6 +359,33 @@ impl Config {
         sorted.dedup();
         if sorted.len() != v.deepstack_visual_indexes.len() {
             return Err(format!("deepstack_visual_indexes {:?} has duplicates", v.deepstack_visual_indexes));
+        }
+        Ok(())
+    }
+
+    /// The expert keys a sparse layer needs, in range; top-k at most the number of experts.
+    fn validate_moe(&self) -> Result<(), String> {
+        let t = &self.text_config;
+        let required = [
+            ("text_config.num_experts", t.num_experts),
+            ("text_config.num_experts_per_tok", t.num_experts_per_tok),
+            ("text_config.moe_intermediate_size", t.moe_intermediate_size),
+        ];
+        for (name, value) in required {
+            match value {
+                None => return Err(format!("{name} is missing (required for qwen3_vl_moe)")),
+                Some(v) if v == 0 || v > MAX_DIM => {
+                    return Err(format!("{name} = {v} is out of range (1 to {MAX_DIM})"))
+                }
+                Some(_) => {}
+            }
+        }
+        let (experts, top_k) = (t.num_experts.unwrap_or(0), t.num_experts_per_tok.unwrap_or(0));
+        if top_k > experts {
+            return Err(format!("text_config.num_experts_per_tok = {top_k} exceeds num_experts = {experts}"));
+        }
+        if t.decoder_sparse_step == 0 {
+            return Err("text_config.decoder_sparse_step = 0 is out of range (at least 1)".into());
         }
         Ok(())
     }
@@ -406,6 +498,101 @@ mod tests {
         "out_hidden_size": 64, "num_position_embeddings": 16, "deepstack_visual_indexes": [0]
       }
     }"#;
+
+    /// `qwen3-vl-moe-tiny/config.json` (the released Qwen3-VL-30B-A3B key tree, tiny sizes).
+    const RELEASED_MOE: &str = r#"{
+      "architectures": ["Qwen3VLMoeForConditionalGeneration"],
+      "image_token_id": 151655, "model_type": "qwen3_vl_moe",
+      "text_config": {
+        "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 151643,
+        "decoder_sparse_step": 1, "dtype": "float32", "eos_token_id": 151645, "head_dim": 32,
+        "hidden_act": "silu", "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 128,
+        "max_position_embeddings": 262144, "mlp_only_layers": [1], "model_type": "qwen3_vl_moe_text",
+        "moe_intermediate_size": 48, "norm_topk_prob": true, "num_attention_heads": 4,
+        "num_experts": 8, "num_experts_per_tok": 2, "num_hidden_layers": 3, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": {"mrope_interleaved": true, "mrope_section": [6, 5, 5], "rope_type": "default"},
+        "rope_theta": 5000000, "use_cache": true, "vocab_size": 151936
+      },
+      "tie_word_embeddings": false, "transformers_version": "5.24.0", "video_token_id": 151656,
+      "vision_config": {
+        "deepstack_visual_indexes": [0, 1], "depth": 3, "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": 32, "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 64,
+        "model_type": "qwen3_vl_moe", "num_heads": 2, "num_position_embeddings": 64,
+        "out_hidden_size": 32, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2
+      },
+      "vision_end_token_id": 151653, "vision_start_token_id": 151652
+    }"#;
+
+    /// transformers-5 spelling (as its `save_pretrained` writes it): `num_local_experts`,
+    /// `rope_parameters`, no `norm_topk_prob`, every other layer sparse.
+    const TF5_MOE: &str = r#"{
+      "model_type": "qwen3_vl_moe", "dtype": "bfloat16",
+      "text_config": {
+        "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 4,
+        "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1000, "decoder_sparse_step": 2,
+        "num_local_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 24,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                            "mrope_section": [6, 5, 5], "mrope_interleaved": true}
+      },
+      "vision_config": {
+        "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+        "out_hidden_size": 64, "num_position_embeddings": 16, "deepstack_visual_indexes": [0]
+      }
+    }"#;
+
+    #[test]
+    fn parses_released_moe_layout() {
+        let c = Config::from_json_str(RELEASED_MOE).unwrap();
+        c.validate().unwrap();
+        assert!(c.is_moe());
+        assert!(!c.tie_word_embeddings());
+        assert_eq!(c.text_config.rope_theta(), 5_000_000.0);
+        assert_eq!(c.text_config.mrope_section(), vec![6, 5, 5]);
+        let sparse = MoeShape { experts: 8, top_k: 2, intermediate: 48, norm_topk_prob: true };
+        assert_eq!(c.moe_layer(0), Some(sparse));
+        assert_eq!(c.moe_layer(1), None, "mlp_only_layers keeps layer 1 dense");
+        assert_eq!(c.moe_layer(2), Some(sparse));
+    }
+
+    #[test]
+    fn parses_transformers5_moe_layout() {
+        let c = Config::from_json_str(TF5_MOE).unwrap();
+        c.validate().unwrap();
+        assert!(c.is_moe());
+        assert_eq!(c.text_config.rope_theta(), 1_000_000.0);
+        assert_eq!(c.text_config.num_experts, Some(16), "num_local_experts is num_experts");
+        let sparse = MoeShape { experts: 16, top_k: 4, intermediate: 24, norm_topk_prob: true };
+        let layers: Vec<_> = (0..4).map(|i| c.moe_layer(i)).collect();
+        assert_eq!(layers, vec![None, Some(sparse), None, Some(sparse)], "(i + 1) % decoder_sparse_step");
+        // The dense model never has experts, whatever its text_config says.
+        let dense = Config::from_json_str(&TF5_MOE.replace("qwen3_vl_moe", "qwen3_vl")).unwrap();
+        assert!(!dense.is_moe());
+        assert_eq!(dense.moe_layer(1), None);
+    }
+
+    #[test]
+    fn rejects_bad_moe_settings() {
+        let mut c = Config::from_json_str(RELEASED_MOE).unwrap();
+        c.text_config.num_experts_per_tok = Some(9);
+        assert_eq!(c.validate().unwrap_err(), "text_config.num_experts_per_tok = 9 exceeds num_experts = 8");
+
+        let mut c = Config::from_json_str(RELEASED_MOE).unwrap();
+        c.text_config.moe_intermediate_size = None;
+        assert!(c.validate().unwrap_err().contains("moe_intermediate_size is missing"));
+
+        let mut c = Config::from_json_str(RELEASED_MOE).unwrap();
+        c.text_config.num_experts = Some(0);
+        assert!(c.validate().unwrap_err().contains("num_experts = 0"));
+
+        let mut c = Config::from_json_str(RELEASED_MOE).unwrap();
+        c.text_config.decoder_sparse_step = 0;
+        assert!(c.validate().unwrap_err().contains("decoder_sparse_step"));
+
+        let mut c = Config::from_json_str(RELEASED_MOE).unwrap();
+        c.model_type = Some("qwen3_moe".into());
+        assert!(c.validate().unwrap_err().contains("qwen3_moe"));
+    }
 
     #[test]
     fn parses_released_layout() {

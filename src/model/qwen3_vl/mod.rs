@@ -10,6 +10,10 @@
 //! - [`Qwen3VL::forward_from`] recomputes only what depends on a given layer, from the activations
 //!   a [`Keep::Resume`] forward cached.
 //!
+//! The mixture-of-experts model (`qwen3_vl_moe`, e.g. Qwen3-VL-30B-A3B; HF
+//! `modeling_qwen3_vl_moe.py`) is the same graph with sparse MoE blocks ([`moe`]) in place of the
+//! MLP of its sparse layers and an untied `lm_head`.
+//!
 //! Numerics follow HF's dtype handling: norms, softmax and the loss in f32 (f64 for an f64 model),
 //! text cos/sin cast to the model dtype, vision q/k rotated in f32.
 
@@ -17,6 +21,7 @@ pub mod config;
 pub mod fused;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
+pub mod moe;
 pub mod ops;
 pub mod rope;
 pub mod text;
@@ -31,9 +36,10 @@ pub use config::{Config, TextConfig, VisionConfig};
 
 use crate::model::loader::Checkpoint;
 use crate::model::{LayerId, LayerInfo, LayerKind, Linear, Tap, Tower};
+use moe::SparseMoeBlock;
 use ops::{acc_dtype, cross_entropy, cross_entropy_backward, CausalMask, LayerNorm, RmsNorm};
 use rope::CosSin;
-use text::{DecoderLayer, DecoderLayerSaved, TextModel, TextSample};
+use text::{DecoderLayer, DecoderLayerSaved, Mlp, TextModel, TextSample};
 use vision::{MergerSaved, PatchMerger, VisionBlock, VisionBlockSaved, VisionModel, VisionSample};
 
 /// Label value that HF's loss ignores.
@@ -98,7 +104,9 @@ pub struct Forward {
     pub logits: Option<Tensor>,
     /// With `trace`: `vision_patch_embed`, `vision_block_in_0`, `vision_block_out_{i}`,
     /// `vision_last_hidden`, `image_embeds`, `deepstack_{k}`, `text_layer_in_{i}`,
-    /// `text_final_norm_in`, `text_final_hidden` (2-D, model dtype; HF names of the reference files).
+    /// `text_final_norm_in`, `text_final_hidden`, `mlp_in_{i}`, `mlp_out_{i}`, and for a sparse
+    /// layer `router_logits_{i}`, `router_topk_ids_{i}` (u32), `router_topk_weights_{i}` (2-D,
+    /// model dtype; HF names of the reference files).
     pub trace: BTreeMap<String, Tensor>,
     loss_t: Option<Tensor>,
     sample: Option<Sample>,
@@ -227,7 +235,8 @@ struct ResumeCache {
     final_hidden: Option<Tensor>,
 }
 
-/// Every quantizable layer a config implies, in HF `named_modules()` order.
+/// Every quantizable layer a config implies, in HF `named_modules()` order. The router and experts
+/// of a sparse MoE layer are not among them (they are no `Linear`; see [`moe`]).
 pub fn expected_layers(cfg: &Config) -> Vec<LayerInfo> {
     let v = &cfg.vision_config;
     let t = &cfg.text_config;
@@ -259,6 +268,9 @@ pub fn expected_layers(cfg: &Config) -> Vec<LayerInfo> {
         push(format!("{p}.self_attn.k_proj"), Tower::Text, LayerKind::Linear, d, kvd);
         push(format!("{p}.self_attn.v_proj"), Tower::Text, LayerKind::Linear, d, kvd);
         push(format!("{p}.self_attn.o_proj"), Tower::Text, LayerKind::Linear, qd, d);
+        if cfg.moe_layer(i).is_some() {
+            continue;
+        }
         push(format!("{p}.mlp.gate_proj"), Tower::Text, LayerKind::Linear, d, t.intermediate_size);
         push(format!("{p}.mlp.up_proj"), Tower::Text, LayerKind::Linear, d, t.intermediate_size);
         push(format!("{p}.mlp.down_proj"), Tower::Text, LayerKind::Linear, t.intermediate_size, d);
@@ -425,15 +437,27 @@ impl Qwen3VL {
             let o_proj = wr.linear(&mut reg, &format!("{p}.self_attn.o_proj"), Tower::Text, h * hd, d, ab)?;
             let q_norm = wr.rms_norm(&format!("{p}.self_attn.q_norm"), hd, t.rms_norm_eps)?;
             let k_norm = wr.rms_norm(&format!("{p}.self_attn.k_norm"), hd, t.rms_norm_eps)?;
-            let gate_proj =
-                wr.linear(&mut reg, &format!("{p}.mlp.gate_proj"), Tower::Text, d, t.intermediate_size, false)?;
-            let up_proj =
-                wr.linear(&mut reg, &format!("{p}.mlp.up_proj"), Tower::Text, d, t.intermediate_size, false)?;
-            let down_proj =
-                wr.linear(&mut reg, &format!("{p}.mlp.down_proj"), Tower::Text, t.intermediate_size, d, false)?;
+            starts.extend([Start::TextLayer(i); 4]);
+            let mlp = match cfg.moe_layer(i) {
+                Some(shape) => {
+                    let (e, mi) = (shape.experts, shape.intermediate);
+                    let gate = wr.get(&format!("{p}.mlp.gate.weight"), &[e, d])?;
+                    // Released fused layout, no `.weight`: x · gate_up_proj[e] = gate ‖ up.
+                    let gate_up = wr.get(&format!("{p}.mlp.experts.gate_up_proj"), &[e, d, 2 * mi])?;
+                    let down = wr.get(&format!("{p}.mlp.experts.down_proj"), &[e, mi, d])?;
+                    Mlp::Sparse(SparseMoeBlock::new(i, gate, gate_up, down, shape)?)
+                }
+                None => {
+                    let mi = t.intermediate_size;
+                    let gate_proj = wr.linear(&mut reg, &format!("{p}.mlp.gate_proj"), Tower::Text, d, mi, false)?;
+                    let up_proj = wr.linear(&mut reg, &format!("{p}.mlp.up_proj"), Tower::Text, d, mi, false)?;
+                    let down_proj = wr.linear(&mut reg, &format!("{p}.mlp.down_proj"), Tower::Text, mi, d, false)?;
+                    starts.extend([Start::TextLayer(i); 3]);
+                    Mlp::Dense { gate_proj, up_proj, down_proj }
+                }
+            };
             let input_layernorm = wr.rms_norm(&format!("{p}.input_layernorm"), d, t.rms_norm_eps)?;
             let post_attention_layernorm = wr.rms_norm(&format!("{p}.post_attention_layernorm"), d, t.rms_norm_eps)?;
-            starts.extend([Start::TextLayer(i); 7]);
             layers.push(DecoderLayer {
                 input_layernorm,
                 post_attention_layernorm,
@@ -443,9 +467,7 @@ impl Qwen3VL {
                 k_proj,
                 v_proj,
                 o_proj,
-                gate_proj,
-                up_proj,
-                down_proj,
+                mlp,
                 heads: h,
                 kv_heads: hkv,
                 head_dim: hd,
@@ -504,6 +526,14 @@ impl Qwen3VL {
     /// The id of the layer called `name` (HF module name).
     pub fn layer_id(&self, name: &str) -> Option<LayerId> {
         self.reg.infos.iter().position(|l| l.name == name)
+    }
+
+    /// The sparse MoE block of decoder layer `i`, if that layer has one.
+    pub fn moe_block(&self, i: usize) -> Option<&SparseMoeBlock> {
+        match &self.text.layers.get(i)?.mlp {
+            Mlp::Sparse(moe) => Some(moe),
+            Mlp::Dense { .. } => None,
+        }
     }
 
     pub fn lm_head_id(&self) -> LayerId {
@@ -828,7 +858,13 @@ impl Qwen3VL {
                     if resume {
                         rc.text_h.push(h.clone());
                     }
-                    let (out, sv) = self.text.layers[i].forward(&h, &ts, reg, tap, save)?;
+                    // Names only when tracing: a forward without a trace formats nothing.
+                    let mut rec_layer = |name: &str, t: &Tensor| {
+                        if trace {
+                            rec(format!("{name}_{i}"), t)
+                        }
+                    };
+                    let (out, sv) = self.text.layers[i].forward(&h, &ts, reg, tap, save, &mut rec_layer)?;
                     h = out;
                     layers_saved.extend(sv);
                     if let Some(Some(f)) = ds.get(i) {

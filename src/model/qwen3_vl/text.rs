@@ -1,10 +1,11 @@
 //! Text decoder (HF `Qwen3VLTextModel`): Qwen3 layers with per-head q/k RMSNorm, interleaved
-//! MRoPE, causal GQA attention and a SwiGLU MLP; each with a forward that can keep what its
-//! hand-written backward needs.
+//! MRoPE, causal GQA attention and a SwiGLU MLP, or in the MoE model a sparse mixture of experts
+//! ([`super::moe`]); each with a forward that can keep what its hand-written backward needs.
 
 use candle_core::{Result, Tensor};
 
 use super::fused::{self, attention_backward, attention_forward};
+use super::moe::{MoeSaved, SparseMoeBlock};
 use super::ops::{AttnSpec, CausalMask, RmsNorm};
 use super::rope::CosSin;
 use super::{tapped, Registry};
@@ -27,12 +28,25 @@ pub struct DecoderLayer {
     pub k_proj: LayerId,
     pub v_proj: LayerId,
     pub o_proj: LayerId,
-    pub gate_proj: LayerId,
-    pub up_proj: LayerId,
-    pub down_proj: LayerId,
+    pub mlp: Mlp,
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+}
+
+/// The MLP of a decoder layer.
+#[derive(Debug)]
+pub enum Mlp {
+    /// HF `Qwen3VLTextMLP`: `down(silu(gate(x)) · up(x))`.
+    Dense { gate_proj: LayerId, up_proj: LayerId, down_proj: LayerId },
+    /// HF `Qwen3VLMoeTextSparseMoeBlock` (its router and experts are not quantizable layers).
+    Sparse(SparseMoeBlock),
+}
+
+/// What an MLP keeps for its backward.
+enum MlpSaved {
+    Dense { gate: Tensor, up: Tensor, gate_y: Tensor, up_y: Tensor, act: Tensor, down_y: Tensor },
+    Sparse(MoeSaved),
 }
 
 /// What a decoder layer keeps for its backward.
@@ -59,15 +73,12 @@ pub struct DecoderLayerSaved {
     h_mid: Tensor,
     r2: Tensor,
     n2: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    gate_y: Tensor,
-    up_y: Tensor,
-    act: Tensor,
-    down_y: Tensor,
+    mlp: MlpSaved,
 }
 
 impl DecoderLayer {
+    /// `rec` receives the MLP's input and output (`mlp_in`, `mlp_out`) and, for a sparse layer,
+    /// the router's `router_logits`, `router_topk_ids` and `router_topk_weights`.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -75,6 +86,7 @@ impl DecoderLayer {
         reg: &Registry,
         tap: &mut dyn Tap,
         save: bool,
+        rec: &mut dyn FnMut(&str, &Tensor),
     ) -> Result<(Tensor, Option<DecoderLayerSaved>)> {
         let l = x.dim(0)?;
         let (h, hkv, d) = (self.heads, self.kv_heads, self.head_dim);
@@ -92,14 +104,29 @@ impl DecoderLayer {
         let (o, lse) = attention_forward(&q_rot, &k_rot, &v_h, &spec)?;
         let attn = o.transpose(0, 1)?.contiguous()?.reshape((l, h * d))?;
         let (a, o_y) = tapped(reg, self.o_proj, &attn, tap, save)?;
-        // 4. SwiGLU MLP, residual
+        // 4. MLP (SwiGLU or mixture of experts), residual
         let (h_mid, n2, r2) = self.post_attention_layernorm.forward_add(x, &a)?;
-        let (gate, gate_y) = tapped(reg, self.gate_proj, &n2, tap, save)?;
-        let (up, up_y) = tapped(reg, self.up_proj, &n2, tap, save)?;
-        let act = fused::swiglu(&gate, &up)?;
-        let (down, down_y) = tapped(reg, self.down_proj, &act, tap, save)?;
+        rec("mlp_in", &n2);
+        let (down, mlp) = match &self.mlp {
+            Mlp::Dense { gate_proj, up_proj, down_proj } => {
+                let (gate, gate_y) = tapped(reg, *gate_proj, &n2, tap, save)?;
+                let (up, up_y) = tapped(reg, *up_proj, &n2, tap, save)?;
+                let act = fused::swiglu(&gate, &up)?;
+                let (down, down_y) = tapped(reg, *down_proj, &act, tap, save)?;
+                (down, save.then_some(MlpSaved::Dense { gate, up, gate_y, up_y, act, down_y }))
+            }
+            Mlp::Sparse(moe) => {
+                let (plain, routing, saved) = moe.forward(&n2, save)?;
+                let down = tap.moe_forward(moe, &n2)?.unwrap_or(plain);
+                rec("router_logits", &routing.logits);
+                rec("router_topk_ids", &routing.ids);
+                rec("router_topk_weights", &routing.weights);
+                (down, saved.map(MlpSaved::Sparse))
+            }
+        };
+        rec("mlp_out", &down);
         let out = (&h_mid + down)?;
-        let saved = save.then(|| DecoderLayerSaved {
+        let saved = mlp.map(|mlp| DecoderLayerSaved {
             x: x.clone(),
             r1,
             n1,
@@ -119,12 +146,7 @@ impl DecoderLayer {
             h_mid,
             r2,
             n2,
-            gate,
-            up,
-            gate_y,
-            up_y,
-            act,
-            down_y,
+            mlp,
         });
         Ok((out, saved))
     }
@@ -141,15 +163,28 @@ impl DecoderLayer {
         let l = s.x.dim(0)?;
         let (h, hkv, d) = (self.heads, self.kv_heads, self.head_dim);
         // MLP
-        let (gate, up, down) = (reg.linear(self.gate_proj), reg.linear(self.up_proj), reg.linear(self.down_proj));
-        tap.backward(self.down_proj, down, &s.act, &s.down_y, dout)?;
-        let dact = down.backward_input(dout)?;
-        let (dg, du) = fused::swiglu_backward(&s.gate, &s.up, &dact)?;
-        tap.backward(self.up_proj, up, &s.n2, &s.up_y, &du)?;
-        tap.backward(self.gate_proj, gate, &s.n2, &s.gate_y, &dg)?;
-        // ∂/∂n2 = up + gate input gradients, summed inside the norm's backward
-        let (dn2_up, dn2_gate) = (up.backward_input(&du)?, gate.backward_input(&dg)?);
-        let dh_mid = self.post_attention_layernorm.backward_add(&s.h_mid, &s.r2, &[&dn2_up, &dn2_gate], dout)?;
+        let dh_mid = match (&self.mlp, &s.mlp) {
+            (
+                Mlp::Dense { gate_proj, up_proj, down_proj },
+                MlpSaved::Dense { gate: g, up: u, gate_y, up_y, act, down_y },
+            ) => {
+                let (gate, up, down) = (reg.linear(*gate_proj), reg.linear(*up_proj), reg.linear(*down_proj));
+                tap.backward(*down_proj, down, act, down_y, dout)?;
+                let dact = down.backward_input(dout)?;
+                let (dg, du) = fused::swiglu_backward(g, u, &dact)?;
+                tap.backward(*up_proj, up, &s.n2, up_y, &du)?;
+                tap.backward(*gate_proj, gate, &s.n2, gate_y, &dg)?;
+                // ∂/∂n2 = up + gate input gradients, summed inside the norm's backward
+                let (dn2_up, dn2_gate) = (up.backward_input(&du)?, gate.backward_input(&dg)?);
+                self.post_attention_layernorm.backward_add(&s.h_mid, &s.r2, &[&dn2_up, &dn2_gate], dout)?
+            }
+            (Mlp::Sparse(moe), MlpSaved::Sparse(saved)) => {
+                tap.moe_backward(moe, saved.input(), saved.output(), dout)?;
+                let dn2 = moe.backward(saved, dout)?;
+                self.post_attention_layernorm.backward_add(&s.h_mid, &s.r2, &[&dn2], dout)?
+            }
+            _ => candle_core::bail!("internal: MLP cache of the other kind"),
+        };
         // Attention
         let o_proj = reg.linear(self.o_proj);
         tap.backward(self.o_proj, o_proj, &s.attn, &s.o_y, &dh_mid)?;
