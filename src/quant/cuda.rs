@@ -23,11 +23,15 @@ pub fn fake_quant_e4m3(
     };
     let dev = storage.device();
     let out = match &storage.slice {
-        CudaStorageSlice::F32(s) => launch::<f32>(dev, "fake_quant_e4m3_f32", &s.slice(start..end), end - start, scale, inv_scale)?,
+        CudaStorageSlice::F32(s) => {
+            launch::<f32>(dev, "fake_quant_e4m3_f32", &s.slice(start..end), end - start, scale, inv_scale)?
+        }
         CudaStorageSlice::BF16(s) => {
             launch::<bf16>(dev, "fake_quant_e4m3_bf16", &s.slice(start..end), end - start, scale, inv_scale)?
         }
-        CudaStorageSlice::F16(s) => launch::<f16>(dev, "fake_quant_e4m3_f16", &s.slice(start..end), end - start, scale, inv_scale)?,
+        CudaStorageSlice::F16(s) => {
+            launch::<f16>(dev, "fake_quant_e4m3_f16", &s.slice(start..end), end - start, scale, inv_scale)?
+        }
         _ => candle_core::bail!("fake-quant-e4m3: unsupported dtype {:?} on CUDA", storage.dtype()),
     };
     Ok((out, layout.shape().clone()))
