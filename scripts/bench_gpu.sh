@@ -4,7 +4,8 @@
 # random-weight Qwen3-VL-4B checkpoint, N synthetic samples, runs qsens (score-layers + search) and
 # ModelOpt auto_quantize on the same checkpoint and tensors, and prints one comparison table.
 #   scripts/bench_gpu.sh [N...]        e.g. scripts/bench_gpu.sh 32 128
-# Environment: OUT (results folder, default $OUT or /tmp/qsens-bench), SKIP_MODELOPT=1, SKIP_CHECKS=1, LONG=1
+# Environment: OUT (results folder, default $OUT or /tmp/qsens-bench), MODEL (2b, 4b, 8b or 32b: the
+# architecture, .carry/qwen3-vl-$MODEL-instruct.config.json; default 4b), SKIP_MODELOPT=1, SKIP_CHECKS=1, LONG=1
 # (also score one ~1,000-image-token sample), QSENS_FLAGS (extra score-layers flags).
 # The timed qsens runs use CUDA_CACHE_DISABLE=1, so they are first calls as on a fresh machine (the
 # binaries carry compiled kernels; docs/cuda.md); scripts/bench_gpu_evaluate.sh compares cold and warm.
@@ -24,8 +25,10 @@ export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, transformers, modelopt; print("torch", torch.__version__, "transformers", transformers.__version__, "modelopt", modelopt.__version__)' | tee "$OUT/versions.txt"
 
+MODEL=${MODEL:-4b}
 log "CUDA correctness on the demo set (vs the CPU run made by pack.sh)"
-for dt in f32 bf16; do
+[ -d .carry/demo ] || { log "no .carry/demo: skipped"; SKIP_CHECKS=1; }
+for dt in $([ -d .carry/demo ] && echo f32 bf16); do
   $W/bin/score-layers -q --model .carry/demo/model --inputs .carry/demo/model_inputs.msgpack --device cuda \
     --dtype $dt -o $W/demo-cuda-$dt.msgpack || { FAILED="$FAILED demo-$dt"; continue; }
   python3 scripts/bench/same_scores.py --label "demo $dt cuda vs cpu" $W/demo-cuda-$dt.msgpack \
@@ -41,8 +44,8 @@ if [ -z "${SKIP_CHECKS:-}" ]; then
 fi
 
 log "checkpoint"
-python3 scripts/bench/make_checkpoint.py --config .carry/qwen3-vl-4b-instruct.config.json --out $W/qwen3-vl-4b || exit 1
-CKPT=$W/qwen3-vl-4b
+python3 scripts/bench/make_checkpoint.py --config .carry/qwen3-vl-$MODEL-instruct.config.json --out $W/qwen3-vl-$MODEL || exit 1
+CKPT=$W/qwen3-vl-$MODEL
 cat $CKPT/*.safetensors > /dev/null   # page cache: both tools load from memory
 
 for N in $SIZES; do
