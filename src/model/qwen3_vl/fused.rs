@@ -20,7 +20,7 @@ use candle_core::{bail, DType, Device, Result, Tensor, WithDType, D};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::ops::{self, acc_dtype, AttnSpec};
+use super::ops::{self, acc_dtype, AttnSpec, LayerNorm, LnStats, RmsNorm};
 
 // ---------------------------------------------------------------------------------------------
 // Scalar plumbing of the CPU paths
@@ -304,6 +304,11 @@ pub struct ScoreRows {
 }
 
 impl ScoreRows {
+    #[cfg(feature = "cuda")]
+    fn for_kernel(self) -> super::fused_cuda::MaskRows {
+        super::fused_cuda::MaskRows { n: self.n, q0: self.q0, causal: self.causal }
+    }
+
     /// Keys visible to flat row `r` of `k`.
     #[inline]
     fn visible(&self, r: usize, k: usize) -> usize {
@@ -348,7 +353,7 @@ pub fn softmax_lse(s: &Tensor, scale: f64, rows: ScoreRows) -> Result<(Tensor, T
     if !fusable(s) {
         return softmax_lse_chain(s, scale, rows);
     }
-    on_cuda!(s, super::fused_cuda::softmax_lse(s, scale, rows));
+    on_cuda!(s, super::fused_cuda::softmax_lse(s, scale, rows.for_kernel()));
     cpu_dtype!(s.dtype(), "softmax_lse", softmax_lse_cpu(s, scale, rows))
 }
 
@@ -431,7 +436,7 @@ pub fn softmax_backward(
     if !fusable(s) {
         return softmax_backward_chain(s, dp, lse, delta, scale, rows);
     }
-    on_cuda!(s, super::fused_cuda::softmax_backward(s, dp, lse, delta, scale, rows));
+    on_cuda!(s, super::fused_cuda::softmax_backward(s, dp, lse, delta, scale, rows.for_kernel()));
     cpu_dtype!(s.dtype(), "softmax_backward", softmax_backward_cpu(s, dp, lse, delta, scale, rows))
 }
 
@@ -1456,6 +1461,67 @@ fn swiglu_backward_cpu<T: Elem>(gate: &Tensor, up: &Tensor, dm: &Tensor) -> Resu
         gv.par_iter().zip(uv.par_iter()).zip(dv.par_iter()).map(g).unzip()
     };
     Ok((cpu(dg, gate.dims())?, cpu(du, gate.dims())?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model's norms, fused: `ops::RmsNorm` and `ops::LayerNorm` hold the weights and the op
+// chains (`forward_chain`, `backward_chain`); the passes the model runs are defined here, so that
+// `ops` depends on nothing fused (fused → ops, never the reverse).
+
+impl RmsNorm {
+    /// Returns `(y, rstd)`; `rstd` is `[.., 1]` in the accumulation dtype (kept for backward).
+    /// Fused ([`rms_norm`]).
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (y, rstd, _) = rms_norm(x, None, self.weight(), self.eps())?;
+        Ok((y, rstd))
+    }
+
+    /// The norm of the residual sum `h = x + res`: returns `(h, y, rstd)`, one fused pass.
+    pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (y, rstd, h) = rms_norm(x, Some(res), self.weight(), self.eps())?;
+        match h {
+            Some(h) => Ok((h, y, rstd)),
+            None => candle_core::bail!("internal: rms_norm without its residual sum"),
+        }
+    }
+
+    /// ∂/∂x given the forward input `x`, its `rstd` and `dy` (fused).
+    pub fn backward(&self, x: &Tensor, rstd: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        rms_norm_backward(x, rstd, self.weight(), &[dy], None)
+    }
+
+    /// `res + ∂/∂x` for `dy = Σ dys` (up to three summands, added in order): the backward of a
+    /// residual branch `res` around this norm whose output feeds several projections, one pass.
+    pub fn backward_add(&self, x: &Tensor, rstd: &Tensor, dys: &[&Tensor], res: &Tensor) -> Result<Tensor> {
+        rms_norm_backward(x, rstd, self.weight(), dys, Some(res))
+    }
+}
+
+impl LayerNorm {
+    /// Fused ([`layer_norm`]).
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, LnStats)> {
+        let (y, mean, rstd, _) = layer_norm(x, None, self.weight(), self.bias(), self.eps())?;
+        Ok((y, LnStats { mean, rstd }))
+    }
+
+    /// The norm of the residual sum `h = x + res`: returns `(h, y, stats)`, one fused pass.
+    pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<(Tensor, Tensor, LnStats)> {
+        let (y, mean, rstd, h) = layer_norm(x, Some(res), self.weight(), self.bias(), self.eps())?;
+        match h {
+            Some(h) => Ok((h, y, LnStats { mean, rstd })),
+            None => candle_core::bail!("internal: layer_norm without its residual sum"),
+        }
+    }
+
+    /// Fused.
+    pub fn backward(&self, x: &Tensor, st: &LnStats, dy: &Tensor) -> Result<Tensor> {
+        layer_norm_backward(x, &st.mean, &st.rstd, self.weight(), dy, None)
+    }
+
+    /// `res + ∂/∂x`, one fused pass.
+    pub fn backward_add(&self, x: &Tensor, st: &LnStats, dy: &Tensor, res: &Tensor) -> Result<Tensor> {
+        layer_norm_backward(x, &st.mean, &st.rstd, self.weight(), dy, Some(res))
+    }
 }
 
 #[cfg(test)]

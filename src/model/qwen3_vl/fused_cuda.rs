@@ -14,8 +14,6 @@ use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
 use half::{bf16, f16};
 
-use super::fused::ScoreRows;
-
 const ATTN_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin"));
 const NORM_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/norm.fatbin"));
 const ACT_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/act.fatbin"));
@@ -199,11 +197,20 @@ impl<T: CudaDType + DeviceRepr + WithDType> Ty for T {}
 // ---------------------------------------------------------------------------------------------
 // Attention
 
-pub fn softmax_lse(s: &Tensor, scale: f64, rows: ScoreRows) -> Result<(Tensor, Tensor)> {
+/// Which query each row of a score block is, as the kernels take it (`fused::ScoreRows`, passed
+/// as plain values so that this module imports nothing from `fused`).
+#[derive(Debug, Clone, Copy)]
+pub struct MaskRows {
+    pub n: usize,
+    pub q0: usize,
+    pub causal: bool,
+}
+
+pub fn softmax_lse(s: &Tensor, scale: f64, rows: MaskRows) -> Result<(Tensor, Tensor)> {
     cuda_dtype!(s.dtype(), softmax_lse_t(s, scale, rows))
 }
 
-fn softmax_lse_t<T: Ty>(s: &Tensor, scale: f64, rows: ScoreRows) -> Result<(Tensor, Tensor)> {
+fn softmax_lse_t<T: Ty>(s: &Tensor, scale: f64, rows: MaskRows) -> Result<(Tensor, Tensor)> {
     let dev = device(s)?;
     let s = s.contiguous()?;
     let (b, r, k) = s.dims3()?;
@@ -241,7 +248,7 @@ pub fn softmax_backward(
     lse: &Tensor,
     delta: &Tensor,
     scale: f64,
-    rows: ScoreRows,
+    rows: MaskRows,
 ) -> Result<(Tensor, Tensor)> {
     cuda_dtype!(s.dtype(), softmax_backward_t(s, dp, lse, delta, scale, rows))
 }
@@ -252,7 +259,7 @@ fn softmax_backward_t<T: Ty>(
     lse: &Tensor,
     delta: &Tensor,
     scale: f64,
-    rows: ScoreRows,
+    rows: MaskRows,
 ) -> Result<(Tensor, Tensor)> {
     let dev = device(s)?;
     let (s, dp, lse, delta) = (s.contiguous()?, dp.contiguous()?, stat_view(lse)?, stat_view(delta)?);

@@ -3,15 +3,14 @@
 //!
 //! These are the op-chain implementations (one candle op per step); the model runs the fused
 //! equivalents of the hot ones ([`super::fused`]), which keep these as their test reference and
-//! as the fallback where no fused kernel exists. The norms' `forward`/`backward` are fused.
+//! as the fallback where no fused kernel exists. The norms' `forward`/`backward` are fused and
+//! live in `fused.rs` beside the kernels they call: this module depends on nothing fused.
 //!
 //! Reductions and the derivative formulas run in the *accumulation dtype* (`acc`: F32, or F64 for
 //! an F64 model), like HF which upcasts norms, softmax and the loss to f32. Matmuls run in the
 //! model dtype.
 
 use candle_core::{DType, Device, Result, Tensor, D};
-
-use super::fused;
 
 /// Accumulation dtype for reductions: f64 for an f64 model, f32 otherwise.
 pub fn acc_dtype(dt: DType) -> DType {
@@ -42,22 +41,6 @@ impl RmsNorm {
         self.eps
     }
 
-    /// Returns `(y, rstd)`; `rstd` is `[.., 1]` in the accumulation dtype (kept for backward).
-    /// Fused ([`fused::rms_norm`]).
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (y, rstd, _) = fused::rms_norm(x, None, &self.weight, self.eps)?;
-        Ok((y, rstd))
-    }
-
-    /// The norm of the residual sum `h = x + res`: returns `(h, y, rstd)`, one fused pass.
-    pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (y, rstd, h) = fused::rms_norm(x, Some(res), &self.weight, self.eps)?;
-        match h {
-            Some(h) => Ok((h, y, rstd)),
-            None => candle_core::bail!("internal: rms_norm without its residual sum"),
-        }
-    }
-
     /// The op chain of [`RmsNorm::forward`] (reference and fallback).
     pub fn forward_chain(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let dt = x.dtype();
@@ -66,17 +49,6 @@ impl RmsNorm {
         let rstd = (ms + self.eps)?.sqrt()?.recip()?;
         let y = xf.broadcast_mul(&rstd)?.to_dtype(dt)?.broadcast_mul(&self.weight)?;
         Ok((y, rstd))
-    }
-
-    /// ∂/∂x given the forward input `x`, its `rstd` and `dy` (fused).
-    pub fn backward(&self, x: &Tensor, rstd: &Tensor, dy: &Tensor) -> Result<Tensor> {
-        fused::rms_norm_backward(x, rstd, &self.weight, &[dy], None)
-    }
-
-    /// `res + ∂/∂x` for `dy = Σ dys` (up to three summands, added in order): the backward of a
-    /// residual branch `res` around this norm whose output feeds several projections, one pass.
-    pub fn backward_add(&self, x: &Tensor, rstd: &Tensor, dys: &[&Tensor], res: &Tensor) -> Result<Tensor> {
-        fused::rms_norm_backward(x, rstd, &self.weight, dys, Some(res))
     }
 
     /// The op chain of [`RmsNorm::backward`] (reference and fallback).
@@ -111,19 +83,16 @@ impl LayerNorm {
         LayerNorm { weight, bias, eps }
     }
 
-    /// Fused ([`fused::layer_norm`]).
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, LnStats)> {
-        let (y, mean, rstd, _) = fused::layer_norm(x, None, &self.weight, &self.bias, self.eps)?;
-        Ok((y, LnStats { mean, rstd }))
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
     }
 
-    /// The norm of the residual sum `h = x + res`: returns `(h, y, stats)`, one fused pass.
-    pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<(Tensor, Tensor, LnStats)> {
-        let (y, mean, rstd, h) = fused::layer_norm(x, Some(res), &self.weight, &self.bias, self.eps)?;
-        match h {
-            Some(h) => Ok((h, y, LnStats { mean, rstd })),
-            None => candle_core::bail!("internal: layer_norm without its residual sum"),
-        }
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
     }
 
     /// The op chain of [`LayerNorm::forward`] (reference and fallback).
@@ -141,16 +110,6 @@ impl LayerNorm {
             .broadcast_add(&self.bias.to_dtype(acc)?)?
             .to_dtype(dt)?;
         Ok((y, LnStats { mean, rstd }))
-    }
-
-    /// Fused.
-    pub fn backward(&self, x: &Tensor, st: &LnStats, dy: &Tensor) -> Result<Tensor> {
-        fused::layer_norm_backward(x, &st.mean, &st.rstd, &self.weight, dy, None)
-    }
-
-    /// `res + ∂/∂x`, one fused pass.
-    pub fn backward_add(&self, x: &Tensor, st: &LnStats, dy: &Tensor, res: &Tensor) -> Result<Tensor> {
-        fused::layer_norm_backward(x, &st.mean, &st.rstd, &self.weight, dy, Some(res))
     }
 
     /// The op chain of [`LayerNorm::backward`] (reference and fallback).
