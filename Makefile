@@ -5,6 +5,7 @@
 #   make report    the pipeline on your own model/data (set the variables below), with the
 #                  measured evaluation of the recipe in the report (EVALUATE=0: without)
 #   make quantize  also write the FP8 checkpoint ($(OUTPUT_DIR)/checkpoint-fp8); make all: both
+#   make score SHARDS=N -jN   score in N processes (cuda:i each with DEVICE=cuda), then merge
 #
 # Each stage is a file target, so make reruns only what changed: touching the manifest reruns
 # only manifest-to-md; changing BITS reruns search and the report; changing the images reruns
@@ -40,6 +41,9 @@ DISABLE      ?=
 EXCLUDE_COST ?=
 SCORE_FLAGS  ?=
 SEARCH_FLAGS ?=
+# Score in SHARDS processes (run them together with `make -j SHARDS`), then merge: the artifact
+# is byte-identical to one process's. With DEVICE=cuda, shard i runs on cuda:i (docs/sharding.md).
+SHARDS       ?= 1
 # Held-out samples for `evaluate` (drawn disjoint from the calibration set) and frontier recipes.
 NUM_EVAL     ?= 32
 FRONTIER     ?= 8
@@ -65,12 +69,12 @@ CHECKPOINT   := $(OUTPUT_DIR)/checkpoint-fp8
 BINS := calib-extract preprocess score-layers search manifest-to-md quantize evaluate
 BIN_FILES := $(addprefix $(BIN_DIR)/,$(BINS))
 
-.PHONY: all demo demo-assets build build-cuda report evaluate quantize test bench bench-preprocess bench-model bench-score \
+.PHONY: all demo demo-assets build build-cuda score report evaluate quantize test bench bench-preprocess bench-model bench-score \
         fuzz clean-output help FORCE
 all: report quantize
 
 help:
-	@sed -n '1,12p' Makefile
+	@sed -n '1,13p' Makefile
 
 # ---- build -----------------------------------------------------------------------------------
 build:
@@ -146,10 +150,23 @@ $(INPUTS): $(CALIBRATION) $(MODEL_DIR)/config.json $(call stamp,preprocess) | $(
 	    $(call opt,--min-pixels,$(MIN_PIXELS)) $(call opt,--max-pixels,$(MAX_PIXELS)) -o $@
 
 # ---- stage 3: score-layers (resumes an interrupted run from $(SCORES).partial) ------------------
+SCORE_ARGS = --model $(MODEL_DIR) --inputs $(INPUTS) --method $(METHOD) --dtype $(DTYPE) \
+	    $(call glob_flags,--disable,$(DISABLE)) $(call glob_flags,--exclude-cost,$(EXCLUDE_COST)) --resume $(SCORE_FLAGS)
+ifeq ($(SHARDS),1)
 $(SCORES): $(INPUTS) $(MODEL_DIR)/config.json $(call stamp,score) | $(BIN_DIR)/score-layers
-	$(BIN_DIR)/score-layers --model $(MODEL_DIR) --inputs $(INPUTS) --method $(METHOD) \
-	    --device $(DEVICE) --dtype $(DTYPE) $(call glob_flags,--disable,$(DISABLE)) \
-	    $(call glob_flags,--exclude-cost,$(EXCLUDE_COST)) --resume $(SCORE_FLAGS) -o $@
+	$(BIN_DIR)/score-layers $(SCORE_ARGS) --device $(DEVICE) -o $@
+else
+# Shard i of N scores the samples with index ≡ i (mod N), each its own process (one GPU each
+# with DEVICE=cuda); the merge checks that the shards come from one run and cover every sample.
+SHARD_FILES := $(foreach i,$(shell seq 0 $$(($(SHARDS) - 1))),$(SCORES:.msgpack=).shard-$(i)-of-$(SHARDS).msgpack)
+shard_device = $(if $(filter cuda,$(DEVICE)),cuda:$(1),$(DEVICE))
+$(SHARD_FILES): $(SCORES:.msgpack=).shard-%-of-$(SHARDS).msgpack: $(INPUTS) $(MODEL_DIR)/config.json \
+	    $(call stamp,score) | $(BIN_DIR)/score-layers
+	$(BIN_DIR)/score-layers $(SCORE_ARGS) --shard $*/$(SHARDS) --device $(call shard_device,$*) -o $@
+$(SCORES): $(SHARD_FILES) | $(BIN_DIR)/score-layers
+	$(BIN_DIR)/score-layers --merge $(SHARD_FILES) -o $@
+endif
+score: $(SCORES)
 
 # ---- stage 4: search -------------------------------------------------------------------------
 $(MANIFEST): $(SCORES) $(call stamp,search) | $(BIN_DIR)/search

@@ -261,15 +261,24 @@ fn make_report_killed_and_rerun() {
     assert!(stages_hit.len() >= 4, "kills landed in too few stages: {stages_hit:?}");
 }
 
-/// The whole pipeline twice in two folders (the second single-threaded): every artifact, the
+/// The whole pipeline twice in two folders, the second single-threaded and scored in three
+/// shards run by `make -j3` and merged (`SHARDS=3`, docs/sharding.md): every artifact, the
 /// report, its SVGs and the recipes are byte-identical, and the artifacts hold no timestamp.
 #[test]
 fn pipeline_is_deterministic() {
     let dir = scratch("determinism");
     let (a, b) = (run_dir(dir.join("a")), run_dir(dir.join("b")));
     run_make(&a, &[]);
-    run_make(&b, &[("RAYON_NUM_THREADS", "1")]);
-    let (ta, tb) = (tree(&a.join("out")), tree(&b.join("out")));
+    run_make(&b, &[("RAYON_NUM_THREADS", "1"), ("SHARDS", "3"), ("MAKEFLAGS", "-j3")]);
+    let (ta, mut tb) = (tree(&a.join("out")), tree(&b.join("out")));
+    let shards: Vec<String> = tb.keys().filter(|k| k.contains(".shard-")).cloned().collect();
+    assert_eq!(
+        shards,
+        (0..3)
+            .map(|i| format!("fp8_autoquant_all_layers_fp8_autoquant_state.shard-{i}-of-3.msgpack"))
+            .collect::<Vec<_>>()
+    );
+    tb.retain(|k, _| !k.contains(".shard-"));
     assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>(), "different files");
     for (name, bytes) in &ta {
         assert!(bytes == &tb[name], "{name} differs between two runs");
