@@ -125,6 +125,38 @@ fn score_layers_killed_and_resumed() {
     assert!(mid >= KILL_POINTS / 4, "too few kills landed mid-scoring ({mid}); the kill points are not spread");
 }
 
+/// One shard of two killed once it has saved a sample, then rerun with `--resume`: merged with
+/// the other shard it gives the unsharded run's bytes (a cluster's retried array task).
+#[test]
+fn shard_killed_and_resumed_merges_like_one_run() {
+    let inputs = nine_inputs();
+    let dir = scratch("kill-shard");
+    let whole = dir.join("whole.msgpack");
+    finish(score_command(&inputs, &whole).spawn().unwrap(), "unsharded run");
+    let shard = |i: usize| dir.join(format!("shard-{i}.msgpack"));
+    let shard_command = |i: usize| {
+        let mut c = score_command(&inputs, &shard(i));
+        c.args(["--shard", &format!("{i}/2")]);
+        c
+    };
+    finish(shard_command(0).spawn().unwrap(), "shard 0");
+    let state = dir.join("shard-1.msgpack.partial");
+    let mut child = shard_command(1).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while state_samples(&state).is_none_or(|done| done < 1) && child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "shard 1: no progress");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let killed_mid_run = child.try_wait().unwrap().is_none();
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    assert!(killed_mid_run, "shard 1 finished before it could be killed");
+    finish(shard_command(1).spawn().unwrap(), "shard 1 resumed");
+    let merged = dir.join("merged.msgpack");
+    ok("score-layers", &args!["--merge", s(&shard(1)), s(&shard(0)), "-q", "-o", s(&merged)]);
+    assert!(std::fs::read(&merged).unwrap() == std::fs::read(&whole).unwrap(), "merged shards differ from one run");
+}
+
 // ---- the whole pipeline under make ------------------------------------------------------------
 
 /// `make all` (every stage: report with its evaluation, and the FP8 checkpoint) on the demo set in
