@@ -22,17 +22,23 @@ const KILL_POINTS: usize = 20;
 
 // ---- score-layers ------------------------------------------------------------------------------
 
-/// Inputs of all nine demo images (several samples, so that kills land between samples).
+/// Inputs of all nine demo images (several samples, so that kills land between samples), made
+/// once per test process: the kill tests run in parallel and only read them.
 fn nine_inputs() -> PathBuf {
-    let dir = scratch("kill-inputs");
-    let demo = demo();
-    let db = dir.join("calibration.db");
-    let calib = dir.join("calibration.msgpack");
-    let inputs = dir.join("inputs.msgpack");
-    ok("calib-extract", &args!["--from-coco", s(&demo.join("captions.json")), "--db", s(&db), "-q"]);
-    ok("calib-extract", &args!["--db", s(&db), "--image-root", s(&demo.join("images")), "-o", s(&calib)]);
-    ok("preprocess", &args!["--calibration", s(&calib), "--model", s(&demo.join("model")), "-o", s(&inputs)]);
-    inputs
+    static INPUTS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    INPUTS
+        .get_or_init(|| {
+            let dir = scratch("kill-inputs");
+            let demo = demo();
+            let db = dir.join("calibration.db");
+            let calib = dir.join("calibration.msgpack");
+            let inputs = dir.join("inputs.msgpack");
+            ok("calib-extract", &args!["--from-coco", s(&demo.join("captions.json")), "--db", s(&db), "-q"]);
+            ok("calib-extract", &args!["--db", s(&db), "--image-root", s(&demo.join("images")), "-o", s(&calib)]);
+            ok("preprocess", &args!["--calibration", s(&calib), "--model", s(&demo.join("model")), "-o", s(&inputs)]);
+            inputs
+        })
+        .clone()
 }
 
 fn score_command(inputs: &Path, out: &Path) -> Command {
