@@ -35,7 +35,7 @@ use qsens::search::{Overrides, Problem};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
-use common::qwen::{errors, input_from_reference, reference_moe, MOE_TINY, SAMPLES};
+use common::qwen::{errors, input_from_reference, label_token_nll, reference_moe, MOE_TINY, SAMPLES};
 
 const REL: f64 = 1e-5;
 const ABS: f64 = 1e-4;
@@ -159,15 +159,7 @@ fn moe_matches_hf_reference_f32() {
         check("logits_cols", &logits.index_select(&cols, 1).unwrap(), &r["logits_cols"]);
         let lse = logits.log_sum_exp(1).unwrap();
         check("logsumexp", &lse, &r["logsumexp"]);
-        let labels = input.labels.as_ref().unwrap();
-        let (rows, tgts): (Vec<u32>, Vec<u32>) =
-            (1..labels.len()).filter(|&t| labels[t] != -100).map(|t| ((t - 1) as u32, labels[t] as u32)).unzip();
-        let n = rows.len();
-        let rows = Tensor::from_vec(rows, n, &Device::Cpu).unwrap();
-        let tgts = Tensor::from_vec(tgts, (n, 1), &Device::Cpu).unwrap();
-        let nll = (lse.index_select(&rows, 0).unwrap()
-            - logits.index_select(&rows, 0).unwrap().gather(&tgts, 1).unwrap().squeeze(1).unwrap())
-        .unwrap();
+        let nll = label_token_nll(logits, &lse, input.labels.as_ref().unwrap());
         check("label_token_nll", &nll, &r["label_token_nll"]);
         let loss = Tensor::new(fwd.loss.unwrap(), &Device::Cpu).unwrap();
         check("loss", &loss, &r["loss"]);
@@ -517,6 +509,20 @@ fn experts_amax_match_modelopt() {
 }
 
 /// ModelOpt's gradient score of each layer's experts group (`modelopt_moe/autoquant_gradient.json`):
+/// One sample's gradient score of a sparse block's experts: `Σ (∂L/∂Y ⊙ (Y_fp8 − Y))²` with the
+/// block's experts fake-quantized at their calibrated amax (`amax`, one entry per MoE layer).
+fn expert_gradient_score(
+    block: &SparseMoeBlock,
+    amax: &[ExpertsAmax],
+    x: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+) -> candle_core::Result<f64> {
+    let slot = MOE_LAYERS.iter().position(|&i| i == block.layer()).unwrap();
+    let yq = block.forward_quantized(x, &Fp8PerTensor, &amax[slot])?;
+    Ok(gradient_score(dy, y, &yq)?.to_scalar::<f32>()? as f64)
+}
+
 /// `Σ (∂L/∂Y ⊙ (Y_fp8 − Y))²` on the whole block's output `Y` (already routing-weighted), with
 /// only that block's experts fake-quantized and the router on the unquantized input.
 #[test]
@@ -533,10 +539,7 @@ fn experts_gradient_scores_match_modelopt() {
             y: &Tensor,
             dy: &Tensor,
         ) -> candle_core::Result<()> {
-            let slot = MOE_LAYERS.iter().position(|&i| i == block.layer()).unwrap();
-            let yq = block.forward_quantized(x, &Fp8PerTensor, &self.amax[slot])?;
-            let score = gradient_score(dy, y, &yq)?.to_scalar::<f32>()?;
-            *self.scores.entry(block.layer()).or_default() += score as f64;
+            *self.scores.entry(block.layer()).or_default() += expert_gradient_score(block, &self.amax, x, y, dy)?;
             Ok(())
         }
     }
@@ -722,10 +725,8 @@ fn all_groups_gradient_scores_match_modelopt() {
             y: &Tensor,
             dy: &Tensor,
         ) -> candle_core::Result<()> {
-            let slot = MOE_LAYERS.iter().position(|&i| i == block.layer()).unwrap();
-            let yq = block.forward_quantized(x, &Fp8PerTensor, &self.experts[slot])?;
-            let score = gradient_score(dy, y, &yq)?.to_scalar::<f32>()?;
-            *self.expert_scores.entry(block.layer()).or_default() += score as f64;
+            *self.expert_scores.entry(block.layer()).or_default() +=
+                expert_gradient_score(block, &self.experts, x, y, dy)?;
             Ok(())
         }
     }

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use qsens::model::qwen3_vl::{ForwardOptions, Keep, LogitsMode, Qwen3VL};
 use qsens::model::NoTap;
 
-use common::qwen::{errors, input_from_reference, reference, SAMPLES, TINY};
+use common::qwen::{errors, input_from_reference, label_token_nll, reference, SAMPLES, TINY};
 
 const REL: f64 = 1e-5;
 const ABS: f64 = 1e-4;
@@ -57,15 +57,7 @@ fn tiny_matches_hf_reference_f32() {
         let lse = logits.log_sum_exp(1).unwrap();
         check("logsumexp", &lse, &r["logsumexp"]);
         // Per-label NLL (row t−1 predicts labels[t]) and the mean loss.
-        let labels = input.labels.as_ref().unwrap();
-        let (rows, tgts): (Vec<u32>, Vec<u32>) =
-            (1..labels.len()).filter(|&t| labels[t] != -100).map(|t| ((t - 1) as u32, labels[t] as u32)).unzip();
-        let n = rows.len();
-        let rows = Tensor::from_vec(rows, n, &Device::Cpu).unwrap();
-        let tgts = Tensor::from_vec(tgts, (n, 1), &Device::Cpu).unwrap();
-        let nll = (lse.index_select(&rows, 0).unwrap()
-            - logits.index_select(&rows, 0).unwrap().gather(&tgts, 1).unwrap().squeeze(1).unwrap())
-        .unwrap();
+        let nll = label_token_nll(logits, &lse, input.labels.as_ref().unwrap());
         check("label_token_nll", &nll, &r["label_token_nll"]);
         let loss = Tensor::new(fwd.loss.unwrap(), &Device::Cpu).unwrap();
         check("loss", &loss, &r["loss"]);

@@ -74,3 +74,16 @@ pub fn errors(a: &Tensor, b: &Tensor) -> (f64, f64) {
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     errors(a, b).1
 }
+
+/// Per-label NLL as HF's reference stores it: row `t − 1` of `logits` (`[L, vocab]`, with its
+/// per-row log-sum-exp `lse`) predicts `labels[t]`; positions labelled -100 are skipped.
+pub fn label_token_nll(logits: &Tensor, lse: &Tensor, labels: &[i32]) -> Tensor {
+    let (rows, tgts): (Vec<u32>, Vec<u32>) =
+        (1..labels.len()).filter(|&t| labels[t] != -100).map(|t| ((t - 1) as u32, labels[t] as u32)).unzip();
+    let n = rows.len();
+    let rows = Tensor::from_vec(rows, n, &Device::Cpu).unwrap();
+    let tgts = Tensor::from_vec(tgts, (n, 1), &Device::Cpu).unwrap();
+    (lse.index_select(&rows, 0).unwrap()
+        - logits.index_select(&rows, 0).unwrap().gather(&tgts, 1).unwrap().squeeze(1).unwrap())
+    .unwrap()
+}
