@@ -539,7 +539,7 @@ fn experts_gradient_scores_match_modelopt() {
             y: &Tensor,
             dy: &Tensor,
         ) -> candle_core::Result<()> {
-            *self.scores.entry(block.layer()).or_default() += expert_gradient_score(block, &self.amax, x, y, dy)?;
+            *self.scores.entry(block.layer()).or_default() += expert_gradient_score(block, self.amax, x, y, dy)?;
             Ok(())
         }
     }
@@ -726,7 +726,7 @@ fn all_groups_gradient_scores_match_modelopt() {
             dy: &Tensor,
         ) -> candle_core::Result<()> {
             *self.expert_scores.entry(block.layer()).or_default() +=
-                expert_gradient_score(block, &self.experts, x, y, dy)?;
+                expert_gradient_score(block, self.experts, x, y, dy)?;
             Ok(())
         }
     }
