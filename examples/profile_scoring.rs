@@ -97,7 +97,14 @@ fn main() -> Result<()> {
     let amax = vec![4.0f32; n];
     let skip = vec![false; n];
     let quant =
-        LayerQuant { formats: &formats, input_amax: &amax, weight_stats: &stats, skip: &skip, cached_weights: None };
+        LayerQuant {
+            formats: &formats,
+            input_amax: &amax,
+            weight_stats: &stats,
+            smoothing: Vec::new(),
+            skip: &skip,
+            cached_weights: None,
+        };
 
     let calib = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: false };
     let train = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Backward, trace: false };

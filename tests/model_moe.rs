@@ -740,6 +740,7 @@ fn all_groups_gradient_scores_match_modelopt() {
         formats: &formats,
         input_amax: &input_amax,
         weight_stats: &stats,
+        smoothing: Vec::new(),
         skip: &skip,
         cached_weights: None,
     };
@@ -883,6 +884,7 @@ fn all_groups_kl_scores_match_modelopt() {
         formats: &formats,
         input_amax: &input_amax,
         weight_stats: &stats,
+        smoothing: Vec::new(),
         skip: &skip,
         cached_weights: None,
     };

@@ -85,6 +85,28 @@ pub struct LayerScores {
     /// Per format (same order as `Scores::formats`), per scored sample: this layer's score
     /// contribution. Empty for methods that only score whole groups (`kl_div`).
     pub per_sample: Vec<Vec<f64>>,
+    /// Per format: calibration that belongs to that format alone (`None` for formats that use
+    /// the shared max calibration above). Empty, and not written, when no format has one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub format_calibration: Vec<Option<FormatCalibration>>,
+}
+
+/// A layer's calibration for one format with its own calibration pass (the AWQ formats, which
+/// ModelOpt calibrates on the first quarter of the calibration samples): the layer computes
+/// `Q_in(x · input_scale) · Q_w(W · weight_scale)ᵀ` with `input_amax` for `Q_in`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FormatCalibration {
+    /// `awq_lite` (smoothed) or `max` (a layer AWQ does not smooth: the patch embedding).
+    pub method: String,
+    /// The chosen AWQ exponent α.
+    pub alpha: Option<f64>,
+    /// Per input channel, in the weight dtype's values (ModelOpt's input `pre_quant_scale`);
+    /// empty without smoothing.
+    pub input_scale: Vec<f32>,
+    /// Per input channel, in the weight dtype's values (the weight's `pre_quant_scale`).
+    pub weight_scale: Vec<f32>,
+    /// The input amax of this format's calibration, after smoothing.
+    pub input_amax: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

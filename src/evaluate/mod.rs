@@ -309,6 +309,7 @@ fn scores_of(m: &Manifest) -> Scores {
                 input_amax: l.input_amax,
                 weight_amax: l.weight_amax,
                 per_sample: Vec::new(),
+                format_calibration: Vec::new(),
             })
             .collect(),
         groups: m

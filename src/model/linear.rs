@@ -7,15 +7,28 @@ use candle_core::{Result, Tensor};
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The weight's shape in the checkpoint when it is not `[out, in]` (the Conv3d patch
+    /// embedding's `[out, C, T, P, P]`): block formats quantize along its last axis.
+    checkpoint_shape: Option<Vec<usize>>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        Linear { weight, bias, checkpoint_shape: None }
+    }
+
+    /// A layer whose weight the checkpoint stores as `shape` (same elements, row-major).
+    pub fn with_checkpoint_shape(self, shape: &[usize]) -> Self {
+        Linear { checkpoint_shape: Some(shape.to_vec()), ..self }
     }
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// The weight's shape in the checkpoint (`[out, in]` unless built otherwise).
+    pub fn checkpoint_shape(&self) -> &[usize] {
+        self.checkpoint_shape.as_deref().unwrap_or(self.weight.dims())
     }
 
     pub fn bias(&self) -> Option<&Tensor> {

@@ -56,6 +56,57 @@ pub fn fake_quant(x: f32, scale: f32, inv_scale: f32) -> f32 {
     round_to_e4m3((x * scale).clamp(-E4M3_MAX, E4M3_MAX)) * inv_scale
 }
 
+/// Fake-quantizes a slice against one amax (the slice form of [`fake_quant_tensor`]).
+pub fn fake_quant_slice(values: &mut [f32], amax: f32) {
+    let (scale, inv_scale) = scales(amax);
+    for v in values {
+        *v = fake_quant(*v, scale, inv_scale);
+    }
+}
+
+/// Per output channel (`axis: 0`, `fake_e4m3fy_with_axis`): each slice along dim 0 of a
+/// tensor of shape `dims` against its own max |x| (weights are max-calibrated on themselves).
+pub fn fake_quant_per_channel(values: &mut [f32], dims: &[usize]) {
+    let (_, row_len) = super::host::rows_of_first_dim(dims);
+    for row in values.chunks_mut(row_len) {
+        let amax = super::host::max_abs(row);
+        fake_quant_slice(row, amax);
+    }
+}
+
+/// Per token (dynamic, `block_sizes: {-1: None}`): each row along the last dimension against
+/// its own max |x|, computed at run time.
+pub fn fake_quant_per_token(values: &mut [f32], dims: &[usize]) {
+    let (_, cols) = super::host::rows_of_last_dim(dims);
+    for row in values.chunks_mut(cols) {
+        let amax = super::host::max_abs(row);
+        fake_quant_slice(row, amax);
+    }
+}
+
+/// 2-D blocks of `block × block` over the last two dimensions (`block_sizes: {-1: b, -2: b}`,
+/// static): each tile, partial tiles at the edges included, against its own max |x|. ModelOpt
+/// pads partial tiles with zeros, which leaves their max unchanged; the arithmetic is
+/// `_fp8_eager`'s, the same as above.
+pub fn fake_quant_2d_blocks(values: &mut [f32], dims: &[usize], block: usize) {
+    let cols = dims.last().copied().unwrap_or(1).max(1);
+    let rows = if dims.len() >= 2 { dims[dims.len() - 2].max(1) } else { 1 };
+    for matrix in values.chunks_mut(rows * cols) {
+        for r0 in (0..rows).step_by(block) {
+            for c0 in (0..cols).step_by(block) {
+                let (r1, c1) = ((r0 + block).min(rows), (c0 + block).min(cols));
+                let amax = (r0..r1).fold(0f32, |m, r| m.max(super::host::max_abs(&matrix[r * cols + c0..r * cols + c1])));
+                let (scale, inv_scale) = scales(amax);
+                for r in r0..r1 {
+                    for v in &mut matrix[r * cols + c0..r * cols + c1] {
+                        *v = fake_quant(*v, scale, inv_scale);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Fake-quantizes a tensor (any float dtype, any device) against `amax`; same dtype and shape.
 pub fn fake_quant_tensor(x: &Tensor, amax: f32) -> Result<Tensor> {
     let (scale, inv_scale) = scales(amax);

@@ -1,12 +1,16 @@
-//! Quantization numerics and layer grouping: the one home of FP8 arithmetic, of the format
-//! abstraction and of the rules that decide which layers share a format.
+//! Quantization numerics and layer grouping: the one home of each format's arithmetic (`fp8`,
+//! `int`, AWQ smoothing in `awq`), of the format abstraction and of the rules that decide which
+//! layers share a format.
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod awq;
 pub mod format;
 pub mod fp8;
 pub mod groups;
+pub mod host;
+pub mod int;
 pub mod sensitivity;
 pub mod served;
 
-pub use format::{format_by_name, Format, Fp8PerTensor, WeightStats, NONE, NONE_BITS};
+pub use format::{format_by_name, Calibration, Format, Fp8PerTensor, WeightStats, KNOWN_FORMATS, NONE, NONE_BITS};
 pub use groups::{Group, GroupingRules, NamePatterns};

@@ -1,10 +1,11 @@
-//! Max calibration: every quantizable layer's input amax over the calibration samples, with
-//! quantization off (ModelOpt's `max` algorithm), and each weight's statistics.
+//! Calibration over the calibration samples, quantization off: every quantizable layer's input
+//! amax (ModelOpt's `max` algorithm), each weight's statistics, and AWQ-lite's two passes for
+//! the formats that smooth (`quant::awq`).
 
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::model::{LayerId, Linear, Tap};
-use crate::quant::{fp8, WeightStats};
+use crate::quant::{self, awq, fp8, Format, WeightStats};
 
 /// Records max |x| of every layer input in one f32 vector on the device: one kernel per layer,
 /// no host sync until [`AmaxTap::finish`].
@@ -33,4 +34,103 @@ impl Tap for AmaxTap {
 /// Weight statistics of every layer.
 pub fn weight_stats(linears: &[&Linear]) -> Result<Vec<WeightStats>> {
     linears.iter().map(|l| WeightStats::of(l.weight())).collect()
+}
+
+/// The host copy of a layer input `[rows, in]` as f32.
+fn host_rows(x: &Tensor) -> Result<(Vec<f32>, usize)> {
+    let cols = x.dims().last().copied().unwrap_or(1);
+    Ok((x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, cols))
+}
+
+/// AWQ-lite's first pass: per searched layer, the mean |x| per channel of every calibration
+/// batch and the max |x| per channel (the input amax ModelOpt keeps for smoothing).
+pub struct AwqCacheTap {
+    /// Per layer: `None` for layers not searched.
+    pub layers: Vec<Option<AwqCache>>,
+}
+
+/// What [`AwqCacheTap`] gathers for one layer.
+#[derive(Debug, Clone, Default)]
+pub struct AwqCache {
+    pub search: awq::LayerSearch,
+    pub channel_amax: Vec<f32>,
+}
+
+impl Tap for AwqCacheTap {
+    fn forward(&mut self, id: LayerId, _linear: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(cache) = &mut self.layers[id] {
+            let (values, cols) = host_rows(x)?;
+            cache.search.cache(&values, cols);
+            if cache.channel_amax.is_empty() {
+                cache.channel_amax = vec![0.0; cols];
+            }
+            for row in values.chunks(cols) {
+                for (m, v) in cache.channel_amax.iter_mut().zip(row) {
+                    *m = m.max(v.abs());
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// AWQ-lite's second pass for one format: per searched layer and α, the summed loss of the
+/// smoothed, weight-quantized layer against the plain one (the plain output flows on).
+///
+/// Layers ModelOpt does not wrap for the search (the patch embedding, a convolution) keep the
+/// format's quantizers on during this pass: their quantized output flows on, as in ModelOpt,
+/// where the whole recipe is enabled once the statistics pass has ended.
+pub struct AwqSearchTap<'a> {
+    pub format: &'a dyn Format,
+    /// Per layer: the search (`None`: not searched).
+    pub searches: Vec<Option<AwqFormatSearch>>,
+    /// Per layer: quantized in the format during the pass, with this input amax.
+    pub quantized: Vec<Option<f32>>,
+}
+
+/// One layer's search in one format: the candidate scales (input multiplier `1/s`, weight
+/// multiplier `s`, per α, in the layer's dtype) and the summed losses.
+pub struct AwqFormatSearch {
+    pub input_scales: Vec<Tensor>,
+    pub weight_scales: Vec<Tensor>,
+    pub losses: Vec<f32>,
+}
+
+impl AwqFormatSearch {
+    /// The candidates of a layer from its averaged activation scale and its weight.
+    pub fn new(act_scale: &[f32], weight: &Tensor, block: Option<usize>) -> Result<Self> {
+        let cols = weight.dim(1)?;
+        let w = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let weight_scale = awq::weight_scale(&w, cols, block);
+        let (mut input_scales, mut weight_scales) = (Vec::new(), Vec::new());
+        for alpha in awq::alphas() {
+            let s = awq::scale(act_scale, &weight_scale, alpha);
+            let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
+            let on_device = |v: Vec<f32>| Tensor::from_vec(v, cols, &Device::Cpu)?.to_dtype(weight.dtype())?.to_device(weight.device());
+            input_scales.push(on_device(inv)?);
+            weight_scales.push(on_device(s)?);
+        }
+        Ok(AwqFormatSearch { input_scales, weight_scales, losses: vec![0.0; awq::alphas().len()] })
+    }
+}
+
+impl Tap for AwqSearchTap<'_> {
+    fn forward(&mut self, id: LayerId, linear: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(input_amax) = self.quantized[id] {
+            let stats = WeightStats::of(linear.weight())?;
+            let w = quant::format::quantize_weight_as(self.format, linear.weight(), &stats, linear.checkpoint_shape())?;
+            return Ok(Some(linear.forward_with(&self.format.quantize_input(x, input_amax)?, &w)?));
+        }
+        let Some(search) = &mut self.searches[id] else { return Ok(None) };
+        let plain = linear.forward(x)?;
+        for a in 0..search.losses.len() {
+            let xs = x.broadcast_mul(&search.input_scales[a])?;
+            let ws = linear.weight().broadcast_mul(&search.weight_scales[a])?;
+            let wq = self.format.quantize_weight(&ws, &WeightStats::of(&ws)?)?;
+            let out = linear.forward_with(&xs, &wq)?;
+            let loss = (out - &plain)?.to_dtype(DType::F32)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
+            search.losses[a] += loss;
+        }
+        Ok(None)
+    }
 }

@@ -4,7 +4,7 @@
 //! sample give every layer's ∂L/∂Y; `Y_q` is computed in the backward, right where ∂L/∂Y arrives,
 //! so nothing extra is kept from the forward.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use crate::model::{LayerId, Linear, Tap};
 use crate::quant::{self, Format, WeightStats};
@@ -14,18 +14,57 @@ pub struct LayerQuant<'a> {
     pub formats: &'a [Box<dyn Format>],
     pub input_amax: &'a [f32],
     pub weight_stats: &'a [WeightStats],
+    /// Per layer, per format: the format's own calibration (AWQ), when it has one; empty when
+    /// no format has one.
+    pub format_calibration: Vec<Vec<Option<FormatCalibration>>>,
     /// Layers that are not scored (disabled groups).
     pub skip: &'a [bool],
     /// Fake-quantized weights per layer and format, when caching them fits in memory.
     pub cached_weights: Option<Vec<Vec<Tensor>>>,
 }
 
+/// A layer's calibration in one format, on the device: the smoothing `x · input`,
+/// `W · weight` (per input channel, in the layer's dtype; `None` without smoothing) and the
+/// input amax.
+pub struct FormatCalibration {
+    pub smoothing: Option<(Tensor, Tensor)>,
+    pub input_amax: f32,
+}
+
+impl FormatCalibration {
+    /// From the artifact's record, for a layer of `dtype` on `device`.
+    pub fn new(c: &crate::artifact::scores::FormatCalibration, dtype: DType, device: &Device) -> Result<Self> {
+        let vector = |v: &[f32]| Tensor::new(v, &Device::Cpu)?.to_dtype(dtype)?.to_device(device);
+        let smoothing = match c.input_scale.is_empty() {
+            true => None,
+            false => Some((vector(&c.input_scale)?, vector(&c.weight_scale)?)),
+        };
+        Ok(FormatCalibration { smoothing, input_amax: c.input_amax as f32 })
+    }
+}
+
 impl LayerQuant<'_> {
+    fn format_calibration(&self, id: LayerId, f: usize) -> Option<&FormatCalibration> {
+        self.format_calibration.get(id).and_then(|c| c.get(f)).and_then(Option::as_ref)
+    }
+
     /// The fake-quantized weight of layer `id` in format `f`.
     pub fn weight(&self, id: LayerId, f: usize, linear: &Linear) -> Result<Tensor> {
-        match &self.cached_weights {
-            Some(cache) => Ok(cache[id][f].clone()),
-            None => self.formats[f].quantize_weight(linear.weight(), &self.weight_stats[id]),
+        if let Some(cache) = &self.cached_weights {
+            return Ok(cache[id][f].clone());
+        }
+        self.quantize_weight(id, f, linear)
+    }
+
+    fn quantize_weight(&self, id: LayerId, f: usize, linear: &Linear) -> Result<Tensor> {
+        let format = self.formats[f].as_ref();
+        match self.format_calibration(id, f).and_then(|c| c.smoothing.as_ref()) {
+            // The weight quantizer's amax is recalibrated on the smoothed weight.
+            Some((_, w)) => {
+                let smoothed = linear.weight().broadcast_mul(w)?;
+                quant::format::quantize_weight_as(format, &smoothed, &WeightStats::of(&smoothed)?, linear.checkpoint_shape())
+            }
+            None => quant::format::quantize_weight_as(format, linear.weight(), &self.weight_stats[id], linear.checkpoint_shape()),
         }
     }
 
@@ -38,7 +77,14 @@ impl LayerQuant<'_> {
     /// The fake-quantized input and weight of layer `id` in format `f` (for callers that apply
     /// the layer themselves).
     pub fn quantized_operands(&self, id: LayerId, f: usize, linear: &Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.formats[f].quantize_input(x, self.input_amax[id])?, self.weight(id, f, linear)?))
+        let xq = match self.format_calibration(id, f) {
+            Some(FormatCalibration { smoothing: Some((input, _)), input_amax }) => {
+                self.formats[f].quantize_input(&x.broadcast_mul(input)?, *input_amax)?
+            }
+            Some(FormatCalibration { smoothing: None, input_amax }) => self.formats[f].quantize_input(x, *input_amax)?,
+            None => self.formats[f].quantize_input(x, self.input_amax[id])?,
+        };
+        Ok((xq, self.weight(id, f, linear)?))
     }
 
     /// Fake-quantizes every weight once (CPU runs, where memory is plentiful and the weights
@@ -49,7 +95,7 @@ impl LayerQuant<'_> {
             .enumerate()
             .map(|(id, l)| {
                 (0..self.formats.len())
-                    .map(|f| self.formats[f].quantize_weight(l.weight(), &self.weight_stats[id]))
+                    .map(|f| self.quantize_weight(id, f, l))
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;

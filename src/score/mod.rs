@@ -24,7 +24,7 @@ use crate::artifact::{self, Artifact, Location, Provenance};
 use crate::cli::Reporter;
 use crate::model::qwen3_vl::{ForwardOptions, Input, Keep, LogitsMode, Qwen3VL};
 use crate::model::{LayerId, Linear, NoTap};
-use crate::quant::{self, format_by_name, Format, GroupingRules, NamePatterns, NONE, NONE_BITS};
+use crate::quant::{self, format_by_name, Calibration, Format, GroupingRules, NamePatterns, NONE, NONE_BITS};
 
 use gradient::{GradientTap, LayerQuant};
 
@@ -229,7 +229,10 @@ struct Plan {
 fn plan(opts: &ScoreOptions, model: &Qwen3VL, inputs: &ModelInputs) -> Result<(Plan, Scores)> {
     let mut formats: Vec<Box<dyn Format>> = opts.formats.iter().map(|f| format_by_name(f)).collect::<Result<_>>()?;
     ensure!(!formats.is_empty(), "no quantization format given");
-    formats.sort_by(|a, b| a.effective_bits().total_cmp(&b.effective_bits()));
+    quant::format::sort_as_modelopt(&mut formats);
+    if let Some(w) = formats.windows(2).find(|w| w[0].name() == w[1].name()) {
+        bail!("format '{}' is given twice", w[0].name());
+    }
     let rules = match &opts.group_rules {
         Some(r) => GroupingRules::new(r.iter().map(String::as_str))?,
         None => GroupingRules::default(),
@@ -294,6 +297,7 @@ fn plan(opts: &ScoreOptions, model: &Qwen3VL, inputs: &ModelInputs) -> Result<(P
             input_amax: 0.0,
             weight_amax: 0.0,
             per_sample: if per_layer { vec![Vec::new(); format_info.len()] } else { Vec::new() },
+            format_calibration: Vec::new(),
         })
         .collect();
 
@@ -454,10 +458,22 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
     let input_amax: Vec<f32> = run.payload.layers.iter().map(|l| l.input_amax as f32).collect();
     let weight_stats: Vec<quant::WeightStats> =
         run.payload.layers.iter().map(|l| quant::WeightStats { amax: l.weight_amax as f32 }).collect();
+    let format_calibration = run
+        .payload
+        .layers
+        .iter()
+        .map(|l| {
+            l.format_calibration
+                .iter()
+                .map(|c| c.as_ref().map(|c| gradient::FormatCalibration::new(c, model.dtype(), model.device())).transpose())
+                .collect::<candle_core::Result<Vec<_>>>()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let mut quant = LayerQuant {
         formats: &plan.formats,
         input_amax: &input_amax,
         weight_stats: &weight_stats,
+        format_calibration,
         skip: &plan.skip,
         cached_weights: None,
     };
@@ -567,21 +583,128 @@ fn calibrate(
     let num_layers = model.layers().len();
     let mut tap = calibrate::AmaxTap::new(num_layers, model.device())?;
     let bar = reporter.bar(plan.calibration.len() as u64, "calibrating");
-    let opts = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: false };
-    for &index in &plan.calibration {
-        let sample = &inputs.samples[index];
-        bar.set_message(sample.id.clone());
-        let input = model_input(sample, inputs)?;
-        model
-            .forward(&input, &mut tap, &opts)
-            .with_context(|| format!("calibration forward of sample {} ({})", index, sample.id))?;
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
+    calibration_forwards(model, inputs, &plan.calibration, &mut tap, bar)?;
     let input_amax = tap.finish()?;
     for (id, layer) in scores.layers.iter_mut().enumerate() {
         layer.input_amax = input_amax[id] as f64;
         layer.weight_amax = quant::WeightStats::of(model.linear(id).weight())?.amax as f64;
+    }
+    if plan.formats.iter().any(|f| f.calibration() != Calibration::Max) {
+        awq_lite(model, inputs, plan, scores, reporter)?;
+    }
+    Ok(())
+}
+
+/// One forward of each of `samples` through `tap`, quantization off.
+fn calibration_forwards(
+    model: &Qwen3VL,
+    inputs: &ModelInputs,
+    samples: &[usize],
+    tap: &mut dyn crate::model::Tap,
+    bar: indicatif::ProgressBar,
+) -> Result<()> {
+    let opts = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: false };
+    for &index in samples {
+        let sample = &inputs.samples[index];
+        bar.set_message(sample.id.clone());
+        let input = model_input(sample, inputs)?;
+        model
+            .forward(&input, tap, &opts)
+            .with_context(|| format!("calibration forward of sample {} ({})", index, sample.id))?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// AWQ-lite for the formats that use it (`quant::awq`): a pass that gathers activation
+/// statistics, then per AWQ format a pass that tries every α on every linear layer, then each
+/// layer's smoothing. Disabled layers are not smoothed, nor is the patch embedding (a
+/// convolution), which ModelOpt keeps quantized in the format during the search instead.
+/// Like ModelOpt's auto_quantize ("AWQ takes longer"), AWQ calibrates on the first quarter of
+/// the calibration samples (at least one); its input amax comes from those samples too.
+fn awq_lite(model: &Qwen3VL, inputs: &ModelInputs, plan: &Plan, scores: &mut Scores, reporter: &Reporter) -> Result<()> {
+    use crate::artifact::scores::FormatCalibration;
+    use crate::model::LayerKind;
+    let num_layers = model.layers().len();
+    let samples = &plan.calibration[..(plan.calibration.len() / 4).max(1).min(plan.calibration.len())];
+    let is_linear = |id: usize| model.layers()[id].kind == LayerKind::Linear;
+
+    let mut cache = calibrate::AwqCacheTap {
+        layers: (0..num_layers).map(|id| (!plan.skip[id]).then(calibrate::AwqCache::default)).collect(),
+    };
+    let bar = reporter.bar(samples.len() as u64, "AWQ-lite: activation scales");
+    calibration_forwards(model, inputs, samples, &mut cache, bar)?;
+    let input_amax: Vec<f32> = cache
+        .layers
+        .iter()
+        .map(|c| c.as_ref().map_or(0.0, |c| c.channel_amax.iter().fold(0f32, |m, &v| m.max(v))))
+        .collect();
+    let act_scales: Vec<Option<Vec<f32>>> = (0..num_layers)
+        .map(|id| {
+            let c = cache.layers[id].as_ref().filter(|c| c.search.cache_steps > 0 && is_linear(id))?;
+            let act = c.search.act_scale();
+            // ModelOpt disables AWQ for a layer whose scales hold a NaN.
+            (!act.iter().any(|v| v.is_nan())).then_some(act)
+        })
+        .collect();
+
+    let round = |v: f32| match model.dtype() {
+        candle_core::DType::BF16 => half::bf16::from_f32(v).to_f32(),
+        candle_core::DType::F16 => half::f16::from_f32(v).to_f32(),
+        _ => v,
+    };
+    let num_formats = scores.formats.len();
+    let mut records: Vec<Vec<Option<FormatCalibration>>> = vec![vec![None; num_formats]; num_layers];
+    for (f, format) in plan.formats.iter().enumerate() {
+        let Calibration::AwqLite { block } = format.calibration() else { continue };
+        let searches = (0..num_layers)
+            .map(|id| {
+                act_scales[id]
+                    .as_ref()
+                    .map(|act| calibrate::AwqFormatSearch::new(act, model.linear(id).weight(), block))
+                    .transpose()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let quantized = (0..num_layers).map(|id| (!plan.skip[id] && !is_linear(id)).then_some(input_amax[id])).collect();
+        let mut search = calibrate::AwqSearchTap { format: format.as_ref(), searches, quantized };
+        let bar = reporter.bar(samples.len() as u64, &format!("AWQ-lite: searching α for {}", format.name()));
+        calibration_forwards(model, inputs, samples, &mut search, bar)?;
+
+        for id in (0..num_layers).filter(|&id| !plan.skip[id]) {
+            let plain = FormatCalibration {
+                method: "max".into(),
+                alpha: None,
+                input_scale: Vec::new(),
+                weight_scale: Vec::new(),
+                input_amax: input_amax[id] as f64,
+            };
+            let (Some(s), Some(act)) = (&search.searches[id], &act_scales[id]) else {
+                records[id][f] = Some(plain);
+                continue;
+            };
+            let Some(alpha) = quant::awq::best_alpha(&s.losses) else {
+                records[id][f] = Some(plain);
+                continue;
+            };
+            let weight = model.linear(id).weight();
+            let w = weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let best = quant::awq::scale(act, &quant::awq::weight_scale(&w, weight.dim(1)?, block), alpha);
+            let chosen = quant::awq::Smoothing::new(alpha, &best, round);
+            // ModelOpt: (per-channel amax · pre_quant_scale in f32).amax(), cast to the dtype.
+            let channel_amax = &cache.layers[id].as_ref().expect("searched layers were cached").channel_amax;
+            let amax = round(channel_amax.iter().zip(&best).fold(0f32, |m, (a, s)| m.max(a * (1.0 / s))));
+            records[id][f] = Some(FormatCalibration {
+                method: "awq_lite".into(),
+                alpha: Some(alpha as f64),
+                input_scale: chosen.input_scale,
+                weight_scale: chosen.weight_scale,
+                input_amax: amax as f64,
+            });
+        }
+    }
+    for (layer, record) in scores.layers.iter_mut().zip(records) {
+        layer.format_calibration = record;
     }
     Ok(())
 }

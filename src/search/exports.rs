@@ -29,44 +29,74 @@ fn is_none(format: &str) -> bool {
     normalize_format_name(format) == "NONE"
 }
 
-/// ModelOpt quantizer attributes of a format (for both weights and inputs).
-fn modelopt_attributes(format: &str) -> Option<Value> {
-    match normalize_format_name(format).as_str() {
-        // FP8 E4M3, per tensor (`configs/numerics/fp8`: num_bits e4m3, axis None).
-        "FP8" => Some(json!({"num_bits": [4, 3], "axis": null})),
-        _ => None,
-    }
+/// ModelOpt quantizer attributes of a format: `(weight, input)`, `None` for a disabled input
+/// quantizer. Copied from ModelOpt 0.47's presets (`modelopt_recipes/configs/ptq/presets/model`);
+/// integer `block_sizes` keys are JSON strings here and must be turned back into ints before
+/// `mtq.quantize` (docs/manifest.md shows the line).
+fn modelopt_attributes(format: &str) -> Option<(Value, Option<Value>)> {
+    let fp8 = json!({"num_bits": [4, 3], "axis": null});
+    Some(match normalize_format_name(format).as_str() {
+        "FP8" => (fp8.clone(), Some(fp8)),
+        "FP8_PER_CHANNEL_PER_TOKEN" => (
+            json!({"num_bits": [4, 3], "axis": 0}),
+            Some(json!({"num_bits": [4, 3], "axis": null, "type": "dynamic", "block_sizes": {"-1": null}})),
+        ),
+        "FP8_2D_BLOCKWISE_WEIGHT_ONLY" => {
+            (json!({"num_bits": [4, 3], "axis": null, "block_sizes": {"-1": 128, "-2": 128}}), None)
+        }
+        "INT8" => (json!({"num_bits": 8, "axis": 0}), Some(json!({"num_bits": 8, "axis": null}))),
+        "INT4_BLOCKWISE_WEIGHT_ONLY" => (json!({"num_bits": 4, "block_sizes": {"-1": 128, "type": "static"}}), None),
+        _ => return None,
+    })
 }
 
-/// compressed-tensors weights / input_activations arguments of a format.
-fn compressed_tensors_scheme(format: &str) -> Option<(Value, Value)> {
-    match normalize_format_name(format).as_str() {
-        "FP8" => {
-            let args = |observer: &str| {
-                json!({
-                    "num_bits": 8,
-                    "type": "float",
-                    "strategy": "tensor",
-                    "symmetric": true,
-                    "dynamic": false,
-                    "group_size": null,
-                    "block_structure": null,
-                    "actorder": null,
-                    "observer": observer,
-                    "observer_kwargs": {}
-                })
-            };
-            Some((args("minmax"), args("minmax")))
+/// compressed-tensors arguments (llm-compressor's `QuantizationArgs`) of one quantizer.
+fn ct_args(num_bits: u32, kind: &str, strategy: &str, dynamic: bool, group_size: Option<u32>, observer: &str) -> Value {
+    json!({
+        "num_bits": num_bits,
+        "type": kind,
+        "strategy": strategy,
+        "symmetric": true,
+        "dynamic": dynamic,
+        "group_size": group_size,
+        "block_structure": null,
+        "actorder": null,
+        "observer": observer,
+        "observer_kwargs": {}
+    })
+}
+
+/// compressed-tensors `(weights, input_activations, format)` of a format.
+fn compressed_tensors_scheme(format: &str) -> Option<(Value, Value, &'static str)> {
+    Some(match normalize_format_name(format).as_str() {
+        "FP8" => (
+            ct_args(8, "float", "tensor", false, None, "minmax"),
+            ct_args(8, "float", "tensor", false, None, "minmax"),
+            "float-quantized",
+        ),
+        "FP8_PER_CHANNEL_PER_TOKEN" => (
+            ct_args(8, "float", "channel", false, None, "minmax"),
+            ct_args(8, "float", "token", true, None, "memoryless"),
+            "float-quantized",
+        ),
+        "INT8" => (
+            ct_args(8, "int", "channel", false, None, "minmax"),
+            ct_args(8, "int", "tensor", false, None, "minmax"),
+            "int-quantized",
+        ),
+        "INT4_BLOCKWISE_WEIGHT_ONLY" => {
+            (ct_args(4, "int", "group", false, Some(128), "minmax"), Value::Null, "pack-quantized")
         }
-        _ => None,
-    }
+        _ => return None,
+    })
 }
 
 /// GGUF type of a format and whether it is only the nearest one.
 fn gguf_type(format: &str) -> Option<(&'static str, bool)> {
     match normalize_format_name(format).as_str() {
         "NONE" => Some(("bf16", false)),
-        "FP8" => Some(("q8_0", true)),
+        "FP8" | "FP8_PER_CHANNEL_PER_TOKEN" | "FP8_2D_BLOCKWISE_WEIGHT_ONLY" | "INT8" => Some(("q8_0", true)),
+        "INT4_BLOCKWISE_WEIGHT_ONLY" => Some(("q4_0", true)),
         _ => None,
     }
 }
@@ -75,11 +105,14 @@ fn gguf_type(format: &str) -> Option<(&'static str, bool)> {
 pub fn modelopt(layers: &[LayerChoice]) -> Result<Value, String> {
     let mut quant_cfg = vec![json!({"quantizer_name": "*", "enable": false})];
     for l in layers.iter().filter(|l| !is_none(l.format)) {
-        let attrs = modelopt_attributes(l.format)
+        let (weight, input) = modelopt_attributes(l.format)
             .ok_or_else(|| format!("ModelOpt export: no ModelOpt config for format '{}'", l.format))?;
-        for q in ["input_quantizer", "weight_quantizer"] {
-            quant_cfg.push(json!({"quantizer_name": format!("{}.{q}", l.name), "enable": true, "cfg": attrs}));
+        match input {
+            Some(attrs) => quant_cfg
+                .push(json!({"quantizer_name": format!("{}.input_quantizer", l.name), "enable": true, "cfg": attrs})),
+            None => quant_cfg.push(json!({"quantizer_name": format!("{}.input_quantizer", l.name), "enable": false})),
         }
+        quant_cfg.push(json!({"quantizer_name": format!("{}.weight_quantizer", l.name), "enable": true, "cfg": weight}));
         quant_cfg.push(json!({"quantizer_name": format!("{}.output_quantizer", l.name), "enable": false}));
     }
     Ok(json!({"quant_cfg": quant_cfg, "algorithm": "max"}))
@@ -101,17 +134,28 @@ pub fn compressed_tensors(layers: &[LayerChoice]) -> Result<Value, String> {
         }
     }
     let mut config_groups = serde_json::Map::new();
+    let mut formats = Vec::new();
     for (i, (format, targets)) in groups.iter().enumerate() {
-        let (weights, inputs) = compressed_tensors_scheme(format)
+        let (weights, inputs, ct_format) = compressed_tensors_scheme(format)
             .ok_or_else(|| format!("compressed-tensors export: no scheme for format '{format}'"))?;
+        formats.push(ct_format);
         config_groups.insert(
             format!("group_{i}"),
-            json!({"targets": targets, "weights": weights, "input_activations": inputs, "output_activations": null}),
+            json!({"targets": targets, "weights": weights, "input_activations": inputs, "output_activations": null,
+                   "format": ct_format}),
         );
     }
+    // One compression format for the model, or "mixed-precision" with one per group.
+    formats.sort_unstable();
+    formats.dedup();
+    let format = match formats.as_slice() {
+        [one] => *one,
+        [] => "float-quantized",
+        _ => "mixed-precision",
+    };
     Ok(json!({
         "quant_method": "compressed-tensors",
-        "format": "float-quantized",
+        "format": format,
         "quantization_status": "compressed",
         "global_compression_ratio": null,
         "config_groups": config_groups,

@@ -159,6 +159,7 @@ impl ModelOptRun {
                     input_amax: 0.0,
                     weight_amax: 0.0,
                     per_sample: Vec::new(),
+                    format_calibration: Vec::new(),
                 });
             }
             if g.cost_weight != 0.0 {

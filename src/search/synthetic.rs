@@ -160,6 +160,7 @@ pub fn scores(spec: &SyntheticSpec) -> Scores {
                 input_amax: rng.random_range(1.0..50.0),
                 weight_amax: rng.random_range(0.05..2.0),
                 per_sample,
+                format_calibration: Vec::new(),
             });
         }
         let mut scores: Vec<f64> = g_ps.iter().map(|row| row.iter().sum()).collect();

@@ -380,7 +380,7 @@ impl Qwen3VL {
                 out_features: vd,
             },
             // Conv3d with kernel = stride over (C, T, P, P) = a Linear over flattened patches.
-            Linear::new(pw.reshape((vd, v.patch_dim()))?, Some(pb)),
+            Linear::new(pw.reshape((vd, v.patch_dim()))?, Some(pb)).with_checkpoint_shape(pw.dims()),
         );
         starts.push(Start::PatchEmbed);
         let pos_embed = wr.get("model.visual.pos_embed.weight", &[v.num_position_embeddings, vd])?;
