@@ -462,8 +462,7 @@ def compare(a, b):
         fin = num & torch.isfinite(af) & torch.isfinite(bf)
         d["max_abs_diff"] = float((af - bf)[fin].abs().max()) if int(fin.sum()) else None
         idx = torch.nonzero(num.view(-1))[:8].view(-1)
-        d["first_differences"] = [{"flat_index": int(i), "gpu": float(af.view(-1)[i]), "cpu": float(bf.view(-1)[i]),
-                                   "x": None} for i in idx]
+        d["first_differences"] = [{"flat_index": int(i), "gpu": float(af.view(-1)[i]), "cpu": float(bf.view(-1)[i])} for i in idx]
     return d
 
 
