@@ -110,11 +110,12 @@ def make_inputs(seed=SEED):
                    per 16-block; clipped to +-0.99*XMAX
     rows  384-447  zeros: rows 384-391 all +0, 392-399 all -0; rows 400-447 normal values with
                    16-, 32-, 128-blocks and half rows of +0/-0, and scattered +-0
-    rows  448-575  FP4 (E2M1) ties: every 16-block holds +-6*2^k and the others are E2M1 values
+    rows  448-511  FP4 (E2M1) ties: every 16-block holds +-6*2^k and the others are E2M1 values
                    and E2M1 midpoints times 2^k (k = -8..8 per 32-block); for NVFP4 and MXFP4 the
                    block scale is exactly 2^k, so x/scale are exact ties
-    rows  576-639  E4M3 ties, scale 1: every 32-block holds +-448, the others are E4M3 values and
-                   midpoints (per-channel, per-token and 2D-block FP8 and MXFP8 all get scale 1)
+    rows  512-639  E4M3 ties, scale 1: every 32-block holds +-448, the others are E4M3 values and
+                   midpoints (per-channel, per-token, the 128x128 tiles of rows 512-639 and MXFP8 all
+                   get scale 1)
     rows  640-671  E4M3 ties times 2^k per 32-block (MXFP8 scale 2^k), k = -20..2
     rows  672-687  INT8 ties: every row holds +-127 and the others are k + 0.5 and integers
                    (per-row INT8 weight scale = 127/127 = 1; INT8 input calibrated amax 127)
@@ -157,9 +158,9 @@ def make_inputs(seed=SEED):
             m = rng.random(COLS) < 0.3
             x[r, m] = np.where(rng.random(m.sum()) < 0.5, 0.0, -0.0)
 
-    # rows 448-575: E2M1 ties (FP4: NVFP4 block 16, MXFP4 block 32)
+    # rows 448-511: E2M1 ties (FP4: NVFP4 block 16, MXFP4 block 32)
     pool = np.concatenate([E2M1_TIES, E2M1_TIES, E2M1[1:]])
-    for r in range(448, 576):
+    for r in range(448, 512):
         for b in range(0, COLS, 32):
             k = int(rng.integers(-8, 9))
             blk = rng.choice(pool, 32) * sign(32)
@@ -167,9 +168,9 @@ def make_inputs(seed=SEED):
             blk[16] = 6.0 * (1 if rng.random() < 0.5 else -1)
             x[r, b:b + 32] = blk * 2.0**k
 
-    # rows 576-671: E4M3 ties
+    # rows 512-671: E4M3 ties
     t8 = np.concatenate([e4m3_ties(), e4m3_values()[1:]])
-    for r in range(576, 672):
+    for r in range(512, 672):
         for b in range(0, COLS, 32):
             blk = rng.choice(t8, 32) * sign(32)
             blk[0] = 448.0 * (1 if rng.random() < 0.5 else -1)
