@@ -62,21 +62,26 @@ def e4m3_rne(v):
     return (np.copysign(q, v)).astype(F32)
 
 
-def fp8_eager(x, amax):
-    """ModelOpt tensor_quant._fp8_eager (CPU path), all f32."""
+def fp8_eager(x, amax, ieee_scale=False):
+    """ModelOpt tensor_quant._fp8_eager (CPU path, and the 2D-block path on CUDA), all f32.
+
+    Python's `448.0 / amax` is Tensor.__rtruediv__ = reciprocal(amax) * 448: two roundings, not one
+    IEEE division. The CUDA extension (tensor_quant_gpu_fp8.cu) computes `448.f / safe_amax` in ATen C++,
+    which is fill + div_: one IEEE division (ieee_scale=True); its E4M3 cast saturates like the clamp."""
     amax = amax.astype(F32)
     safe = np.where(amax <= F32(1.0 / (1 << 24)), F32(1.0), amax)
-    # torch's `448.0 / amax` (Tensor.__rtruediv__, and ATen's Scalar / Tensor in the CUDA extension) is
-    # reciprocal(amax) * 448: two roundings, not one IEEE division
-    s = ((F32(1.0) / safe).astype(F32) * F32(448.0)).astype(F32)
+    if ieee_scale:
+        s = (F32(448.0) / safe).astype(F32)
+    else:
+        s = ((F32(1.0) / safe).astype(F32) * F32(448.0)).astype(F32)
     sinv = (F32(1.0) / s).astype(F32)
     v = np.clip((x * s).astype(F32), F32(-448.0), F32(448.0))
     return (e4m3_rne(v) * sinv).astype(F32)
 
 
 def fp8_cuda(x, amax):
-    """tensor_quant_gpu_fp8.cu fake_e4m3fy: satfinite cast of x*scale, times 1/scale; +0 for x=-0? no: sign kept."""
-    return fp8_eager(x, amax)
+    """tensor_quant_gpu_fp8.cu fake_e4m3fy / fake_e4m3fy_with_axis (per tensor, per channel, per token)."""
+    return fp8_eager(x, amax, ieee_scale=True)
 
 
 def int_legacy(x, amax, bits, narrow=False, cuda=False):
@@ -170,6 +175,9 @@ def main():
     meta = json.load(open(os.path.join(d, "fake_quant.json")))
     inp = load_xz(os.path.join(d, "inputs.safetensors.xz"))
     calib = meta["calib_amax"]
+    be = meta.get("backends", {})
+    fp8_ext = bool(be.get("get_cuda_ext_fp8", {}).get("loaded"))     # else ModelOpt falls back to _fp8_eager
+    int_ext = bool(be.get("get_cuda_ext", {}).get("loaded"))         # else the CPU formula (_tensor_quant)
     total = 0
     for name, fdoc in meta["formats"].items():
         p = os.path.join(d, f"{name}.safetensors.xz")
@@ -187,25 +195,26 @@ def main():
             y = t[key]
             r = None
             rows = x.shape[0]
+            fp8 = fp8_eager if cpu or not fp8_ext else fp8_cuda
             if name in ("FP8_DEFAULT_CFG",) or (name == "W4A8_AWQ_BETA_CFG" and q == "input"):
                 amax = np.abs(x).max() if q == "weight" else F32(calib[name])
-                r = fp8_eager(x, np.array(amax, dtype=F32))
+                r = fp8(x, np.array(amax, dtype=F32))
             elif name == "FP8_PER_CHANNEL_PER_TOKEN_CFG":
-                r = fp8_eager(x, np.abs(x).max(axis=1, keepdims=True))
+                r = fp8(x, np.abs(x).max(axis=1, keepdims=True))
             elif name == "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG":
                 xb = x.reshape(rows // 128, 128, -1, 128)
                 amax = np.abs(xb).max(axis=(1, 3), keepdims=True)
                 r = fp8_eager(xb, amax).reshape(x.shape)
             elif name == "INT8_DEFAULT_CFG":
                 amax = np.abs(x).max(axis=1, keepdims=True) if q == "weight" else np.array(calib[name], dtype=F32)
-                r = int_legacy(x, amax, 8, cuda=not cpu)
+                r = int_legacy(x, amax, 8, cuda=not cpu and int_ext)
             elif name in ("INT4_AWQ_CFG", "W4A8_AWQ_BETA_CFG") and q == "weight":
                 xb = x.reshape(-1, 128)
-                r = int_legacy(xb, np.abs(xb).max(axis=1, keepdims=True), 4, cuda=not cpu).reshape(x.shape)
+                r = int_legacy(xb, np.abs(xb).max(axis=1, keepdims=True), 4, cuda=not cpu and int_ext).reshape(x.shape)
                 if name == "W4A8_AWQ_BETA_CFG":   # stage 2: FP8 per-tensor, amax calibrated on the raw weight
                     if dt == "bf16":
                         r = bf16_to_f32(f32_to_bf16(r))
-                    r = fp8_eager(r, np.array(np.abs(x).max(), dtype=F32))
+                    r = fp8(r, np.array(np.abs(x).max(), dtype=F32))
             elif name in ("NVFP4_DEFAULT_CFG", "W4A16_NVFP4_CFG"):
                 ga = np.abs(x).max() if q == "weight" else F32(calib["NVFP4_DEFAULT_CFG"])
                 r = nvfp4_triton(x, ga)

@@ -6,7 +6,8 @@
 # Writes everything into one folder and tars it to $OUT/modelopt_formats.tar.xz. Safe to run twice.
 # Environment: OUT (default /tmp/modelopt_formats_out), DEVICE (cuda, or cpu for a local test),
 #   PYTHON (default python3), SKIP_PIP=1 (use the Python's own ModelOpt), FIXTURES (default
-#   .carry/fixtures, else ../shared/fixtures), EXTRA (more flags for modelopt_formats.py).
+#   .carry/fixtures, else ../shared/fixtures), CPU_TOO=0 (skip the CPU comparison runs),
+#   EXTRA (more flags for modelopt_formats.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/modelopt_formats_out}; mkdir -p "$OUT"
@@ -49,7 +50,7 @@ if [ "$DEVICE" = cuda ]; then
 fi
 
 log "modelopt_formats.py"
-$PY scripts/reference/modelopt_formats.py --out "$D" --device "$DEVICE" --cpu-too --fixtures "$FIXTURES" \
+$PY scripts/reference/modelopt_formats.py --out "$D" --device "$DEVICE" $([ "${CPU_TOO:-1}" = 0 ] || echo --cpu-too) --fixtures "$FIXTURES" \
   --jobs "$(nproc)" ${EXTRA:-} 2>&1 | tee "$D/log.txt"
 RC=${PIPESTATUS[0]}
 for f in "$D"/autoquant_*.safetensors; do [ -f "$f" ] && xz -T0 -9 "$f"; done

@@ -836,7 +836,11 @@ def main():
     log(f"modelopt imported in {time.time() - t0:.1f} s; device {args.device}")
     summary = {"command": " ".join(sys.argv), "device": args.device, "errors": {}}
     if "A" in args.part:
-        part_a(args, args.out)
+        try:
+            part_a(args, args.out)
+        except Exception as e:  # noqa: BLE001  (part B still runs)
+            traceback.print_exc()
+            summary["errors"]["part_a"] = repr(e)[-3000:]
     if "B" in args.part:
         for tag, formats in AUTOQUANT_RUNS:
             if tag not in args.runs.split(","):
