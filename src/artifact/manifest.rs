@@ -203,6 +203,10 @@ pub struct FrontierPoint {
     pub effective_bits: f64,
     pub objective: f64,
     pub quantized_groups: usize,
+    /// Groups given each format (in `Manifest::formats` order, NONE last); empty where the
+    /// recipe is not kept (`pareto` points).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups_per_format: Vec<usize>,
     /// `grid`, `hull` (a vertex of the LP relaxation's frontier: integral, hence optimal),
     /// `pareto` (from the exhaustive enumeration) or `chosen`.
     pub kind: String,

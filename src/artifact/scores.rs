@@ -8,7 +8,8 @@
 //!   summed in sample order; a group's is the sum over its member layers.
 //! - `GroupScores::scores` is made monotone like ModelOpt: walking from the fewest bits to the
 //!   most, each score is the minimum of itself and the previous one.
-//! - cost of a format = weight parameters × effective bits / 16 (ModelOpt's weight cost).
+//! - cost of a format = weight parameters × effective bits / 16 (ModelOpt's weight cost; with
+//!   `--true-cost` the bits count the scales' storage and `modelopt_bits` keeps ModelOpt's).
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +50,10 @@ pub struct FormatInfo {
     pub weight: String,
     /// How layer inputs are quantized.
     pub input: String,
+    /// ModelOpt's effective bits when `effective_bits` counts the scales' storage too
+    /// (`score-layers --true-cost`); absent under ModelOpt's cost model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modelopt_bits: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

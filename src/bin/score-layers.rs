@@ -37,6 +37,10 @@ struct Args {
     /// Quantization format to score (repeatable).
     #[arg(long = "format", value_name = "NAME", default_value = "FP8")]
     formats: Vec<String>,
+    /// Count the scales' storage in each format's cost (INT4 block-128 with 16-bit scales 4.125
+    /// bits, MXFP8 8.25, ...) instead of ModelOpt's effective bits (INT4 4, MXFP8 8).
+    #[arg(long)]
+    true_cost: bool,
     /// Keep groups matching this fnmatch pattern unquantized (still counted in the budget).
     #[arg(long, value_name = "GLOB")]
     disable: Vec<String>,
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
             device: args.device.clone(),
             dtype: score::parse_dtype(&args.dtype)?,
             formats: args.formats.clone(),
+            true_cost: args.true_cost,
             disable: args.disable.clone(),
             exclude_cost: args.exclude_cost.clone(),
             group_rules: (!args.group_rules.is_empty()).then(|| args.group_rules.clone()),

@@ -299,10 +299,12 @@ pub fn format_by_name(name: &str) -> anyhow::Result<Box<dyn Format>> {
 /// Orders formats as ModelOpt's auto_quantize does (`QuantRecipe.__lt__`): by effective bits,
 /// then formats with equal bits by their config's JSON signature (`model_dump_json`), which
 /// decides which score the monotone pass takes from which. [`MODELOPT_SIGNATURE_ORDER`] is that
-/// order, read off ModelOpt 0.47 by `scripts/reference/modelopt_formats.py`.
-pub fn sort_as_modelopt(formats: &mut [Box<dyn Format>]) {
+/// order, read off ModelOpt 0.47 by `scripts/reference/modelopt_format_order.py`. With
+/// `true_cost` the bits compared are [`Format::true_bits`].
+pub fn sort_as_modelopt(formats: &mut [Box<dyn Format>], true_cost: bool) {
     let rank = |f: &dyn Format| MODELOPT_SIGNATURE_ORDER.iter().position(|n| *n == f.modelopt_name()).unwrap_or(usize::MAX);
-    formats.sort_by(|a, b| a.effective_bits().total_cmp(&b.effective_bits()).then(rank(a.as_ref()).cmp(&rank(b.as_ref()))));
+    let bits = |f: &dyn Format| if true_cost { f.true_bits() } else { f.effective_bits() };
+    formats.sort_by(|a, b| bits(a.as_ref()).total_cmp(&bits(b.as_ref())).then(rank(a.as_ref()).cmp(&rank(b.as_ref()))));
 }
 
 /// ModelOpt 0.47's sort order of its configs (the output of
@@ -349,7 +351,7 @@ mod tests {
     fn formats_sort_by_bits_then_signature() {
         let mut formats: Vec<Box<dyn Format>> =
             ["FP8", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int8", "FP8_PER_CHANNEL_PER_TOKEN"].iter().map(|n| format_by_name(n).unwrap()).collect();
-        sort_as_modelopt(&mut formats);
+        sort_as_modelopt(&mut formats, false);
         let names: Vec<&str> = formats.iter().map(|f| f.name()).collect();
         assert_eq!(names, ["INT4_BLOCKWISE_WEIGHT_ONLY", "INT8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8"]);
         assert!(format_by_name("FP16").is_err());

@@ -623,6 +623,32 @@ pub fn render_with_evaluation(
         .iter()
         .filter(|p| p.kind == "chosen" || (p.kind == "grid" && (p.budget_bits - p.budget_bits.round()).abs() < 1e-9))
         .collect();
+    // With several quantized formats: every group's score per format, and each frontier
+    // point's mix of formats.
+    let quantized_formats: Vec<&str> = m.formats[..m.formats.len().saturating_sub(1)].iter().map(|f| f.info.name.as_str()).collect();
+    let per_format = (quantized_formats.len() > 1).then(|| {
+        let mut groups: Vec<&GroupEntry> = m.groups.iter().collect();
+        groups.sort_by(|a, b| a.rank.cmp(&b.rank).then(a.name.cmp(&b.name)));
+        let rows: Vec<Value> = groups
+            .iter()
+            .map(|g| {
+                let scores: Vec<String> = g.scores[..quantized_formats.len()].iter().map(|&x| fmt_sci(x, 3)).collect();
+                minijinja::context! { name => &g.name, params_fmt => thousands(g.params), scores => scores, chosen => &g.chosen }
+            })
+            .collect();
+        minijinja::context! { formats => &quantized_formats, rows => rows }
+    });
+    let mix_of = |p: &crate::artifact::manifest::FrontierPoint| -> String {
+        p.groups_per_format
+            .iter()
+            .zip(&m.formats)
+            .filter(|(&n, _)| n > 0)
+            .map(|(n, f)| format!("{} {n}", f.info.name))
+            .collect::<Vec<_>>()
+            .join(" · ")
+    };
+    let frontier_mix: Vec<String> = frontier_rows.iter().map(|p| mix_of(p)).collect();
+    let true_cost = m.formats.iter().any(|f| f.info.modelopt_bits.is_some());
     let summary_fmt = minijinja::context! {
         budget_bits => fmt_number(s.budget.effective_bits),
         achieved_bits => format!("{:.3}", s.achieved_effective_bits),
@@ -650,6 +676,8 @@ pub fn render_with_evaluation(
         summary => Value::from_serialize(s),
         s => summary_fmt,
         formats => Value::from_serialize(&m.formats),
+        per_format => per_format,
+        true_cost => true_cost,
         table => minijinja::context! { level => level, rows => Value::from_serialize(&rows) },
         group_rows => Value::from_serialize(&group_rows),
         towers => Value::from_serialize(&stats),
@@ -661,6 +689,7 @@ pub fn render_with_evaluation(
             step => fp.step,
             chosen => Value::from_serialize(chosen),
             rows => Value::from_serialize(&frontier_rows),
+            mix => frontier_mix,
         },
         exports => Value::from_serialize(&m.exports),
         confidence => Value::from_serialize(&m.confidence),

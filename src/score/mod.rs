@@ -59,6 +59,8 @@ pub struct ScoreOptions {
     pub device: String,
     pub dtype: DType,
     pub formats: Vec<String>,
+    /// Costs count the scales' storage ([`Format::true_bits`]) instead of ModelOpt's bits.
+    pub true_cost: bool,
     pub disable: Vec<String>,
     pub exclude_cost: Vec<String>,
     /// Grouping regexes; `None` = ModelOpt's defaults.
@@ -229,7 +231,7 @@ struct Plan {
 fn plan(opts: &ScoreOptions, model: &Qwen3VL, inputs: &ModelInputs) -> Result<(Plan, Scores)> {
     let mut formats: Vec<Box<dyn Format>> = opts.formats.iter().map(|f| format_by_name(f)).collect::<Result<_>>()?;
     ensure!(!formats.is_empty(), "no quantization format given");
-    quant::format::sort_as_modelopt(&mut formats);
+    quant::format::sort_as_modelopt(&mut formats, opts.true_cost);
     if let Some(w) = formats.windows(2).find(|w| w[0].name() == w[1].name()) {
         bail!("format '{}' is given twice", w[0].name());
     }
@@ -247,9 +249,10 @@ fn plan(opts: &ScoreOptions, model: &Qwen3VL, inputs: &ModelInputs) -> Result<(P
         .iter()
         .map(|f| FormatInfo {
             name: f.name().to_string(),
-            effective_bits: f.effective_bits(),
+            effective_bits: if opts.true_cost { f.true_bits() } else { f.effective_bits() },
             weight: f.weight_description(),
             input: f.input_description(),
+            modelopt_bits: opts.true_cost.then(|| f.effective_bits()),
         })
         .collect();
     format_info.push(FormatInfo {
@@ -257,6 +260,7 @@ fn plan(opts: &ScoreOptions, model: &Qwen3VL, inputs: &ModelInputs) -> Result<(P
         effective_bits: NONE_BITS,
         weight: "unquantized".into(),
         input: "unquantized".into(),
+        modelopt_bits: opts.true_cost.then_some(NONE_BITS),
     });
 
     let mut skip = vec![false; layers.len()];
@@ -370,6 +374,9 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
         .param("disable", opts.disable.join(","))
         .param("exclude_cost", opts.exclude_cost.join(","))
         .param("group_rules", opts.group_rules.as_ref().map_or("modelopt-default".into(), |r| r.join(" ")));
+    if opts.true_cost {
+        provenance.param("cost", "true-cost");
+    }
     if let Some(n) = opts.calib_samples {
         provenance.param("calib_samples", n);
     }

@@ -45,7 +45,9 @@ fn modelopt_attributes(format: &str) -> Option<(Value, Option<Value>)> {
             (json!({"num_bits": [4, 3], "axis": null, "block_sizes": {"-1": 128, "-2": 128}}), None)
         }
         "INT8" => (json!({"num_bits": 8, "axis": 0}), Some(json!({"num_bits": 8, "axis": null}))),
-        "INT4_BLOCKWISE_WEIGHT_ONLY" => (json!({"num_bits": 4, "block_sizes": {"-1": 128, "type": "static"}}), None),
+        "INT4_BLOCKWISE_WEIGHT_ONLY" | "INT4_AWQ" => {
+            (json!({"num_bits": 4, "block_sizes": {"-1": 128, "type": "static"}}), None)
+        }
         _ => return None,
     })
 }
@@ -84,7 +86,7 @@ fn compressed_tensors_scheme(format: &str) -> Option<(Value, Value, &'static str
             ct_args(8, "int", "tensor", false, None, "minmax"),
             "int-quantized",
         ),
-        "INT4_BLOCKWISE_WEIGHT_ONLY" => {
+        "INT4_BLOCKWISE_WEIGHT_ONLY" | "INT4_AWQ" => {
             (ct_args(4, "int", "group", false, Some(128), "minmax"), Value::Null, "pack-quantized")
         }
         _ => return None,
@@ -96,7 +98,7 @@ fn gguf_type(format: &str) -> Option<(&'static str, bool)> {
     match normalize_format_name(format).as_str() {
         "NONE" => Some(("bf16", false)),
         "FP8" | "FP8_PER_CHANNEL_PER_TOKEN" | "FP8_2D_BLOCKWISE_WEIGHT_ONLY" | "INT8" => Some(("q8_0", true)),
-        "INT4_BLOCKWISE_WEIGHT_ONLY" => Some(("q4_0", true)),
+        "INT4_BLOCKWISE_WEIGHT_ONLY" | "INT4_AWQ" => Some(("q4_0", true)),
         _ => None,
     }
 }

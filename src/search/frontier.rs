@@ -37,6 +37,15 @@ fn quantized(problem: &Problem, choice: &[usize]) -> usize {
     choice.iter().filter(|&&f| f != problem.none_index()).count()
 }
 
+/// Groups per format (in the problem's format order) of a recipe.
+fn mix(problem: &Problem, choice: &[usize]) -> Vec<usize> {
+    let mut counts = vec![0; problem.none_index() + 1];
+    for &f in choice {
+        counts[f] += 1;
+    }
+    counts
+}
+
 /// Kind priority when two points answer the same budget.
 fn priority(kind: &str) -> u8 {
     match kind {
@@ -76,6 +85,7 @@ pub fn frontier(problem: &Problem, target_bits: f64, chosen: &Recipe, opts: &Fro
                 effective_bits: r.effective_bits,
                 objective: r.objective,
                 quantized_groups: quantized(problem, &r.choice),
+                groups_per_format: mix(problem, &r.choice),
                 kind: "grid".into(),
                 proved: r.proved,
             }
@@ -88,6 +98,7 @@ pub fn frontier(problem: &Problem, target_bits: f64, chosen: &Recipe, opts: &Fro
         effective_bits: chosen.effective_bits,
         objective: chosen.objective,
         quantized_groups: quantized(problem, &chosen.choice),
+        groups_per_format: mix(problem, &chosen.choice),
         kind: "chosen".into(),
         proved: chosen.proved,
     });
@@ -99,6 +110,7 @@ pub fn frontier(problem: &Problem, target_bits: f64, chosen: &Recipe, opts: &Fro
             effective_bits: bits,
             objective: h.score,
             quantized_groups: quantized(problem, &choice),
+            groups_per_format: mix(problem, &choice),
             kind: "hull".into(),
             proved: true,
         });
@@ -118,6 +130,7 @@ pub fn frontier(problem: &Problem, target_bits: f64, chosen: &Recipe, opts: &Fro
                         effective_bits: bits,
                         objective: p.score,
                         quantized_groups: p.counted,
+                        groups_per_format: Vec::new(),
                         kind: "pareto".into(),
                         proved: true,
                     });

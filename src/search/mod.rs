@@ -352,11 +352,20 @@ fn build_exports(groups: &[GroupEntry]) -> Exports {
     let modelopt = exports::modelopt(&layers).map_err(|e| notes.push(e)).ok();
     let compressed_tensors = exports::compressed_tensors(&layers).map_err(|e| notes.push(e)).ok();
     let llama_cpp = exports::llama_cpp(&layers).map_err(|e| notes.push(e)).ok();
+    if layers.iter().any(|l| problem::normalize_format_name(l.format).contains("AWQ")) {
+        notes.push(
+            "AWQ layers: one mtq.quantize config cannot carry per-layer AWQ smoothing next to max-calibrated \
+             layers, so the ModelOpt config uses algorithm 'max' for all (as ModelOpt's own get_auto_quantize_config \
+             does), and the compressed-tensors and GGUF entries describe the weight format only: the smoothing \
+             (α and scales per layer) is in the scores artifact"
+                .into(),
+        );
+    }
     if let Some(l) = &llama_cpp {
         if l.type_map.iter().any(|m| m.approximate) {
             notes.push(
-                "llama.cpp export: GGUF has no FP8 type; FP8 layers map to q8_0 (8-bit integers, one scale per 32 \
-                 weights), the nearest GGUF type: approximate"
+                "llama.cpp export: GGUF has no FP8 or INT4-block type; those layers map to the nearest GGUF type \
+                 (q8_0 / q4_0: integers with one scale per 32 weights): approximate"
                     .into(),
             );
         }

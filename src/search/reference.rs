@@ -137,7 +137,7 @@ impl ModelOptRun {
                 } else {
                     (format!("{f} (ModelOpt)"), format!("{f} (ModelOpt)"))
                 };
-                Ok(FormatInfo { name, effective_bits: bits, weight, input })
+                Ok(FormatInfo { name, effective_bits: bits, weight, input, modelopt_bits: None })
             })
             .collect::<Result<_>>()?;
         let mut layers = Vec::new();

@@ -68,6 +68,7 @@ pub fn scores(spec: &SyntheticSpec) -> Scores {
             effective_bits: bits,
             weight: how.into(),
             input: if name == "NONE" { "unquantized".into() } else { how.into() },
+            modelopt_bits: None,
         })
         .collect();
 
