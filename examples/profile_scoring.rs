@@ -96,15 +96,14 @@ fn main() -> Result<()> {
         (0..n).map(|i| WeightStats::of(model.linear(i).weight())).collect::<candle_core::Result<_>>()?;
     let amax = vec![4.0f32; n];
     let skip = vec![false; n];
-    let quant =
-        LayerQuant {
-            formats: &formats,
-            input_amax: &amax,
-            weight_stats: &stats,
-            smoothing: Vec::new(),
-            skip: &skip,
-            cached_weights: None,
-        };
+    let quant = LayerQuant {
+        formats: &formats,
+        input_amax: &amax,
+        weight_stats: &stats,
+        format_calibration: Vec::new(),
+        skip: &skip,
+        cached_weights: None,
+    };
 
     let calib = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: false };
     let train = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Backward, trace: false };

@@ -740,7 +740,7 @@ fn all_groups_gradient_scores_match_modelopt() {
         formats: &formats,
         input_amax: &input_amax,
         weight_stats: &stats,
-        smoothing: Vec::new(),
+        format_calibration: Vec::new(),
         skip: &skip,
         cached_weights: None,
     };
@@ -884,7 +884,7 @@ fn all_groups_kl_scores_match_modelopt() {
         formats: &formats,
         input_amax: &input_amax,
         weight_stats: &stats,
-        smoothing: Vec::new(),
+        format_calibration: Vec::new(),
         skip: &skip,
         cached_weights: None,
     };

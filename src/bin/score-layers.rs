@@ -34,7 +34,9 @@ struct Args {
     /// Compute dtype of the model: f32, bf16 or f16 (fake quantization and scores are f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Quantization format to score (repeatable).
+    /// Quantization format to score (repeatable; all are searched together): FP8,
+    /// FP8_PER_CHANNEL_PER_TOKEN, FP8_2D_BLOCKWISE_WEIGHT_ONLY, INT8, INT4_BLOCKWISE_WEIGHT_ONLY,
+    /// INT4_AWQ, or ModelOpt's config name (FP8_DEFAULT_CFG, ...). See docs/formats.md.
     #[arg(long = "format", value_name = "NAME", default_value = "FP8")]
     formats: Vec<String>,
     /// Count the scales' storage in each format's cost (INT4 block-128 with 16-bit scales 4.125

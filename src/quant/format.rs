@@ -59,7 +59,12 @@ pub trait Format: Send + Sync + std::fmt::Debug {
 
 /// Fake-quantizes `weight` viewed as `shape` (its checkpoint shape, e.g. a Conv3d's
 /// `[out, C, T, P, P]`, along whose last axis block formats quantize), in the weight's shape.
-pub fn quantize_weight_as(format: &dyn Format, weight: &Tensor, stats: &WeightStats, shape: &[usize]) -> Result<Tensor> {
+pub fn quantize_weight_as(
+    format: &dyn Format,
+    weight: &Tensor,
+    stats: &WeightStats,
+    shape: &[usize],
+) -> Result<Tensor> {
     if weight.dims() == shape {
         return format.quantize_weight(weight, stats);
     }
@@ -277,8 +282,14 @@ pub const NONE: &str = "NONE";
 pub const NONE_BITS: f64 = 16.0;
 
 /// The formats [`format_by_name`] knows, by their short names.
-pub const KNOWN_FORMATS: &[&str] =
-    &["FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_2D_BLOCKWISE_WEIGHT_ONLY", "INT8", "INT4_BLOCKWISE_WEIGHT_ONLY", "INT4_AWQ"];
+pub const KNOWN_FORMATS: &[&str] = &[
+    "FP8",
+    "FP8_PER_CHANNEL_PER_TOKEN",
+    "FP8_2D_BLOCKWISE_WEIGHT_ONLY",
+    "INT8",
+    "INT4_BLOCKWISE_WEIGHT_ONLY",
+    "INT4_AWQ",
+];
 
 /// Looks up a format by name (case-insensitive): the short name or ModelOpt's config name
 /// (`FP8_DEFAULT_CFG`, `INT8_DEFAULT_CFG`, ...).
@@ -302,7 +313,8 @@ pub fn format_by_name(name: &str) -> anyhow::Result<Box<dyn Format>> {
 /// order, read off ModelOpt 0.47 by `scripts/reference/modelopt_format_order.py`. With
 /// `true_cost` the bits compared are [`Format::true_bits`].
 pub fn sort_as_modelopt(formats: &mut [Box<dyn Format>], true_cost: bool) {
-    let rank = |f: &dyn Format| MODELOPT_SIGNATURE_ORDER.iter().position(|n| *n == f.modelopt_name()).unwrap_or(usize::MAX);
+    let rank =
+        |f: &dyn Format| MODELOPT_SIGNATURE_ORDER.iter().position(|n| *n == f.modelopt_name()).unwrap_or(usize::MAX);
     let bits = |f: &dyn Format| if true_cost { f.true_bits() } else { f.effective_bits() };
     formats.sort_by(|a, b| bits(a.as_ref()).total_cmp(&bits(b.as_ref())).then(rank(a.as_ref()).cmp(&rank(b.as_ref()))));
 }
@@ -350,7 +362,10 @@ mod tests {
     #[test]
     fn formats_sort_by_bits_then_signature() {
         let mut formats: Vec<Box<dyn Format>> =
-            ["FP8", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int8", "FP8_PER_CHANNEL_PER_TOKEN"].iter().map(|n| format_by_name(n).unwrap()).collect();
+            ["FP8", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int8", "FP8_PER_CHANNEL_PER_TOKEN"]
+                .iter()
+                .map(|n| format_by_name(n).unwrap())
+                .collect();
         sort_as_modelopt(&mut formats, false);
         let names: Vec<&str> = formats.iter().map(|f| f.name()).collect();
         assert_eq!(names, ["INT4_BLOCKWISE_WEIGHT_ONLY", "INT8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8"]);

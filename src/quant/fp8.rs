@@ -30,6 +30,16 @@ pub fn scales(amax: f32) -> (f32, f32) {
     (scale, 1.0 / scale)
 }
 
+/// The `(scale, 1/scale)` pair of ModelOpt's eager path (`_fp8_eager`: the CPU path, and the
+/// 2-D block path on every device): `448.0 / amax` on a tensor is `reciprocal(amax) · 448`, two
+/// roundings, which can differ from [`scales`]' one division in the last bit.
+pub fn scales_eager(amax: f32) -> (f32, f32) {
+    let epsilon = 1.0f32 / (1u32 << 24) as f32;
+    let safe_amax = if amax <= epsilon { 1.0 } else { amax };
+    let scale = (1.0 / safe_amax) * E4M3_MAX;
+    (scale, 1.0 / scale)
+}
+
 /// Rounds an f32 to the nearest E4M3FN value (ties to even). `v` must already be within ±448
 /// (callers clamp first); NaN stays NaN.
 #[inline]
@@ -86,8 +96,8 @@ pub fn fake_quant_per_token(values: &mut [f32], dims: &[usize]) {
 
 /// 2-D blocks of `block × block` over the last two dimensions (`block_sizes: {-1: b, -2: b}`,
 /// static): each tile, partial tiles at the edges included, against its own max |x|. ModelOpt
-/// pads partial tiles with zeros, which leaves their max unchanged; the arithmetic is
-/// `_fp8_eager`'s, the same as above.
+/// pads partial tiles with zeros, which leaves their max unchanged; its amax has two dimensions,
+/// so every device takes `_fp8_eager` ([`scales_eager`]).
 pub fn fake_quant_2d_blocks(values: &mut [f32], dims: &[usize], block: usize) {
     let cols = dims.last().copied().unwrap_or(1).max(1);
     let rows = if dims.len() >= 2 { dims[dims.len() - 2].max(1) } else { 1 };
@@ -95,8 +105,9 @@ pub fn fake_quant_2d_blocks(values: &mut [f32], dims: &[usize], block: usize) {
         for r0 in (0..rows).step_by(block) {
             for c0 in (0..cols).step_by(block) {
                 let (r1, c1) = ((r0 + block).min(rows), (c0 + block).min(cols));
-                let amax = (r0..r1).fold(0f32, |m, r| m.max(super::host::max_abs(&matrix[r * cols + c0..r * cols + c1])));
-                let (scale, inv_scale) = scales(amax);
+                let amax =
+                    (r0..r1).fold(0f32, |m, r| m.max(super::host::max_abs(&matrix[r * cols + c0..r * cols + c1])));
+                let (scale, inv_scale) = scales_eager(amax);
                 for r in r0..r1 {
                     for v in &mut matrix[r * cols + c0..r * cols + c1] {
                         *v = fake_quant(*v, scale, inv_scale);

@@ -100,7 +100,8 @@ mod tests {
         let mut v = [7.0, 3.5, -2.5, 0.4, 0.7, 0.35, -0.05, 0.0];
         fake_quant_blocks(&mut v, &[1, 8], 4, 4);
         let s: f32 = 7.0 / 0.7;
-        let want = [7.0, 4.0, -2.0, 0.0, 7.0 / s, (0.35 * s).round_ties_even() / s, (-0.05 * s).round_ties_even() / s, 0.0];
+        let want =
+            [7.0, 4.0, -2.0, 0.0, 7.0 / s, (0.35 * s).round_ties_even() / s, (-0.05 * s).round_ties_even() / s, 0.0];
         assert_eq!(v, want);
     }
 

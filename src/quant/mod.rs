@@ -1,9 +1,9 @@
 //! Quantization numerics and layer grouping: the one home of each format's arithmetic (`fp8`,
 //! `int`, AWQ smoothing in `awq`), of the format abstraction and of the rules that decide which
 //! layers share a format.
+pub mod awq;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod awq;
 pub mod format;
 pub mod fp8;
 pub mod groups;

@@ -625,7 +625,8 @@ pub fn render_with_evaluation(
         .collect();
     // With several quantized formats: every group's score per format, and each frontier
     // point's mix of formats.
-    let quantized_formats: Vec<&str> = m.formats[..m.formats.len().saturating_sub(1)].iter().map(|f| f.info.name.as_str()).collect();
+    let quantized_formats: Vec<&str> =
+        m.formats[..m.formats.len().saturating_sub(1)].iter().map(|f| f.info.name.as_str()).collect();
     let per_format = (quantized_formats.len() > 1).then(|| {
         let mut groups: Vec<&GroupEntry> = m.groups.iter().collect();
         groups.sort_by(|a, b| a.rank.cmp(&b.rank).then(a.name.cmp(&b.name)));

@@ -106,7 +106,9 @@ impl AwqFormatSearch {
         for alpha in awq::alphas() {
             let s = awq::scale(act_scale, &weight_scale, alpha);
             let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
-            let on_device = |v: Vec<f32>| Tensor::from_vec(v, cols, &Device::Cpu)?.to_dtype(weight.dtype())?.to_device(weight.device());
+            let on_device = |v: Vec<f32>| {
+                Tensor::from_vec(v, cols, &Device::Cpu)?.to_dtype(weight.dtype())?.to_device(weight.device())
+            };
             input_scales.push(on_device(inv)?);
             weight_scales.push(on_device(s)?);
         }

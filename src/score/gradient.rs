@@ -62,9 +62,19 @@ impl LayerQuant<'_> {
             // The weight quantizer's amax is recalibrated on the smoothed weight.
             Some((_, w)) => {
                 let smoothed = linear.weight().broadcast_mul(w)?;
-                quant::format::quantize_weight_as(format, &smoothed, &WeightStats::of(&smoothed)?, linear.checkpoint_shape())
+                quant::format::quantize_weight_as(
+                    format,
+                    &smoothed,
+                    &WeightStats::of(&smoothed)?,
+                    linear.checkpoint_shape(),
+                )
             }
-            None => quant::format::quantize_weight_as(format, linear.weight(), &self.weight_stats[id], linear.checkpoint_shape()),
+            None => quant::format::quantize_weight_as(
+                format,
+                linear.weight(),
+                &self.weight_stats[id],
+                linear.checkpoint_shape(),
+            ),
         }
     }
 
@@ -81,7 +91,9 @@ impl LayerQuant<'_> {
             Some(FormatCalibration { smoothing: Some((input, _)), input_amax }) => {
                 self.formats[f].quantize_input(&x.broadcast_mul(input)?, *input_amax)?
             }
-            Some(FormatCalibration { smoothing: None, input_amax }) => self.formats[f].quantize_input(x, *input_amax)?,
+            Some(FormatCalibration { smoothing: None, input_amax }) => {
+                self.formats[f].quantize_input(x, *input_amax)?
+            }
             None => self.formats[f].quantize_input(x, self.input_amax[id])?,
         };
         Ok((xq, self.weight(id, f, linear)?))
@@ -93,11 +105,7 @@ impl LayerQuant<'_> {
         let cache = linears
             .iter()
             .enumerate()
-            .map(|(id, l)| {
-                (0..self.formats.len())
-                    .map(|f| self.quantize_weight(id, f, l))
-                    .collect::<Result<Vec<_>>>()
-            })
+            .map(|(id, l)| (0..self.formats.len()).map(|f| self.quantize_weight(id, f, l)).collect::<Result<Vec<_>>>())
             .collect::<Result<Vec<_>>>()?;
         self.cached_weights = Some(cache);
         Ok(())

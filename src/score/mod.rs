@@ -472,7 +472,9 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
         .map(|l| {
             l.format_calibration
                 .iter()
-                .map(|c| c.as_ref().map(|c| gradient::FormatCalibration::new(c, model.dtype(), model.device())).transpose())
+                .map(|c| {
+                    c.as_ref().map(|c| gradient::FormatCalibration::new(c, model.dtype(), model.device())).transpose()
+                })
                 .collect::<candle_core::Result<Vec<_>>>()
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
@@ -630,7 +632,13 @@ fn calibration_forwards(
 /// convolution), which ModelOpt keeps quantized in the format during the search instead.
 /// Like ModelOpt's auto_quantize ("AWQ takes longer"), AWQ calibrates on the first quarter of
 /// the calibration samples (at least one); its input amax comes from those samples too.
-fn awq_lite(model: &Qwen3VL, inputs: &ModelInputs, plan: &Plan, scores: &mut Scores, reporter: &Reporter) -> Result<()> {
+fn awq_lite(
+    model: &Qwen3VL,
+    inputs: &ModelInputs,
+    plan: &Plan,
+    scores: &mut Scores,
+    reporter: &Reporter,
+) -> Result<()> {
     use crate::artifact::scores::FormatCalibration;
     use crate::model::LayerKind;
     let num_layers = model.layers().len();
@@ -673,7 +681,8 @@ fn awq_lite(model: &Qwen3VL, inputs: &ModelInputs, plan: &Plan, scores: &mut Sco
                     .transpose()
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let quantized = (0..num_layers).map(|id| (!plan.skip[id] && !is_linear(id)).then_some(input_amax[id])).collect();
+        let quantized =
+            (0..num_layers).map(|id| (!plan.skip[id] && !is_linear(id)).then_some(input_amax[id])).collect();
         let mut search = calibrate::AwqSearchTap { format: format.as_ref(), searches, quantized };
         let bar = reporter.bar(samples.len() as u64, &format!("AWQ-lite: searching α for {}", format.name()));
         calibration_forwards(model, inputs, samples, &mut search, bar)?;

@@ -114,7 +114,8 @@ pub fn modelopt(layers: &[LayerChoice]) -> Result<Value, String> {
                 .push(json!({"quantizer_name": format!("{}.input_quantizer", l.name), "enable": true, "cfg": attrs})),
             None => quant_cfg.push(json!({"quantizer_name": format!("{}.input_quantizer", l.name), "enable": false})),
         }
-        quant_cfg.push(json!({"quantizer_name": format!("{}.weight_quantizer", l.name), "enable": true, "cfg": weight}));
+        quant_cfg
+            .push(json!({"quantizer_name": format!("{}.weight_quantizer", l.name), "enable": true, "cfg": weight}));
         quant_cfg.push(json!({"quantizer_name": format!("{}.output_quantizer", l.name), "enable": false}));
     }
     Ok(json!({"quant_cfg": quant_cfg, "algorithm": "max"}))
