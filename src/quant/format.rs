@@ -276,6 +276,44 @@ impl Format for Int4Awq {
     }
 }
 
+/// INT4 block-128 weights re-quantized to FP8 per tensor, FP8 per-tensor inputs, after
+/// AWQ-lite smoothing: ModelOpt's `W4A8_AWQ_BETA_CFG`. The weight quantizer is ModelOpt's
+/// `SequentialQuantizer` of the two: the INT4 result is rounded to the weight dtype, then
+/// fake-quantized to E4M3 against the FP8 stage's amax, which max calibration takes from the
+/// weight itself (the INT4 stage passes it through while calibrating).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct W4A8AwqBeta;
+
+impl Format for W4A8AwqBeta {
+    fn name(&self) -> &'static str {
+        "W4A8_AWQ_BETA"
+    }
+    fn modelopt_name(&self) -> &'static str {
+        "W4A8_AWQ_BETA_CFG"
+    }
+    fn effective_bits(&self) -> f64 {
+        4.0
+    }
+    fn true_bits(&self) -> f64 {
+        Int4Blockwise.true_bits()
+    }
+    fn calibration(&self) -> Calibration {
+        Calibration::AwqLite { block: Some(128) }
+    }
+    fn weight_description(&self) -> String {
+        "int4 [-8, 7], one scale per 128 inputs, then fp8 e4m3 per tensor, after AWQ-lite smoothing".into()
+    }
+    fn input_description(&self) -> String {
+        "fp8 e4m3, per-tensor static scale 448/amax (of the smoothed input)".into()
+    }
+    fn quantize_weight(&self, weight: &Tensor, stats: &WeightStats) -> Result<Tensor> {
+        fp8::fake_quant_tensor(&Int4Blockwise.quantize_weight(weight, stats)?, stats.amax)
+    }
+    fn quantize_input(&self, x: &Tensor, input_amax: f32) -> Result<Tensor> {
+        fp8::fake_quant_tensor(x, input_amax)
+    }
+}
+
 /// Name of the "keep unquantized" choice; always the last format, 16 bits, score 0.
 pub const NONE: &str = "NONE";
 /// Effective bits of [`NONE`].
@@ -289,6 +327,7 @@ pub const KNOWN_FORMATS: &[&str] = &[
     "INT8",
     "INT4_BLOCKWISE_WEIGHT_ONLY",
     "INT4_AWQ",
+    "W4A8_AWQ_BETA",
 ];
 
 /// Looks up a format by name (case-insensitive): the short name or ModelOpt's config name
@@ -303,6 +342,7 @@ pub fn format_by_name(name: &str) -> anyhow::Result<Box<dyn Format>> {
         "INT8" => Box::new(Int8),
         "INT4_BLOCKWISE_WEIGHT_ONLY" => Box::new(Int4Blockwise),
         "INT4_AWQ" => Box::new(Int4Awq),
+        "W4A8_AWQ_BETA" => Box::new(W4A8AwqBeta),
         _ => anyhow::bail!("unknown quantization format '{name}' (known: {})", KNOWN_FORMATS.join(", ")),
     })
 }

@@ -48,6 +48,11 @@ fn modelopt_attributes(format: &str) -> Option<(Value, Option<Value>)> {
         "INT4_BLOCKWISE_WEIGHT_ONLY" | "INT4_AWQ" => {
             (json!({"num_bits": 4, "block_sizes": {"-1": 128, "type": "static"}}), None)
         }
+        // A SequentialQuantizer: the list is applied in order.
+        "W4A8_AWQ_BETA" => (
+            json!([{"num_bits": 4, "block_sizes": {"-1": 128, "type": "static"}}, {"num_bits": [4, 3], "axis": null}]),
+            Some(json!({"num_bits": [4, 3], "axis": null})),
+        ),
         _ => return None,
     })
 }
