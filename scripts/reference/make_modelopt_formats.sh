@@ -49,10 +49,36 @@ if [ "$DEVICE" = cuda ]; then
   for e in get_cuda_ext get_cuda_ext_fp8 get_cuda_ext_mx; do tail -1 "$D/build_$e.log"; done
 fi
 
-log "modelopt_formats.py"
-$PY scripts/reference/modelopt_formats.py --out "$D" --device "$DEVICE" $([ "${CPU_TOO:-1}" = 0 ] || echo --cpu-too) --fixtures "$FIXTURES" \
-  --jobs "$(nproc)" ${EXTRA:-} 2>&1 | tee "$D/log.txt"
-RC=${PIPESTATUS[0]}
+# One process per group: a CUDA fault (the MX extension's kernels have faulted on this data with
+# "illegal memory access") poisons the process's CUDA context and would fail everything after it.
+# The MX formats run alone, with CUDA_LAUNCH_BLOCKING=1 so that a fault names its own kernel;
+# fake_quant_<fmt>.json of those runs is merged into fake_quant.json at the end.
+CPU=$([ "${CPU_TOO:-1}" = 0 ] || echo --cpu-too)
+RC=0
+mo() { $PY scripts/reference/modelopt_formats.py --out "$D" --device "$DEVICE" $CPU --fixtures "$FIXTURES" \
+  --jobs "$(nproc)" ${EXTRA:-} "$@" 2>&1 | tee -a "$D/log.txt"; r=${PIPESTATUS[0]}; [ "$r" = 0 ] || RC=$r; }
+log "modelopt_formats.py part A (all but MX)"
+mo --part A --formats NVFP4_DEFAULT_CFG,W4A16_NVFP4_CFG,FP8_DEFAULT_CFG,FP8_PER_CHANNEL_PER_TOKEN_CFG,INT8_DEFAULT_CFG,INT4_AWQ_CFG,W4A8_AWQ_BETA_CFG,FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG --json fake_quant.json
+for m in MXFP8_DEFAULT_CFG MXFP4_DEFAULT_CFG; do
+  log "modelopt_formats.py part A $m (alone)"
+  CUDA_LAUNCH_BLOCKING=1 mo --part A --formats $m --json fake_quant_$m.json --no-inputs
+done
+log "modelopt_formats.py part B"
+mo --part B
+$PY - "$D" <<'PYEOF'
+import json, os, sys
+d = sys.argv[1]
+main = json.load(open(os.path.join(d, "fake_quant.json")))
+for m in ("MXFP8_DEFAULT_CFG", "MXFP4_DEFAULT_CFG"):
+    p = os.path.join(d, f"fake_quant_{m}.json")
+    if os.path.exists(p):
+        part = json.load(open(p))
+        main["formats"].update(part["formats"])
+        main.setdefault("files", {}).update(part.get("files", {}))
+        main.setdefault("cpu_gpu_difference_summary", {}).update(part.get("cpu_gpu_difference_summary", {}))
+        main.setdefault("processes", []).append({"formats": m, "command": part["command"]})
+json.dump(main, open(os.path.join(d, "fake_quant.json"), "w"), indent=1)
+PYEOF
 for f in "$D"/autoquant_*.safetensors; do [ -f "$f" ] && xz -T0 -9 "$f"; done
 cp "$0" "$D/make_modelopt_formats.sh.used"
 tar -C "$W" -cf - modelopt_formats | xz -T0 -1 > "$OUT/modelopt_formats.tar.xz"

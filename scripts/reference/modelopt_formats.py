@@ -505,7 +505,10 @@ def part_a(args, out):
     jobs = [(os.path.join(out, "inputs.safetensors.xz"), tin,
              {"note": "x = main matrix, xe = extreme matrix; bf16 = the f32 matrix clamped to +-bf16 max and cast with round-to-nearest-even"})]
     seen_outputs = {}
-    for name in FORMATS:
+    only = args.formats.split(",") if args.formats else FORMATS
+    if args.no_inputs:  # a later process of the same run: the inputs are already written
+        jobs = []
+    for name in [f for f in FORMATS if f in only]:
         t0 = time.time()
         fdoc = {"per_device": {}}
         tens = {}
@@ -573,7 +576,7 @@ def part_a(args, out):
     sizes = write_xz_safetensors(jobs, args.jobs)
     doc["files"] = {os.path.basename(p): {"raw_bytes": r, "xz_bytes": c} for p, r, c in sizes}
     doc["compress_s"] = round(time.time() - t0, 1)
-    with open(os.path.join(out, "fake_quant.json"), "w") as f:
+    with open(os.path.join(out, args.json), "w") as f:
         json.dump(doc, f, indent=1, sort_keys=False)
     log(f"part A written ({sum(c for _, _, c in sizes) / 1e6:.1f} MB xz, compress {doc['compress_s']} s)")
 
@@ -824,6 +827,9 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel lzma processes")
     ap.add_argument("--runs", default=",".join(t for t, _ in AUTOQUANT_RUNS), help="part B run tags")
+    ap.add_argument("--formats", default="", help="part A: only these configs (comma list)")
+    ap.add_argument("--no-inputs", action="store_true", help="part A: do not write inputs.safetensors.xz")
+    ap.add_argument("--json", default="fake_quant.json", help="part A: name of the summary JSON")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but no CUDA device")
