@@ -30,9 +30,10 @@ pub fn scales(amax: f32) -> (f32, f32) {
     (scale, 1.0 / scale)
 }
 
-/// The `(scale, 1/scale)` pair of ModelOpt's eager path (`_fp8_eager`: the CPU path, and the
-/// 2-D block path on every device): `448.0 / amax` on a tensor is `reciprocal(amax) · 448`, two
-/// roundings, which can differ from [`scales`]' one division in the last bit.
+/// The `(scale, 1/scale)` pair of ModelOpt's eager path (`_fp8_eager`), taken when the amax has
+/// more than one non-trivial dimension: `448.0 / amax` on a tensor is `reciprocal(amax) · 448`,
+/// two roundings, which differ from [`scales`]' one division in the last bit when `1/amax` is
+/// subnormal.
 pub fn scales_eager(amax: f32) -> (f32, f32) {
     let epsilon = 1.0f32 / (1u32 << 24) as f32;
     let safe_amax = if amax <= epsilon { 1.0 } else { amax };
@@ -96,18 +97,25 @@ pub fn fake_quant_per_token(values: &mut [f32], dims: &[usize]) {
 
 /// 2-D blocks of `block × block` over the last two dimensions (`block_sizes: {-1: b, -2: b}`,
 /// static): each tile, partial tiles at the edges included, against its own max |x|. ModelOpt
-/// pads partial tiles with zeros, which leaves their max unchanged; its amax has two dimensions,
-/// so every device takes `_fp8_eager` ([`scales_eager`]).
+/// pads partial tiles with zeros, which leaves their max unchanged. Its scale depends on the
+/// shape of the amax tensor (`scaled_e4m3_impl`): with more than one dimension of size > 1 after
+/// squeezing (e.g. a weight of more than 128 rows and 128 columns) it takes `_fp8_eager`
+/// ([`scales_eager`]), otherwise the CUDA extension's division ([`scales`]).
 pub fn fake_quant_2d_blocks(values: &mut [f32], dims: &[usize], block: usize) {
     let cols = dims.last().copied().unwrap_or(1).max(1);
     let rows = if dims.len() >= 2 { dims[dims.len() - 2].max(1) } else { 1 };
+    let leading = dims.len().saturating_sub(2);
+    let amax_dims = dims[..leading].iter().filter(|&&d| d > 1).count()
+        + usize::from(rows.div_ceil(block) > 1)
+        + usize::from(cols.div_ceil(block) > 1);
+    let scales = if amax_dims > 1 { scales_eager } else { scales };
     for matrix in values.chunks_mut(rows * cols) {
         for r0 in (0..rows).step_by(block) {
             for c0 in (0..cols).step_by(block) {
                 let (r1, c1) = ((r0 + block).min(rows), (c0 + block).min(cols));
                 let amax =
                     (r0..r1).fold(0f32, |m, r| m.max(super::host::max_abs(&matrix[r * cols + c0..r * cols + c1])));
-                let (scale, inv_scale) = scales_eager(amax);
+                let (scale, inv_scale) = scales(amax);
                 for r in r0..r1 {
                     for v in &mut matrix[r * cols + c0..r * cols + c1] {
                         *v = fake_quant(*v, scale, inv_scale);
