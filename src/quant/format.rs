@@ -72,6 +72,10 @@ pub const NONE_BITS: f64 = 16.0;
 pub fn format_by_name(name: &str) -> anyhow::Result<Box<dyn Format>> {
     match name.to_ascii_uppercase().as_str() {
         "FP8" | "FP8_DEFAULT_CFG" => Ok(Box::new(Fp8PerTensor)),
-        _ => anyhow::bail!("unknown quantization format '{name}' (known: FP8)"),
+        "NVFP4" | "NVFP4_DEFAULT_CFG" => Ok(Box::new(super::nvfp4::Nvfp4)),
+        "W4A16_NVFP4" | "W4A16_NVFP4_CFG" => Ok(Box::new(super::nvfp4::W4a16Nvfp4)),
+        "MXFP8" | "MXFP8_DEFAULT_CFG" => Ok(Box::new(super::mx::Mxfp8)),
+        "MXFP4" | "MXFP4_DEFAULT_CFG" => Ok(Box::new(super::mx::Mxfp4)),
+        _ => anyhow::bail!("unknown quantization format '{name}' (known: FP8, NVFP4, W4A16_NVFP4, MXFP8, MXFP4)"),
     }
 }

@@ -5,6 +5,8 @@ pub mod cuda;
 pub mod format;
 pub mod fp8;
 pub mod groups;
+pub mod mx;
+pub mod nvfp4;
 pub mod sensitivity;
 pub mod served;
 
