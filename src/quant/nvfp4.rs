@@ -49,7 +49,7 @@
 //! division.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -275,7 +275,7 @@ impl Format for W4a16Nvfp4 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// The global amax whose global scale is exactly 1 (checked in `global_scale_is_a_reciprocal_product`).
     const UNIT_GLOBAL_AMAX: f32 = 2688.0;
