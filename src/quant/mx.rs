@@ -2,8 +2,8 @@
 //! ModelOpt 0.47 computes it on CUDA: the extension kernel `amax_and_convert_kernel`
 //! (`modelopt/torch/kernels/quantization/gemm/tensor_quant_mx.cu:240-294`), built with
 //! `--use_fast_math` (`quantization/extensions.py:69`), reached from
-//! `TensorQuantizer._fake_quantize` (`nn/modules/tensor_quantizer.py:898-918`, no amax for MX
-//! formats) via `tensor_quant._dynamic_block_quantize_impl` (`tensor_quant.py:186-193`,
+//! `TensorQuantizer._fake_quantize` (`nn/modules/tensor_quantizer.py:898-920`, no amax for MX
+//! formats) via `tensor_quant._dynamic_block_quantize_impl` (`tensor_quant.py:169-191`,
 //! `fused_amax_convert(x, 32, E4M3|E2M1, E8M0, None)`).
 //!
 //! Configs (`modelopt_recipes/configs/numerics/mxfp8.yaml`, `mxfp4.yaml`): `num_bits: e4m3` or

@@ -1,8 +1,8 @@
 //! NVFP4 fake quantization (ModelOpt `NVFP4_DEFAULT_CFG`, `W4A16_NVFP4_CFG`), as ModelOpt 0.47
 //! computes it on a CUDA GPU of compute capability ≥ 8.9: the triton kernel
 //! `fp4_fake_quant_block` (`modelopt/torch/kernels/quantization/gemm/fp4_kernel_hopper.py`),
-//! reached from `TensorQuantizer._fake_quantize` (`nn/modules/tensor_quantizer.py:902-918`) via
-//! `tensor_quant._dynamic_block_quantize_impl` (`tensor_quant.py:177-185`).
+//! reached from `TensorQuantizer._fake_quantize` (`nn/modules/tensor_quantizer.py:899-920`) via
+//! `tensor_quant._dynamic_block_quantize_impl` (`tensor_quant.py:169-183`).
 //!
 //! The config (`modelopt_recipes/configs/numerics/nvfp4.yaml`): `num_bits: e2m1`,
 //! `block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3}`, `effective_bits: 4.5`, max
@@ -44,7 +44,7 @@
 //! ModelOpt's other NVFP4 paths differ and are not followed: without triton (or below sm_89)
 //! the CUDA extension `fused_amax_convert` with a global amax (`tensor_quant_mx.cu:159-183`)
 //! computes the two-level scale partly in f64, multiplies by `1/scale` instead of dividing, and
-//! has no 1e-5 floor; CPU tensors are rejected (`tensor_quant.py:181`, `amax must be a CUDA
+//! has no 1e-5 floor; CPU tensors are rejected (`tensor_quant.py:172`, `amax must be a CUDA
 //! tensor`); the export path (`qtensor/nvfp4_tensor.py`) divides by the scale with torch's IEEE
 //! division.
 
