@@ -27,8 +27,9 @@
 //! The result (f32) is rounded once to the input dtype; MX values have at most 4 significant
 //! bits, so that rounding is exact unless the result leaves the dtype's range.
 //!
-//! What `--use_fast_math` and the kernel's C++ imply, modelled here but not yet checked against
-//! a GPU:
+//! What `--use_fast_math` and the kernel's C++ imply, modelled here and matched bit for bit on an
+//! H200 (nvcc 13.0, a copy of the kernel built with ModelOpt's flags; the PTX has
+//! `div.approx.ftz.f32` and `abs.ftz.f32`):
 //! - `⊘` is an approximate division (`-prec-div=false`), modelled as `amax · RN(1/dmax)`. For
 //!   bf16 inputs this equals IEEE division wherever it matters (an exact power-of-two ratio stays
 //!   exact); for f32 inputs a ratio a few ulp above a power of two may round down to it, giving

@@ -20,12 +20,14 @@
 //! s     = e4m3(min(bmax ⊘ (6·gs), 448)) · gs            nvfp4_quant.py:122-125 (RNE, satfinite)
 //! s     = s if s >= 1e-5 else 1                        fp4_kernel_hopper.py:84
 //! q     = e2m1(|x| ⊘ s)                                fp4_kernel_hopper.py:90-92
-//! y     = q·s if x >= 0 else -(q·s)                    fp4_kernel_hopper.py:94-95
+//! y     = q·s if x >= 0 else 0 - q·s                   fp4_kernel_hopper.py:94-95
 //! out   = y cast to the input dtype (RNE)              fp4_kernel_hopper.py:99
 //! ```
 //! `⊘` is triton's fp32 `/`, which lowers to PTX `div.full.f32` (not IEEE: at most 2 ulp; it
 //! returns 5.0000005 for 4.6875/0.9375, triton-lang/triton#10661). It is modelled here as
-//! `a · RN(1/b)`, which reproduces that example; see [`triton_div`]. All arithmetic is f32;
+//! `a · RN(1/b)`, which reproduces that example; see [`triton_div`]. This file matched a copy of
+//! the kernel run on an H200 (triton 3.6, torch 2.11) bit for bit on 525k f32 and bf16 values,
+//! specials included. All arithmetic is f32;
 //! bf16/f16 inputs are widened exactly and the f32 result is rounded once to the input dtype.
 //!
 //! E2M1 rounding (`nvfp4_quant.py:33-63`): `≤0.25→0, <0.75→0.5, ≤1.25→1, <1.75→1.5, ≤2.5→2,
@@ -35,7 +37,8 @@
 //! - a block whose quantized scale is below 1e-5 (including amax 0 and blocks whose E4M3 scale
 //!   underflows to 0) gets scale 1, so its values |x| ≤ 0.25 become 0: small blocks are zeroed
 //!   regardless of the global scale;
-//! - `-0.0` becomes `+0.0` (`x >= 0` is true for it); a negative x that rounds to 0 gives `-0.0`;
+//! - no output is `-0.0`: `-0.0 >= 0` holds, and triton lowers `-r` to `0 - r`, so a negative x
+//!   that rounds to 0 gives `+0.0` (checked on an H200 with triton 3.6);
 //! - NaN: ignored by the block max (triton's `max` is maxnum) and quantized to `-6·s` (every
 //!   comparison with NaN is false, so it takes the "6" branch and the negative sign); an
 //!   all-NaN full block has a NaN max, its scale becomes `min(NaN, 448) = 448` (minnum) times gs;
@@ -125,10 +128,11 @@ pub fn block_scale(block_amax: f32, global_scale: f32) -> f32 {
 #[inline]
 pub fn fake_quant(x: f32, s: f32) -> f32 {
     let r = round_e2m1_magnitude(triton_div(x.abs(), s)) * s;
+    // Triton negates as `0 - r`, so a negative x that rounds to 0 gives +0, not -0.
     if x >= 0.0 {
         r
     } else {
-        -r
+        0.0 - r
     }
 }
 
@@ -368,7 +372,7 @@ mod tests {
         ];
         #[rustfmt::skip]
         let want = [
-            0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -0.0, -1.0, -1.0, -2.0, -2.0, -4.0, -4.0, -6.0,
+            0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 0.0, -1.0, -1.0, -2.0, -2.0, -4.0, -4.0, -6.0,
             0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
             // 3/0.5 = 6; 1/0.5 = 2; 0.3/0.5 = 0.6 → 0.5 → 0.25
             -3.0, 3.0, -1.0, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
