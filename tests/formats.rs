@@ -56,13 +56,20 @@ fn tensor(st: &SafeTensors, name: &str) -> Tensor {
     Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu).unwrap()
 }
 
-/// Bit patterns of a float tensor (f32 or bf16), for exact comparison.
+/// Bit patterns of a float tensor (f32 or bf16), for exact comparison; every NaN is one pattern
+/// (ModelOpt's kernels do not promise NaN payloads).
 fn bits(t: &Tensor) -> Vec<u32> {
+    let f32_bits = |v: f32| if v.is_nan() { u32::MAX } else { v.to_bits() };
     match t.dtype() {
-        DType::F32 => t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect(),
-        DType::BF16 => {
-            t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap().iter().map(|v| v.to_bits() as u32).collect()
-        }
+        DType::F32 => t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32_bits).collect(),
+        DType::BF16 => t
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<half::bf16>()
+            .unwrap()
+            .into_iter()
+            .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() as u32 })
+            .collect(),
         other => panic!("dtype {other:?}"),
     }
 }
@@ -77,7 +84,20 @@ const FAKE_QUANT: &[(&str, &str, bool)] = &[
     ("INT8_DEFAULT_CFG", "INT8", true),
     ("INT4_AWQ_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY", false),
     ("W4A8_AWQ_BETA_CFG", "W4A8_AWQ_BETA", true),
+    ("NVFP4_DEFAULT_CFG", "NVFP4", true),
+    ("W4A16_NVFP4_CFG", "W4A16_NVFP4", false),
+    ("MXFP8_DEFAULT_CFG", "MXFP8", true),
+    ("MXFP4_DEFAULT_CFG", "MXFP4", true),
 ];
+
+/// The only values that differ, each explained (docs/formats.md): ModelOpt's NVFP4 kernel is
+/// Triton, whose f32 `/` is PTX `div.full.f32`, an approximate division built on the GPU's
+/// approximate reciprocal; qsens computes it as `a · RN(1/b)`, which agrees on every other
+/// NVFP4 value. These 3 are E2M1 ties (|x|/scale = 3.5 in exact arithmetic: x = −2.8246095e37 in
+/// three blocks of the extreme bf16 matrix) that the GPU's reciprocal puts on the other side.
+/// The W4A16 weight is the same tensor as the NVFP4 weight.
+const KNOWN_DIFFERENCES: &[(&str, usize)] =
+    &[("NVFP4_DEFAULT_CFG/weight/bf16/ye", 3), ("W4A16_NVFP4_CFG/weight/bf16/ye", 3)];
 
 /// Our output for one stored case: the weight quantizer calibrated on the matrix itself, the
 /// input quantizer with the amax ModelOpt's was calibrated to.
@@ -131,7 +151,8 @@ fn fake_quant_is_modelopts_bit_for_bit() {
                     let (a, b) = (bits(&mine), bits(&theirs));
                     let differing = a.iter().zip(&b).filter(|(p, q)| p != q).count();
                     eprintln!("{key:58} {:>9} values, {differing} differ", a.len());
-                    assert_eq!(differing, 0, "{key}: {differing} of {} values differ from ModelOpt's", a.len());
+                    let known = KNOWN_DIFFERENCES.iter().find(|k| k.0 == key).map_or(0, |k| k.1);
+                    assert_eq!(differing, known, "{key}: {differing} of {} values differ from ModelOpt's", a.len());
                     total += a.len();
                 }
             }
@@ -187,6 +208,9 @@ fn assert_auto_quantize_parity(tag: &str, formats: &[&str], awq_alpha_share: f64
             let Some(alpha) = theirs.get(l.name.as_str()) else { continue };
             let mine = l.format_calibration.iter().flatten().find_map(|c| c.alpha);
             same += usize::from(mine == Some(*alpha));
+            if mine != Some(*alpha) {
+                eprintln!("  {}: α {mine:?}, ModelOpt's {alpha}", l.name);
+            }
         }
         eprintln!("{tag}: AWQ α equal to ModelOpt's on {same} of {} layers", theirs.len());
         assert!(same as f64 >= awq_alpha_share * theirs.len() as f64, "{tag}: α equal on {same} of {}", theirs.len());
@@ -214,4 +238,14 @@ fn int4_awq_int8_fp8_match_modelopt_on_the_cpu() {
 #[test]
 fn int4_awq_int8_fp8_match_modelopt_on_the_gpu() {
     assert_auto_quantize_parity("int4awq_int8_fp8", &["INT4_AWQ", "INT8", "FP8"], 0.95);
+}
+
+#[test]
+fn nvfp4_fp8_match_modelopt() {
+    assert_auto_quantize_parity("nvfp4_fp8", &["NVFP4", "FP8"], 0.95);
+}
+
+#[test]
+fn nvfp4_awq_lite_fp8_match_modelopt() {
+    assert_auto_quantize_parity("nvfp4awqlite_fp8", &["NVFP4_AWQ_LITE", "FP8"], 0.95);
 }

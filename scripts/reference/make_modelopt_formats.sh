@@ -7,7 +7,8 @@
 # Environment: OUT (default /tmp/modelopt_formats_out), DEVICE (cuda, or cpu for a local test),
 #   PYTHON (default python3), SKIP_PIP=1 (use the Python's own ModelOpt), FIXTURES (default
 #   .carry/fixtures, else ../shared/fixtures), CPU_TOO=0 (skip the CPU comparison runs),
-#   EXTRA (more flags for modelopt_formats.py).
+#   EXTRA (more flags for modelopt_formats.py), PARTS (default "A B"; "B" remakes only the
+#   auto_quantize runs, into a tar of its own).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/modelopt_formats_out}; mkdir -p "$OUT"
@@ -57,14 +58,21 @@ CPU=$([ "${CPU_TOO:-1}" = 0 ] || echo --cpu-too)
 RC=0
 mo() { $PY scripts/reference/modelopt_formats.py --out "$D" --device "$DEVICE" $CPU --fixtures "$FIXTURES" \
   --jobs "$(nproc)" ${EXTRA:-} "$@" 2>&1 | tee -a "$D/log.txt"; r=${PIPESTATUS[0]}; [ "$r" = 0 ] || RC=$r; }
+PARTS=${PARTS:-A B}
+if [[ " $PARTS " == *" A "* ]]; then
 log "modelopt_formats.py part A (all but MX)"
 mo --part A --formats NVFP4_DEFAULT_CFG,W4A16_NVFP4_CFG,FP8_DEFAULT_CFG,FP8_PER_CHANNEL_PER_TOKEN_CFG,INT8_DEFAULT_CFG,INT4_AWQ_CFG,W4A8_AWQ_BETA_CFG,FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG --json fake_quant.json
 for m in MXFP8_DEFAULT_CFG MXFP4_DEFAULT_CFG; do
   log "modelopt_formats.py part A $m (alone)"
   CUDA_LAUNCH_BLOCKING=1 mo --part A --formats $m --json fake_quant_$m.json --no-inputs
 done
+fi
+if [[ " $PARTS " == *" B "* ]]; then
 log "modelopt_formats.py part B"
 mo --part B
+fi
+for f in "$D"/autoquant_*.safetensors; do [ -f "$f" ] && xz -T0 -9 "$f"; done
+[ -f "$D/fake_quant.json" ] || { cp "$0" "$D/make_modelopt_formats.sh.used"; tar -C "$W" -cf - modelopt_formats | xz -T0 -1 > "$OUT/modelopt_formats.tar.xz"; log "done (part B only), rc $RC"; exit "$RC"; }
 $PY - "$D" <<'PYEOF'
 import json, os, sys
 d = sys.argv[1]

@@ -835,6 +835,11 @@ def main():
         sys.exit("--device cuda but no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # float32 means float32: cuDNN convolutions (the vision patch embedding) default to TF32 on
+    # the GPU, which moves every vision activation by ~1e-3 and makes the runs incomparable with
+    # an f32 computation.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     t0 = time.time()

@@ -328,6 +328,11 @@ pub const KNOWN_FORMATS: &[&str] = &[
     "INT4_BLOCKWISE_WEIGHT_ONLY",
     "INT4_AWQ",
     "W4A8_AWQ_BETA",
+    "NVFP4",
+    "W4A16_NVFP4",
+    "NVFP4_AWQ_LITE",
+    "MXFP8",
+    "MXFP4",
 ];
 
 /// Looks up a format by name (case-insensitive): the short name or ModelOpt's config name
@@ -343,6 +348,11 @@ pub fn format_by_name(name: &str) -> anyhow::Result<Box<dyn Format>> {
         "INT4_BLOCKWISE_WEIGHT_ONLY" => Box::new(Int4Blockwise),
         "INT4_AWQ" => Box::new(Int4Awq),
         "W4A8_AWQ_BETA" => Box::new(W4A8AwqBeta),
+        "NVFP4" => Box::new(super::nvfp4::Nvfp4),
+        "NVFP4_AWQ_LITE" => Box::new(super::nvfp4::Nvfp4AwqLite),
+        "W4A16_NVFP4" => Box::new(super::nvfp4::W4a16Nvfp4),
+        "MXFP8" => Box::new(super::mx::Mxfp8),
+        "MXFP4" => Box::new(super::mx::Mxfp4),
         _ => anyhow::bail!("unknown quantization format '{name}' (known: {})", KNOWN_FORMATS.join(", ")),
     })
 }

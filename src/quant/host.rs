@@ -16,6 +16,15 @@ pub fn map_f32(x: &Tensor, f: impl FnOnce(&mut [f32], &[usize])) -> Result<Tenso
     Tensor::from_vec(values, dims.as_slice(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())
 }
 
+/// Runs a CPU-only tensor op on a tensor of any device: a CUDA tensor is copied to the host and
+/// the result back.
+pub fn on_host(x: &Tensor, op: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return op(x);
+    }
+    op(&x.to_device(&Device::Cpu)?)?.to_device(x.device())
+}
+
 /// The number of rows when a tensor of shape `dims` is viewed as `[rows, last dim]`.
 pub fn rows_of_last_dim(dims: &[usize]) -> (usize, usize) {
     let cols = dims.last().copied().unwrap_or(1).max(1);

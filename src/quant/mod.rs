@@ -9,6 +9,8 @@ pub mod fp8;
 pub mod groups;
 pub mod host;
 pub mod int;
+pub mod mx;
+pub mod nvfp4;
 pub mod sensitivity;
 pub mod served;
 
