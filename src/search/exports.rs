@@ -48,6 +48,22 @@ fn modelopt_attributes(format: &str) -> Option<(Value, Option<Value>)> {
         "INT4_BLOCKWISE_WEIGHT_ONLY" | "INT4_AWQ" => {
             (json!({"num_bits": 4, "block_sizes": {"-1": 128, "type": "static"}}), None)
         }
+        // configs/numerics/nvfp4 and mxfp8 / mxfp4 (dynamic blocks; NVFP4's global amax is calibrated).
+        "NVFP4" | "NVFP4_AWQ_LITE" => {
+            let nvfp4 = json!({"num_bits": [2, 1], "block_sizes": {"-1": 16, "type": "dynamic", "scale_bits": [4, 3]}, "effective_bits": 4.5});
+            (nvfp4.clone(), Some(nvfp4))
+        }
+        "W4A16_NVFP4" => {
+            (json!({"num_bits": [2, 1], "block_sizes": {"-1": 16, "type": "dynamic", "scale_bits": [4, 3]}}), None)
+        }
+        "MXFP8" => {
+            let mx = json!({"num_bits": [4, 3], "block_sizes": {"-1": 32, "type": "dynamic", "scale_bits": [8, 0]}});
+            (mx.clone(), Some(mx))
+        }
+        "MXFP4" => {
+            let mx = json!({"num_bits": [2, 1], "block_sizes": {"-1": 32, "type": "dynamic", "scale_bits": [8, 0]}});
+            (mx.clone(), Some(mx))
+        }
         // A SequentialQuantizer: the list is applied in order.
         "W4A8_AWQ_BETA" => (
             json!([{"num_bits": 4, "block_sizes": {"-1": 128, "type": "static"}}, {"num_bits": [4, 3], "axis": null}]),
