@@ -36,7 +36,8 @@ struct Args {
     dtype: String,
     /// Quantization format to score (repeatable; all are searched together): FP8,
     /// FP8_PER_CHANNEL_PER_TOKEN, FP8_2D_BLOCKWISE_WEIGHT_ONLY, INT8, INT4_BLOCKWISE_WEIGHT_ONLY,
-    /// INT4_AWQ, or ModelOpt's config name (FP8_DEFAULT_CFG, ...). See docs/formats.md.
+    /// INT4_AWQ, W4A8_AWQ_BETA, NVFP4, W4A16_NVFP4, NVFP4_AWQ_LITE, MXFP8, MXFP4, or ModelOpt's
+    /// config name (FP8_DEFAULT_CFG, NVFP4_AWQ_LITE_CFG, ...). See docs/formats.md.
     #[arg(long = "format", value_name = "NAME", default_value = "FP8")]
     formats: Vec<String>,
     /// Count the scales' storage in each format's cost (INT4 block-128 with 16-bit scales 4.125
