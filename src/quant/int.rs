@@ -15,8 +15,14 @@
 //! (`axis: 0`, INT8 weights) or per block of 128 along the last dimension (INT4 weights, a
 //! partial last block padded with zeros, which leaves its max unchanged). Weights are
 //! max-calibrated on themselves, so their amax is recomputed here from the values.
+//!
+//! The INT formats (INT8, INT4 block, INT4 with AWQ, W4A8) are here too.
 
-use super::host::{max_abs, rows_of_first_dim, rows_of_last_dim};
+use candle_core::{Result, Tensor};
+
+use super::format::{Calibration, Format, WeightStats};
+use super::fp8;
+use super::host::{self, max_abs, rows_of_first_dim, rows_of_last_dim};
 
 /// Below this amax everything quantizes to 0 (the smallest fp16 subnormal).
 pub const ZERO_AMAX: f32 = 1.0 / (1u32 << 24) as f32;
@@ -65,6 +71,147 @@ pub fn fake_quant_blocks(values: &mut [f32], dims: &[usize], block: usize, bits:
             let amax = max_abs(b);
             fake_quant_per_tensor(b, amax, bits);
         }
+    }
+}
+
+/// INT8 weights with one scale per output channel, INT8 inputs with a static per-tensor scale:
+/// ModelOpt's `INT8_DEFAULT_CFG`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Int8;
+
+impl Format for Int8 {
+    fn name(&self) -> &'static str {
+        "INT8"
+    }
+    fn modelopt_name(&self) -> &'static str {
+        "INT8_DEFAULT_CFG"
+    }
+    fn effective_bits(&self) -> f64 {
+        8.0
+    }
+    fn weight_description(&self) -> String {
+        "int8 [-128, 127], per-output-channel scale 127/amax".into()
+    }
+    fn input_description(&self) -> String {
+        "int8 [-128, 127], per-tensor static scale 127/amax, amax = max calibration".into()
+    }
+    fn quantize_weight(&self, weight: &Tensor, _stats: &WeightStats) -> Result<Tensor> {
+        host::map_f32(weight, |v, dims| fake_quant_per_channel(v, dims, 8))
+    }
+    fn quantize_input(&self, x: &Tensor, input_amax: f32) -> Result<Tensor> {
+        host::map_f32(x, |v, _| fake_quant_per_tensor(v, input_amax, 8))
+    }
+}
+
+/// INT4 weights in blocks of 128 along the input dimension, one scale each, inputs
+/// unquantized, max calibration: ModelOpt's `INT4_BLOCKWISE_WEIGHT_ONLY_CFG` (the weight
+/// quantizer of `INT4_AWQ_CFG`, without AWQ's scaling search).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Int4Blockwise;
+
+impl Format for Int4Blockwise {
+    fn name(&self) -> &'static str {
+        "INT4_BLOCKWISE_WEIGHT_ONLY"
+    }
+    fn modelopt_name(&self) -> &'static str {
+        "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"
+    }
+    fn effective_bits(&self) -> f64 {
+        4.0
+    }
+    fn true_bits(&self) -> f64 {
+        4.0 + 16.0 / 128.0
+    }
+    fn quantizes_input(&self) -> bool {
+        false
+    }
+    fn weight_description(&self) -> String {
+        "int4 [-8, 7], one scale per 128 inputs".into()
+    }
+    fn input_description(&self) -> String {
+        "unquantized".into()
+    }
+    fn quantize_weight(&self, weight: &Tensor, _stats: &WeightStats) -> Result<Tensor> {
+        host::map_f32(weight, |v, dims| fake_quant_blocks(v, dims, 128, 4))
+    }
+    fn quantize_input(&self, x: &Tensor, _input_amax: f32) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+}
+
+/// INT4 block-128 weights after AWQ-lite smoothing, inputs unquantized: ModelOpt's
+/// `INT4_AWQ_CFG` (`algorithm: {method: awq_lite, alpha_step: 0.1}`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Int4Awq;
+
+impl Format for Int4Awq {
+    fn name(&self) -> &'static str {
+        "INT4_AWQ"
+    }
+    fn modelopt_name(&self) -> &'static str {
+        "INT4_AWQ_CFG"
+    }
+    fn effective_bits(&self) -> f64 {
+        4.0
+    }
+    fn true_bits(&self) -> f64 {
+        Int4Blockwise.true_bits()
+    }
+    fn quantizes_input(&self) -> bool {
+        false
+    }
+    fn calibration(&self) -> Calibration {
+        Calibration::AwqLite { block: Some(128) }
+    }
+    fn weight_description(&self) -> String {
+        "int4 [-8, 7], one scale per 128 inputs, after AWQ-lite smoothing".into()
+    }
+    fn input_description(&self) -> String {
+        "unquantized (scaled by the AWQ smoothing)".into()
+    }
+    fn quantize_weight(&self, weight: &Tensor, stats: &WeightStats) -> Result<Tensor> {
+        Int4Blockwise.quantize_weight(weight, stats)
+    }
+    fn quantize_input(&self, x: &Tensor, _input_amax: f32) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+}
+
+/// INT4 block-128 weights re-quantized to FP8 per tensor, FP8 per-tensor inputs, after
+/// AWQ-lite smoothing: ModelOpt's `W4A8_AWQ_BETA_CFG`. The weight quantizer is ModelOpt's
+/// `SequentialQuantizer` of the two: the INT4 result is rounded to the weight dtype, then
+/// fake-quantized to E4M3 against the FP8 stage's amax, which max calibration takes from the
+/// weight itself (the INT4 stage passes it through while calibrating).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct W4A8AwqBeta;
+
+impl Format for W4A8AwqBeta {
+    fn name(&self) -> &'static str {
+        "W4A8_AWQ_BETA"
+    }
+    fn modelopt_name(&self) -> &'static str {
+        "W4A8_AWQ_BETA_CFG"
+    }
+    fn effective_bits(&self) -> f64 {
+        4.0
+    }
+    fn true_bits(&self) -> f64 {
+        Int4Blockwise.true_bits()
+    }
+    fn calibration(&self) -> Calibration {
+        Calibration::AwqLite { block: Some(128) }
+    }
+    fn weight_description(&self) -> String {
+        "int4 [-8, 7], one scale per 128 inputs, then fp8 e4m3 per tensor, after AWQ-lite smoothing".into()
+    }
+    fn input_description(&self) -> String {
+        "fp8 e4m3, per-tensor static scale 448/amax (of the smoothed input)".into()
+    }
+    fn quantize_weight(&self, weight: &Tensor, stats: &WeightStats) -> Result<Tensor> {
+        fp8::fake_quant_tensor(&Int4Blockwise.quantize_weight(weight, stats)?, stats.amax)
+    }
+    fn quantize_input(&self, x: &Tensor, input_amax: f32) -> Result<Tensor> {
+        fp8::fake_quant_tensor(x, input_amax)
     }
 }
 
