@@ -267,7 +267,14 @@ mod tests {
         assert_eq!(entries[2]["cfg"]["num_bits"], json!([4, 3]));
         assert_eq!(entries[3]["enable"], false);
         assert_eq!(cfg["algorithm"], "max");
-        assert!(modelopt(&[LayerChoice { name: "x", format: "NVFP4" }]).is_err());
+        // Weight-only formats disable the input quantizer; a format without a ModelOpt preset here
+        // (SmoothQuant is not implemented) is refused.
+        let int4 = modelopt(&[LayerChoice { name: "x", format: "INT4_AWQ" }]).unwrap();
+        assert_eq!(int4["quant_cfg"][1], json!({"quantizer_name": "x.input_quantizer", "enable": false}));
+        assert_eq!(int4["quant_cfg"][2]["cfg"]["block_sizes"], json!({"-1": 128, "type": "static"}));
+        let nvfp4 = modelopt(&[LayerChoice { name: "x", format: "NVFP4_DEFAULT_CFG" }]).unwrap();
+        assert_eq!(nvfp4["quant_cfg"][1]["cfg"]["block_sizes"]["-1"], 16);
+        assert!(modelopt(&[LayerChoice { name: "x", format: "INT8_SMOOTHQUANT" }]).is_err());
     }
 
     #[test]
