@@ -79,20 +79,14 @@ pub fn fake_quant_slice(values: &mut [f32], amax: f32) {
 /// tensor of shape `dims` against its own max |x| (weights are max-calibrated on themselves).
 pub fn fake_quant_per_channel(values: &mut [f32], dims: &[usize]) {
     let (_, row_len) = super::host::rows_of_first_dim(dims);
-    for row in values.chunks_mut(row_len) {
-        let amax = super::host::max_abs(row);
-        fake_quant_slice(row, amax);
-    }
+    super::host::for_each_chunk_amax(values, row_len, fake_quant_slice);
 }
 
 /// Per token (dynamic, `block_sizes: {-1: None}`): each row along the last dimension against
 /// its own max |x|, computed at run time.
 pub fn fake_quant_per_token(values: &mut [f32], dims: &[usize]) {
     let (_, cols) = super::host::rows_of_last_dim(dims);
-    for row in values.chunks_mut(cols) {
-        let amax = super::host::max_abs(row);
-        fake_quant_slice(row, amax);
-    }
+    super::host::for_each_chunk_amax(values, cols, fake_quant_slice);
 }
 
 /// 2-D blocks of `block × block` over the last two dimensions (`block_sizes: {-1: b, -2: b}`,

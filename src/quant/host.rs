@@ -8,10 +8,15 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
+/// The tensor's values as f32 on the host, flattened in row-major order.
+pub fn to_f32_vec(x: &Tensor) -> Result<Vec<f32>> {
+    x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
 /// Applies `f` to the tensor's values, flattened in row-major order; `dims` is the shape.
 pub fn map_f32(x: &Tensor, f: impl FnOnce(&mut [f32], &[usize])) -> Result<Tensor> {
     let dims = x.dims().to_vec();
-    let mut values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut values = to_f32_vec(x)?;
     f(&mut values, &dims);
     Tensor::from_vec(values, dims.as_slice(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())
 }
@@ -36,6 +41,15 @@ pub fn rows_of_last_dim(dims: &[usize]) -> (usize, usize) {
 pub fn rows_of_first_dim(dims: &[usize]) -> (usize, usize) {
     let rows = dims.first().copied().unwrap_or(1).max(1);
     (rows, dims.iter().product::<usize>() / rows)
+}
+
+/// Splits `values` into consecutive chunks of `len` and calls `f` with each chunk and its
+/// max |v|: the shape of every per-channel, per-token and per-block max calibration.
+pub fn for_each_chunk_amax(values: &mut [f32], len: usize, mut f: impl FnMut(&mut [f32], f32)) {
+    for chunk in values.chunks_mut(len.max(1)) {
+        let amax = max_abs(chunk);
+        f(chunk, amax);
+    }
 }
 
 /// max |v| over a slice, NaN ignored (as `torch.amax` of `abs` would not; callers check NaN

@@ -22,7 +22,7 @@ use candle_core::{Result, Tensor};
 
 use super::format::{Calibration, Format, WeightStats};
 use super::fp8;
-use super::host::{self, max_abs, rows_of_first_dim, rows_of_last_dim};
+use super::host::{self, rows_of_first_dim, rows_of_last_dim};
 
 /// Below this amax everything quantizes to 0 (the smallest fp16 subnormal).
 pub const ZERO_AMAX: f32 = 1.0 / (1u32 << 24) as f32;
@@ -57,20 +57,15 @@ pub fn fake_quant_per_tensor(values: &mut [f32], amax: f32, bits: u32) {
 /// Per output channel (`axis: 0`): each slice along dim 0 against its own max |x|.
 pub fn fake_quant_per_channel(values: &mut [f32], dims: &[usize], bits: u32) {
     let (_, row_len) = rows_of_first_dim(dims);
-    for row in values.chunks_mut(row_len) {
-        let amax = max_abs(row);
-        fake_quant_per_tensor(row, amax, bits);
-    }
+    host::for_each_chunk_amax(values, row_len, |row, amax| fake_quant_per_tensor(row, amax, bits));
 }
 
 /// Per block of `block` values along the last dimension, each against its own max |x|.
 pub fn fake_quant_blocks(values: &mut [f32], dims: &[usize], block: usize, bits: u32) {
     let (_, cols) = rows_of_last_dim(dims);
+    // Blocks restart at every row (a partial last block is ModelOpt's zero padding).
     for row in values.chunks_mut(cols) {
-        for b in row.chunks_mut(block) {
-            let amax = max_abs(b);
-            fake_quant_per_tensor(b, amax, bits);
-        }
+        host::for_each_chunk_amax(row, block, |b, amax| fake_quant_per_tensor(b, amax, bits));
     }
 }
 

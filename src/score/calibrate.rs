@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::model::{LayerId, Linear, Tap};
-use crate::quant::{self, awq, fp8, Format, WeightStats};
+use crate::quant::{self, awq, fp8, host, Format, WeightStats};
 
 /// Records max |x| of every layer input in one f32 vector on the device: one kernel per layer,
 /// no host sync until [`AmaxTap::finish`].
@@ -36,12 +36,6 @@ pub fn weight_stats(linears: &[&Linear]) -> Result<Vec<WeightStats>> {
     linears.iter().map(|l| WeightStats::of(l.weight())).collect()
 }
 
-/// The host copy of a layer input `[rows, in]` as f32.
-fn host_rows(x: &Tensor) -> Result<(Vec<f32>, usize)> {
-    let cols = x.dims().last().copied().unwrap_or(1);
-    Ok((x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, cols))
-}
-
 /// AWQ-lite's first pass: per searched layer, the mean |x| per channel of every calibration
 /// batch and the max |x| per channel (the input amax ModelOpt keeps for smoothing).
 pub struct AwqCacheTap {
@@ -59,7 +53,7 @@ pub struct AwqCache {
 impl Tap for AwqCacheTap {
     fn forward(&mut self, id: LayerId, _linear: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
         if let Some(cache) = &mut self.layers[id] {
-            let (values, cols) = host_rows(x)?;
+            let (values, cols) = (host::to_f32_vec(x)?, x.dims().last().copied().unwrap_or(1));
             cache.search.cache(&values, cols);
             if cache.channel_amax.is_empty() {
                 cache.channel_amax = vec![0.0; cols];
@@ -88,9 +82,11 @@ pub struct AwqSearchTap<'a> {
     pub quantized: Vec<Option<f32>>,
 }
 
-/// One layer's search in one format: the candidate scales (input multiplier `1/s`, weight
-/// multiplier `s`, per α, in the layer's dtype) and the summed losses.
+/// One layer's search in one format: the weight scale of AWQ's formula, the candidate scales
+/// (input multiplier `1/s`, weight multiplier `s`, per α, in the layer's dtype) and the summed
+/// losses.
 pub struct AwqFormatSearch {
+    pub weight_scale: Vec<f32>,
     pub input_scales: Vec<Tensor>,
     pub weight_scales: Vec<Tensor>,
     pub losses: Vec<f32>,
@@ -100,8 +96,7 @@ impl AwqFormatSearch {
     /// The candidates of a layer from its averaged activation scale and its weight.
     pub fn new(act_scale: &[f32], weight: &Tensor, block: Option<usize>) -> Result<Self> {
         let cols = weight.dim(1)?;
-        let w = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let weight_scale = awq::weight_scale(&w, cols, block);
+        let weight_scale = awq::weight_scale(&host::to_f32_vec(weight)?, cols, block);
         let (mut input_scales, mut weight_scales) = (Vec::new(), Vec::new());
         for alpha in awq::alphas() {
             let s = awq::scale(act_scale, &weight_scale, alpha);
@@ -112,7 +107,7 @@ impl AwqFormatSearch {
             input_scales.push(on_device(inv)?);
             weight_scales.push(on_device(s)?);
         }
-        Ok(AwqFormatSearch { input_scales, weight_scales, losses: vec![0.0; awq::alphas().len()] })
+        Ok(AwqFormatSearch { weight_scale, input_scales, weight_scales, losses: vec![0.0; awq::alphas().len()] })
     }
 }
 

@@ -703,9 +703,7 @@ fn awq_lite(
                 records[id][f] = Some(plain);
                 continue;
             };
-            let weight = model.linear(id).weight();
-            let w = weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let best = quant::awq::scale(act, &quant::awq::weight_scale(&w, weight.dim(1)?, block), alpha);
+            let best = quant::awq::scale(act, &s.weight_scale, alpha);
             let chosen = quant::awq::Smoothing::new(alpha, &best, round);
             // ModelOpt: (per-channel amax · pre_quant_scale in f32).amax(), cast to the dtype.
             let channel_amax = &cache.layers[id].as_ref().expect("searched layers were cached").channel_amax;
