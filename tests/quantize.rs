@@ -63,6 +63,7 @@ fn dtype_name(d: safetensors::Dtype) -> &'static str {
         safetensors::Dtype::F32 => "float32",
         safetensors::Dtype::F8_E4M3 => "float8_e4m3fn",
         safetensors::Dtype::BF16 => "bfloat16",
+        safetensors::Dtype::U8 => "uint8",
         _ => "other",
     }
 }
@@ -174,15 +175,107 @@ fn modelopt_layout_equals_modelopt_export_all() {
     check_modelopt_parity("all");
 }
 
+/// Issue 12: a mixed NVFP4 / W4A16_NVFP4 / FP8 recipe written as ModelOpt 0.47's exporter writes
+/// it (`tests/data/modelopt_export_nvfp4/`, made on an H200 by
+/// `scripts/reference/modelopt_export_nvfp4.py`): same tensors, the same packed E2M1 codes, E4M3
+/// block scales and FP8 codes, the same per-tensor scales, the same MIXED_PRECISION config.
+#[test]
+fn nvfp4_mixed_recipe_equals_modelopt_export() {
+    let fx = fixtures_or_skip!();
+    let theirs_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/modelopt_export_nvfp4");
+    let recipe = json(&theirs_dir.join("recipe.json"));
+    let choice: HashMap<String, String> = recipe["modules"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect();
+    let manifest =
+        setup(&fx).manifest_with_formats(&["NVFP4", "W4A16_NVFP4", "FP8"], &choice, "manifest-nvfp4-mixed.json");
+    // The default layout is ModelOpt's: vLLM's MIXED_PRECISION loader quantizes vision layers too.
+    let out = quantize_ok(&fx, &manifest, "modelopt-nvfp4-mixed", &[]);
+
+    let ours_bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let ours = SafeTensors::deserialize(&ours_bytes).unwrap();
+    let listing = json(&theirs_dir.join("export_listing.json"));
+    let listing = listing.as_object().unwrap();
+    let mut our_names: Vec<String> = ours.names().into_iter().map(String::from).collect();
+    our_names.sort();
+    assert_eq!(our_names, listing.keys().cloned().collect::<Vec<_>>(), "tensor names");
+    for (name, entry) in listing {
+        let t = ours.tensor(name).unwrap();
+        assert_eq!(dtype_name(t.dtype()), entry["dtype"].as_str().unwrap(), "{name} dtype");
+        let shape: Vec<usize> =
+            entry["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        assert_eq!(t.shape(), shape.as_slice(), "{name} shape");
+    }
+
+    let theirs_bytes = std::fs::read(theirs_dir.join("quantized_tensors.safetensors")).unwrap();
+    let theirs = SafeTensors::deserialize(&theirs_bytes).unwrap();
+    let input_bytes = std::fs::read(fx.join("qwen3-vl-tiny/model.safetensors")).unwrap();
+    let input = SafeTensors::deserialize(&input_bytes).unwrap();
+    let (mut bytes, mut differing, mut scales, mut exact_scales, mut worst_scale) = (0usize, 0usize, 0, 0, 0f64);
+    for name in &our_names {
+        let t = ours.tensor(name).unwrap();
+        let Ok(r) = theirs.tensor(name) else {
+            assert_eq!(t.data(), input.tensor(name).unwrap().data(), "{name} differs from the input");
+            continue;
+        };
+        if t.shape().is_empty() {
+            let (a, b) = (f32_of(&t), f32_of(&r));
+            let rel = (a as f64 - b as f64).abs() / (b as f64).abs();
+            scales += 1;
+            exact_scales += usize::from(a == b);
+            worst_scale = worst_scale.max(rel);
+            assert!(rel <= 1e-6, "{name}: {a:e} vs ModelOpt {b:e} ({rel:e} relative)");
+            // NVFP4's global weight scale depends on the weights alone, through GPU arithmetic
+            // qsens follows: bit for bit.
+            if name.ends_with(".weight_scale_2") {
+                assert_eq!(a.to_bits(), b.to_bits(), "{name}: {a:e} vs ModelOpt {b:e}");
+            }
+        } else {
+            bytes += t.data().len();
+            let d = t.data().iter().zip(r.data()).filter(|(a, b)| a != b).count();
+            differing += d;
+            assert_eq!(d, 0, "{name}: {d} of {} bytes differ from ModelOpt's", t.data().len());
+        }
+    }
+    eprintln!(
+        "modelopt_export_nvfp4: {} tensors; {bytes} bytes of E2M1 codes, E4M3 block scales and FP8 codes, {differing} \
+         differ from ModelOpt's; {scales} per-tensor scales, {exact_scales} bit-identical, the rest within \
+         {worst_scale:.2e} relative",
+        our_names.len()
+    );
+    assert!(bytes > 0);
+
+    let ours_hf = json(&out.join("hf_quant_config.json"));
+    assert_eq!(without_producer(ours_hf), without_producer(json(&theirs_dir.join("hf_quant_config.json"))));
+    let ours_qc = json(&out.join("config.json"))["quantization_config"].clone();
+    let theirs_qc = json(&theirs_dir.join("config.json"))["quantization_config"].clone();
+    assert_eq!(without_producer(ours_qc), without_producer(theirs_qc));
+
+    // Read back (NVFP4 weights decoded, inputs quantized with their static scales), the
+    // checkpoint computes its manifest's served plan exactly. ModelOpt's fake-quant losses are
+    // printed: they were taken before export (each fused shard with its own amax, weights
+    // fake-quantized by ModelOpt's kernel rather than its exporter's arithmetic), and this tiny
+    // model's loss moves with single rounding flips (see the FP8 round trip below).
+    let planned = planned_losses(&fx, &manifest);
+    let got = served_losses(&fx, &out);
+    let modelopt = recipe["fake_quant_loss_per_sample"].as_array().unwrap();
+    for (k, (g, p)) in got.iter().zip(&planned).enumerate() {
+        let e = modelopt[k].as_f64().unwrap();
+        eprintln!("nvfp4 mixed sample {k}: loss {g:.7}; ModelOpt fake quant {e:.7} ({:.1e} relative)", (g - e).abs() / e);
+        assert_eq!(g, p, "sample {k}: checkpoint {g} vs served plan {p}");
+    }
+}
+
 /// Loss per reference sample of the served checkpoint in `dir`, loaded as qsens loads it: FP8
 /// weights dequantized with their scales, static input scales applied by the tap.
 fn served_losses(fx: &Path, dir: &Path) -> Vec<f64> {
     let model = Qwen3VL::load(dir, DType::F32, &Device::Cpu).unwrap();
     let ck = Checkpoint::open(dir).unwrap();
-    let scales: Vec<Option<f32>> =
-        model.layers().iter().map(|l| ck.scalar_f32(&format!("{}.input_scale", l.name)).unwrap()).collect();
-    let mut tap = ServedTap::from_input_scales(scales);
-    assert!(tap.num_quantized() > 0);
+    let (_, mut tap) = served::from_checkpoint(&model, &ck).unwrap();
+    assert!(tap.num_quantized_inputs() > 0);
     let opts = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Nothing, trace: false };
     (0..common::qwen::SAMPLES)
         .map(|k| {
@@ -304,8 +397,7 @@ fn hf_compressed_tensors_logits_equal_ours() {
 
     let model = Qwen3VL::load(&out, DType::F32, &Device::Cpu).unwrap();
     let ck = Checkpoint::open(&out).unwrap();
-    let scales = model.layers().iter().map(|l| ck.scalar_f32(&format!("{}.input_scale", l.name)).unwrap()).collect();
-    let mut tap = ServedTap::from_input_scales(scales);
+    let (_, mut tap) = served::from_checkpoint(&model, &ck).unwrap();
     let opts = ForwardOptions { logits: LogitsMode::All, keep: Keep::Nothing, trace: false };
     for (k, name) in meta["samples"].split(',').enumerate() {
         let index: usize = name.trim_start_matches("sample_").trim_end_matches(".safetensors").parse().unwrap();

@@ -11,12 +11,16 @@ use qsens::quantize::{self, Layout, QuantizeArgs};
     name = "quantize",
     version,
     max_term_width = 98,
-    about = "Write the quantized checkpoint of a qsens manifest (FP8 weights, static scales)",
-    after_help = "Layouts: `modelopt` is ModelOpt's own export format (vLLM: --quantization modelopt); \
-                  `compressed-tensors` is llm-compressor's (vLLM and HF transformers load it). vLLM's modelopt \
-                  loader treats every layer named `visual` as unquantized, so a recipe with FP8 vision layers is \
-                  only served correctly from compressed-tensors: `auto` (the default) picks modelopt when no vision \
-                  layer is in FP8 and compressed-tensors otherwise. See docs/quantize.md."
+    about = "Write the quantized checkpoint of a qsens manifest (FP8, NVFP4 and W4A16_NVFP4 layers, static scales)",
+    after_help = "Layouts: `modelopt` is ModelOpt's own export format, for every format (vLLM reads its \
+                  hf_quant_config.json: FP8, NVFP4, or MIXED_PRECISION when a recipe mixes formats); \
+                  `compressed-tensors` is llm-compressor's, FP8 only (vLLM and HF transformers load it). vLLM's \
+                  single-format ModelOpt loaders treat every layer named `visual` as unquantized (its \
+                  MIXED_PRECISION loader does not), so an FP8-only recipe with FP8 vision layers is only served \
+                  correctly from compressed-tensors: `auto` (the default) picks compressed-tensors for that \
+                  case and modelopt otherwise. NVFP4 shards of a fused layer (q/k/v, gate/up) always share \
+                  their largest amax, as ModelOpt writes them. AWQ formats are refused (their smoothing is not \
+                  exported yet). See docs/quantize.md."
 )]
 struct Args {
     /// The unquantized HF checkpoint directory the scores were made from.
@@ -35,8 +39,9 @@ struct Args {
     /// Checkpoint layout.
     #[arg(long, value_enum, default_value_t = Layout::Auto)]
     layout: Layout,
-    /// Give the shards of a fused layer (q/k/v, gate/up) their largest weight and input scale,
-    /// as vLLM serves them, so the checkpoint holds exactly what is served.
+    /// Give the FP8 shards of a fused layer (q/k/v, gate/up) their largest weight and input
+    /// scale, as vLLM serves them, so the checkpoint holds exactly what is served (NVFP4 shards
+    /// always share theirs).
     #[arg(long)]
     fuse_scales: bool,
     /// Largest safetensors file (HF's spelling: 5GB, 500MB, 2GiB).
@@ -45,7 +50,7 @@ struct Args {
     /// Replace the output directory if it exists.
     #[arg(long)]
     force: bool,
-    /// Write FP8 vision layers in the modelopt layout although vLLM loads them wrongly.
+    /// Write vision layers in a single-format modelopt layout although vLLM loads them wrongly.
     #[arg(long, hide_short_help = true)]
     skip_vllm_checks: bool,
     #[command(flatten)]

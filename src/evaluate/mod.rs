@@ -28,7 +28,7 @@ use crate::cli::Reporter;
 use crate::model::loader::Checkpoint;
 use crate::model::qwen3_vl::{ForwardOptions, Keep, LogitsMode, Qwen3VL};
 use crate::model::{LayerKind, NoTap, Tap};
-use crate::quant::served::{self, DequantizedWeights, RecipeLayer, ServedPlan, ServedTap};
+use crate::quant::served::{self, DequantizedWeights, RecipeLayer, ServedLayer, ServedPlan, ServedTap};
 use crate::quant::{WeightStats, NONE};
 use crate::score::{self, Method};
 use crate::search::confidence::Bootstrap;
@@ -374,19 +374,21 @@ fn recipe_result(
         eval.effective_bits,
         Some(eval.objective),
         groups_quantized,
-        &plan.fp8,
+        &plan.layers,
     ))
 }
 
-/// Format index per group of what is served: a group's reference format when its members are in
-/// FP8, NONE otherwise.
+/// Format index per group of what is served: the format its members are served in, NONE when
+/// none is (or when the problem has no such format: a checkpoint of another recipe).
 fn served_choice(m: &Manifest, problem: &Problem, plan: &ServedPlan) -> Vec<usize> {
-    let fp8 = problem.format_index(served::FP8);
     m.groups
         .iter()
-        .map(|g| match fp8 {
-            Some(f) if g.members.iter().any(|n| plan.get(n).is_some()) => f,
-            _ => problem.none_index(),
+        .map(|g| {
+            g.members
+                .iter()
+                .find_map(|n| plan.get(n))
+                .and_then(|l| problem.format_index(l.format.quant_algo()))
+                .unwrap_or(problem.none_index())
         })
         .collect()
 }
@@ -398,7 +400,7 @@ fn empty_result(
     effective_bits: f64,
     predicted_objective: Option<f64>,
     groups_quantized: usize,
-    fp8: &[served::Fp8Layer],
+    served: &[ServedLayer],
 ) -> RecipeResult {
     let zero = crate::artifact::evaluation::Estimate { value: 0.0, ci: None };
     RecipeResult {
@@ -408,10 +410,10 @@ fn empty_result(
         effective_bits,
         predicted_objective,
         groups_quantized,
-        layers_quantized: fp8.len(),
-        quantized_layers: fp8
+        layers_quantized: served.len(),
+        quantized_layers: served
             .iter()
-            .map(|l| QuantizedLayer { name: l.name.clone(), format: served::FP8.into() })
+            .map(|l| QuantizedLayer { name: l.name.clone(), format: l.format.quant_algo().into() })
             .collect(),
         per_sample: Vec::new(),
         overall: crate::artifact::evaluation::Metrics {
@@ -438,18 +440,7 @@ fn load_checkpoint(
     let model =
         Qwen3VL::load(dir, args.dtype, device).with_context(|| format!("loading checkpoint {}", dir.display()))?;
     let ck = Checkpoint::open(dir).with_context(|| format!("opening checkpoint {}", dir.display()))?;
-    let mut scales = Vec::with_capacity(model.layers().len());
-    let mut fp8 = Vec::new();
-    for l in model.layers() {
-        let scale = ck.scalar_f32(&format!("{}.input_scale", l.name))?;
-        if let Some(s) = scale {
-            let w = ck.scalar_f32(&format!("{}.weight_scale", l.name))?.unwrap_or(f32::NAN);
-            fp8.push(served::Fp8Layer { name: l.name.clone(), weight_scale: w, input_scale: s });
-        }
-        scales.push(scale);
-    }
-    ensure!(!fp8.is_empty(), "{}: no layer has an input_scale; is it a qsens/ModelOpt FP8 checkpoint?", dir.display());
-    let plan = ServedPlan { fp8, ..ServedPlan::default() };
+    let (plan, tap) = served::from_checkpoint(&model, &ck).with_context(|| format!("{}", dir.display()))?;
     let name = dir_name(dir);
     let result = match manifest {
         Some((loc, m)) => {
@@ -463,16 +454,23 @@ fn load_checkpoint(
             // ModelOpt's effective bits over every scored layer, groups by ModelOpt's default rules.
             let layers = model.layers();
             let total: u64 = layers.iter().map(|l| l.params()).sum();
-            let fp8_params: u64 = layers.iter().filter(|l| plan.get(&l.name).is_some()).map(|l| l.params()).sum();
-            let bits = 16.0 * (total as f64 - fp8_params as f64 / 2.0) / total as f64;
+            let mut bit_params = 0.0;
+            for l in layers {
+                bit_params += l.params() as f64
+                    * match plan.get(&l.name) {
+                        Some(s) => crate::quant::format_by_name(s.format.quant_algo())?.effective_bits(),
+                        None => 16.0,
+                    };
+            }
+            let bits = bit_params / total as f64;
             let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
             let groups = crate::quant::GroupingRules::default()
                 .group(&names)
                 .iter()
                 .filter(|g| g.members.iter().any(|&i| plan.get(names[i]).is_some()))
                 .count();
-            empty_result(&name, "checkpoint", Some(dir.display().to_string()), bits, None, groups, &plan.fp8)
+            empty_result(&name, "checkpoint", Some(dir.display().to_string()), bits, None, groups, &plan.layers)
         }
     };
-    Ok((model, ServedTap::from_input_scales(scales), result))
+    Ok((model, tap, result))
 }

@@ -195,6 +195,9 @@ impl Checkpoint {
                 shard.path.display()
             )
         };
+        if info.dtype == StDtype::U8 && shape.len() == 2 {
+            return self.nvfp4_weight(name, shape, dtype, device);
+        }
         if info.shape != shape {
             bail!("tensor `{name}` in {} has shape {:?}, expected {:?}", shard.path.display(), info.shape, shape)
         }
@@ -224,6 +227,40 @@ impl Checkpoint {
         }
         // Upload in the stored dtype, convert on the target device.
         Tensor::from_raw_buffer(bytes, src_dtype, shape, device)?.to_dtype(dtype)
+    }
+
+    /// An NVFP4 weight of logical shape `[rows, cols]` as ModelOpt's exporter (and qsens
+    /// `quantize`) stores it — `weight` uint8 `[rows, cols/2]` of E2M1 pairs, `weight_scale`
+    /// E4M3 `[rows, cols/16]`, `weight_scale_2` f32 — dequantized as a serving kernel applies it.
+    fn nvfp4_weight(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let (rows, cols) = (shape[0], shape[1]);
+        let prefix = name.strip_suffix(".weight").unwrap_or(name);
+        let Some(weight_scale_2) = self.scalar_f32(&format!("{prefix}.weight_scale_2"))? else {
+            bail!("tensor `{name}` is uint8 but `{prefix}.weight_scale_2` is missing (not an NVFP4 weight?)")
+        };
+        let raw = |n: &str, want: [usize; 2], dtype: StDtype| -> Result<Vec<u8>> {
+            let ix = self.location.get(n).copied();
+            let info = ix.and_then(|ix| self.shards[ix].meta.info(n).map(|i| (ix, i)));
+            let Some((ix, info)) = info else { bail!("NVFP4 tensor `{n}` is missing from {}", self.where_listed()) };
+            if info.dtype != dtype || info.shape != want {
+                bail!(
+                    "NVFP4 tensor `{n}` in {} is {:?} {:?}, expected {dtype:?} {want:?}",
+                    self.shards[ix].path.display(),
+                    info.dtype,
+                    info.shape
+                )
+            }
+            self.read_raw(n)
+        };
+        if cols % crate::quant::nvfp4::BLOCK_SIZE != 0 {
+            bail!("tensor `{name}`: {cols} columns are not NVFP4 blocks of 16")
+        }
+        let packed = crate::quant::nvfp4::PackedWeight {
+            packed: raw(name, [rows, cols / 2], StDtype::U8)?,
+            block_scales: raw(&format!("{prefix}.weight_scale"), [rows, cols / 16], StDtype::F8_E4M3)?,
+        };
+        let values = crate::quant::nvfp4::decode_weight(&packed, cols, weight_scale_2);
+        Tensor::from_vec(values, (rows, cols), &Device::Cpu)?.to_device(device)?.to_dtype(dtype)
     }
 
     /// A one-element tensor (shape `[]` or `[1]`, any float dtype) as f32, e.g. a per-tensor

@@ -154,22 +154,32 @@ pub fn fake_quant_row(row: &[f32], global_scale: f32, out: &mut [f32]) {
 /// Fake-quantizes a row-major matrix of `cols` columns (`values.len()` a multiple of `cols`)
 /// against a per-tensor `global_amax`, in f32, writing `out`. Rows run in parallel.
 pub fn fake_quant_rows(values: &[f32], cols: usize, global_amax: f32, out: &mut [f32]) {
+    fake_quant_rows_scaled(values, cols, global_scale(global_amax), out)
+}
+
+/// [`fake_quant_rows`] given the global scale itself (`global_scale(amax)`, the `input_scale` a
+/// checkpoint stores).
+pub fn fake_quant_rows_scaled(values: &[f32], cols: usize, global_scale: f32, out: &mut [f32]) {
     assert!(cols > 0 && values.len() % cols == 0, "nvfp4: {} values are not rows of {cols}", values.len());
     assert_eq!(values.len(), out.len(), "nvfp4: input and output lengths differ");
-    let gs = global_scale(global_amax);
-    out.par_chunks_mut(cols).zip(values.par_chunks(cols)).for_each(|(o, x)| fake_quant_row(x, gs, o));
+    out.par_chunks_mut(cols).zip(values.par_chunks(cols)).for_each(|(o, x)| fake_quant_row(x, global_scale, o));
 }
 
 /// NVFP4 fake quantization of a tensor (f32, bf16 or f16, CPU) along its last dim; same shape
 /// and dtype.
 pub fn fake_quant_tensor(x: &Tensor, global_amax: f32) -> Result<Tensor> {
+    fake_quant_tensor_with_global_scale(x, global_scale(global_amax))
+}
+
+/// [`fake_quant_tensor`] given the global scale itself (a checkpoint's `input_scale`).
+pub fn fake_quant_tensor_with_global_scale(x: &Tensor, global_scale: f32) -> Result<Tensor> {
     if !x.device().is_cpu() {
         candle_core::bail!("nvfp4 fake quantization has no CUDA kernel yet: move the tensor to the CPU");
     }
     if x.elem_count() == 0 {
         return Ok(x.clone());
     }
-    x.contiguous()?.apply_op1_no_bwd(&FakeQuantNvfp4 { global_amax })
+    x.contiguous()?.apply_op1_no_bwd(&FakeQuantNvfp4 { global_scale })
 }
 
 /// Row-wise fake quantization of a contiguous CPU storage: widen to f32, `f`, round back.
@@ -207,7 +217,8 @@ pub(crate) fn map_rows_cpu(
 /// The NVFP4 fake-quantization op (CPU only for now).
 #[derive(Debug, Clone, Copy)]
 pub struct FakeQuantNvfp4 {
-    pub global_amax: f32,
+    /// `global_scale(global_amax)`.
+    pub global_scale: f32,
 }
 
 impl CustomOp1 for FakeQuantNvfp4 {
@@ -216,8 +227,118 @@ impl CustomOp1 for FakeQuantNvfp4 {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        map_rows_cpu(self.name(), storage, layout, |x, cols, out| fake_quant_rows(x, cols, self.global_amax, out))
+        map_rows_cpu(self.name(), storage, layout, |x, cols, out| fake_quant_rows_scaled(x, cols, self.global_scale, out))
     }
+}
+
+// The checkpoint encoding: what ModelOpt 0.47's exporter writes for an NVFP4 layer
+// (`qtensor/nvfp4_tensor.py` `NVFP4QTensor`, reached from `export/unified_export_hf.py`
+// `_export_quantized_weight`), as it runs on CUDA — the only device ModelOpt's NVFP4 runs on:
+//
+//   weight_scale_2 = amax_w ⊗ f32(1/2688)          `_amax.float() / (6 · 448)`, a CUDA tensor by a
+//   input_scale    = amax_in ⊗ f32(1/2688)         Python scalar: [`global_scale`]
+//   weight_scale   = e4m3(clamp(bmax / RN(6 · weight_scale_2), 2^-9, 448)), 0 → 1 before the clamp
+//   q              = e2m1_code(w / RN(f32(weight_scale) · weight_scale_2))
+//   weight         = q[2j] | q[2j+1] << 4          uint8, half the columns
+//
+// Unlike the fake quantization above, both divisions are IEEE (tensor by tensor); a negative
+// value that rounds to 0 keeps its sign bit (code 8); the block scale has no 1e-5 floor.
+
+/// The E2M1 code of a scaled value as ModelOpt's `_cast_fp4`: sign bit (x < 0) << 3 | the index
+/// of the nearest of 0, 0.5, 1, 1.5, 2, 3, 4, 6 (ties to even, saturating; NaN gives 6).
+#[inline]
+pub fn e2m1_code(x: f32) -> u8 {
+    let magnitude = round_e2m1_magnitude(x.abs());
+    // round_e2m1_magnitude returns exactly one of the eight values.
+    let index = match magnitude {
+        m if m == 0.0 => 0,
+        m if m == 0.5 => 1,
+        m if m == 1.0 => 2,
+        m if m == 1.5 => 3,
+        m if m == 2.0 => 4,
+        m if m == 3.0 => 5,
+        m if m == 4.0 => 6,
+        _ => 7,
+    };
+    (u8::from(x < 0.0) << 3) | index
+}
+
+/// The value of an E2M1 code.
+#[inline]
+pub fn e2m1_value(code: u8) -> f32 {
+    const MAGNITUDES: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+    let m = MAGNITUDES[(code & 7) as usize];
+    if code & 8 != 0 {
+        -m
+    } else {
+        m
+    }
+}
+
+/// The E4M3 block scale code of one 16-block's amax (exporter arithmetic, see above).
+#[inline]
+pub fn checkpoint_block_scale(block_amax: f32, weight_scale_2: f32) -> u8 {
+    let s = block_amax / (E2M1_MAX * weight_scale_2);
+    let s = if s == 0.0 { 1.0 } else { s };
+    // torch's clamp propagates NaN; the e4m3 cast keeps it NaN.
+    let s = if s.is_nan() { s } else { s.clamp(1.0 / 512.0, fp8::E4M3_MAX) };
+    fp8::e4m3_bits(fp8::round_to_e4m3(s))
+}
+
+/// One NVFP4 layer as the checkpoint stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedWeight {
+    /// Two E2M1 codes per byte (`[rows, cols / 2]`, the even column in the low nibble).
+    pub packed: Vec<u8>,
+    /// E4M3 block scale codes (`[rows, cols / 16]`).
+    pub block_scales: Vec<u8>,
+}
+
+/// Encodes a row-major weight of `cols` columns (a multiple of 16) as ModelOpt's exporter does,
+/// given its `weight_scale_2` ([`global_scale`] of its — possibly fused — amax). Rows run in
+/// parallel.
+pub fn encode_weight(w: &[f32], cols: usize, weight_scale_2: f32) -> PackedWeight {
+    assert!(cols % BLOCK_SIZE == 0 && w.len() % cols == 0, "nvfp4: {} values are not rows of {cols}", w.len());
+    let mut packed = vec![0u8; w.len() / 2];
+    let mut block_scales = vec![0u8; w.len() / BLOCK_SIZE];
+    packed
+        .par_chunks_mut(cols / 2)
+        .zip(block_scales.par_chunks_mut(cols / BLOCK_SIZE))
+        .zip(w.par_chunks(cols))
+        .for_each(|((packed, scales), row)| {
+            for ((block, scale), out) in
+                row.chunks(BLOCK_SIZE).zip(scales.iter_mut()).zip(packed.chunks_mut(BLOCK_SIZE / 2))
+            {
+                let bmax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                *scale = checkpoint_block_scale(bmax, weight_scale_2);
+                let divisor = fp8::e4m3_value(*scale) * weight_scale_2;
+                for (pair, byte) in block.chunks(2).zip(out.iter_mut()) {
+                    *byte = e2m1_code(pair[0] / divisor) | (e2m1_code(pair[1] / divisor) << 4);
+                }
+            }
+        });
+    PackedWeight { packed, block_scales }
+}
+
+/// The weight a checkpoint's NVFP4 layer holds: `e2m1 · f32(block scale) · weight_scale_2`, as
+/// ModelOpt's `NVFP4QTensor.dequantize` (and a serving kernel) computes it.
+pub fn decode_weight(packed: &PackedWeight, cols: usize, weight_scale_2: f32) -> Vec<f32> {
+    let mut out = vec![0f32; packed.packed.len() * 2];
+    out.par_chunks_mut(cols)
+        .zip(packed.packed.par_chunks(cols / 2))
+        .zip(packed.block_scales.par_chunks(cols / BLOCK_SIZE))
+        .for_each(|((row, codes), scales)| {
+            for ((block, codes), &scale) in
+                row.chunks_mut(BLOCK_SIZE).zip(codes.chunks(BLOCK_SIZE / 2)).zip(scales)
+            {
+                let s = fp8::e4m3_value(scale) * weight_scale_2;
+                for (pair, &byte) in block.chunks_mut(2).zip(codes) {
+                    pair[0] = e2m1_value(byte & 0xf) * s;
+                    pair[1] = e2m1_value(byte >> 4) * s;
+                }
+            }
+        });
+    out
 }
 
 /// NVFP4 weights and inputs: ModelOpt's `NVFP4_DEFAULT_CFG`. On a CUDA tensor the numerics run
@@ -320,6 +441,48 @@ impl Format for Nvfp4AwqLite {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    #[test]
+    fn e2m1_codes_round_ties_to_even_and_keep_the_sign_as_modelopt_casts() {
+        let cases = [
+            (0.25, 0),
+            (0.2501, 1),
+            (0.75, 2),
+            (1.25, 2),
+            (1.75, 4),
+            (2.5, 4),
+            (3.5, 6),
+            (5.0, 6),
+            (5.01, 7),
+            (100.0, 7),
+            (-0.0, 0),
+            (-0.1, 8),
+            (-6.0, 15),
+        ];
+        for (x, code) in cases {
+            assert_eq!(e2m1_code(x), code, "{x}");
+        }
+        assert_eq!(e2m1_value(13), -3.0);
+    }
+
+    #[test]
+    fn checkpoint_encoding_by_hand() {
+        // Row 0: 0, 0.5, …, 7.5 with weight_scale_2 = 0.25: block scale 7.5 / (6 · 0.25) = 5 (E4M3
+        // 0x4A), values / 1.25 = 0, 0.4, …, 6. Row 1: zeros, block scale 0 → 1 (0x38).
+        let mut w: Vec<f32> = (0..16).map(|i| i as f32 * 0.5).collect();
+        w.extend([0.0; 16]);
+        let p = encode_weight(&w, 16, 0.25);
+        assert_eq!(p.block_scales, [0x4A, 0x38]);
+        assert_eq!(&p.packed[..8], &[0x10, 0x22, 0x43, 0x54, 0x65, 0x66, 0x76, 0x77]);
+        assert_eq!(&p.packed[8..], &[0; 8]);
+        let back = decode_weight(&p, 16, 0.25);
+        let want = [0.0, 0.625, 1.25, 1.25, 1.875, 2.5, 2.5, 3.75, 3.75, 5.0, 5.0, 5.0, 5.0, 7.5, 7.5, 7.5];
+        assert_eq!(&back[..16], &want);
+        assert!(back[16..].iter().all(|&v| v == 0.0));
+        // A tiny block's scale is clamped up to E4M3's smallest subnormal, 2^-9 (code 0x01).
+        assert_eq!(checkpoint_block_scale(1e-12, 1.0), 0x01);
+        assert_eq!(checkpoint_block_scale(1e9, 1.0), 0x7E);
+    }
 
     /// The global amax whose global scale is exactly 1 (checked in `global_scale_is_a_reciprocal_product`).
     const UNIT_GLOBAL_AMAX: f32 = 2688.0;

@@ -1,29 +1,102 @@
-//! What a served FP8 checkpoint computes: the one place that turns a recipe (a format per layer
-//! and the calibrated amax) into the layers a serving engine runs in FP8, with their per-tensor
-//! scales. `quantize` writes this plan; `evaluate` measures it, either from the plan itself or
-//! from the checkpoint `quantize` wrote (both give the same numbers).
+//! What a served checkpoint computes: the one place that turns a recipe (a format per layer and
+//! the calibrated amax) into the layers a serving engine runs quantized, with their scales.
+//! `quantize` writes this plan; `evaluate` measures it, either from the plan itself or from the
+//! checkpoint `quantize` wrote (both give the same numbers).
 //!
 //! Rules, from how the loaders work (docs/quantize.md names the code each comes from):
-//! - Only `FP8` (E4M3, per-tensor weight scale, static per-tensor input scale) is written; every
-//!   other layer stays in the checkpoint's 16/32-bit dtype.
+//! - Three formats are written, as ModelOpt's exporter writes them: `FP8` (E4M3, per-tensor
+//!   weight scale, static per-tensor input scale), `NVFP4` (E2M1 in 16-blocks with E4M3 block
+//!   scales and a per-tensor `weight_scale_2`, static per-tensor input scale) and `W4A16_NVFP4`
+//!   (the same weights, 16-bit inputs). Every other layer stays in the checkpoint's dtype.
 //! - A fused layer's shards (q/k/v of one attention, gate/up of one MLP) are one matrix in the
-//!   serving engine, so they must share a precision. The engine serves them with the largest of
-//!   their weight scales (it requantizes the other shards to it) and the largest input scale;
-//!   with `fuse_scales` the plan uses those shared scales itself, so the checkpoint holds exactly
-//!   what is served.
+//!   serving engine, so they must share a format. The engine serves them with the largest of
+//!   their per-tensor scales. For NVFP4 ModelOpt's exporter writes that shared amax itself (a
+//!   block scale only means something relative to its `weight_scale_2`), so the plan always
+//!   does; for FP8 it keeps each shard's own scale unless `fuse_scales`, with which the plan uses
+//!   the shared scales, so the checkpoint holds exactly what is served.
 //! - A tied `lm_head` is the token embedding: engines serve it from the embedding table, 16-bit.
-//! - The patch embedding is a Conv3d: no engine loads it in FP8 (ModelOpt's exporter also writes
-//!   it unquantized), so it stays 16-bit.
+//! - The patch embedding is a Conv3d: no engine loads it quantized (ModelOpt's exporter also
+//!   writes it unquantized), so it stays 16-bit.
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
-use super::fp8;
+use super::{fp8, nvfp4};
+use crate::model::loader::Checkpoint;
 use crate::model::qwen3_vl::Qwen3VL;
 use crate::model::{LayerId, LayerKind, Linear, Tap};
 
-/// The name of the one format a checkpoint can hold besides `NONE`.
+/// The name of FP8 per-tensor, the format every checkpoint layout can hold.
 pub const FP8: &str = "FP8";
+
+/// A format a checkpoint can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServedFormat {
+    Fp8,
+    Nvfp4,
+    W4a16Nvfp4,
+}
+
+impl ServedFormat {
+    /// The format of a recipe's format name (short or ModelOpt config name); `None` for `NONE`.
+    /// Errors name formats that cannot be written yet.
+    pub fn parse(name: &str) -> Result<Option<Self>> {
+        if name.eq_ignore_ascii_case(super::NONE) {
+            return Ok(None);
+        }
+        let format = super::format_by_name(name)?;
+        Ok(Some(match format.name() {
+            "FP8" => ServedFormat::Fp8,
+            "NVFP4" => ServedFormat::Nvfp4,
+            "W4A16_NVFP4" => ServedFormat::W4a16Nvfp4,
+            other if format.calibration() != super::Calibration::Max => bail!(
+                "format '{other}' cannot be written to a checkpoint yet: its AWQ smoothing (pre_quant_scale) is not \
+                 exported (FP8, NVFP4 and W4A16_NVFP4 can be)"
+            ),
+            other => bail!("format '{other}' cannot be written to a checkpoint yet (FP8, NVFP4 and W4A16_NVFP4 can be)"),
+        }))
+    }
+
+    /// ModelOpt's `quant_algo`.
+    pub fn quant_algo(self) -> &'static str {
+        match self {
+            ServedFormat::Fp8 => "FP8",
+            ServedFormat::Nvfp4 => "NVFP4",
+            ServedFormat::W4a16Nvfp4 => "W4A16_NVFP4",
+        }
+    }
+
+    /// Elements per block scale (`group_size`), for the block formats.
+    pub fn group_size(self) -> Option<usize> {
+        match self {
+            ServedFormat::Fp8 => None,
+            ServedFormat::Nvfp4 | ServedFormat::W4a16Nvfp4 => Some(nvfp4::BLOCK_SIZE),
+        }
+    }
+
+    /// Whether the served layer quantizes its input (with a static `input_scale`).
+    pub fn quantizes_input(self) -> bool {
+        self != ServedFormat::W4a16Nvfp4
+    }
+
+    /// The per-tensor weight scale stored for a weight amax: FP8's `weight_scale`, NVFP4's
+    /// `weight_scale_2`.
+    pub fn weight_scale(self, weight_amax: f32) -> f32 {
+        match self {
+            ServedFormat::Fp8 => fp8::checkpoint_scale(weight_amax),
+            ServedFormat::Nvfp4 | ServedFormat::W4a16Nvfp4 => nvfp4::global_scale(weight_amax),
+        }
+    }
+
+    /// The static `input_scale` stored for a calibrated input amax.
+    pub fn input_scale(self, input_amax: f32) -> Option<f32> {
+        match self {
+            ServedFormat::Fp8 => Some(fp8::checkpoint_scale(input_amax)),
+            ServedFormat::Nvfp4 => Some(nvfp4::global_scale(input_amax)),
+            ServedFormat::W4a16Nvfp4 => None,
+        }
+    }
+}
 
 /// One layer of a recipe, as `quantize` and `evaluate` see it.
 #[derive(Debug, Clone)]
@@ -31,7 +104,7 @@ pub struct RecipeLayer {
     /// HF module name.
     pub name: String,
     pub kind: LayerKind,
-    /// `FP8` or `NONE` (other formats are refused).
+    /// A format name ([`ServedFormat::parse`]) or `NONE`.
     pub format: String,
     /// Calibrated input amax (max |x| over the calibration samples).
     pub input_amax: f32,
@@ -39,14 +112,18 @@ pub struct RecipeLayer {
     pub weight_amax: f32,
 }
 
-/// A layer stored in FP8.
+/// A layer stored quantized.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Fp8Layer {
+pub struct ServedLayer {
     pub name: String,
-    /// `amax_w / 448` (with `fuse_scales`, the largest over the fused layer's shards).
+    pub format: ServedFormat,
+    /// The weight amax the scales come from (a fused layer's shared one where it applies).
+    pub weight_amax: f32,
+    /// [`ServedFormat::weight_scale`] of `weight_amax`.
     pub weight_scale: f32,
-    /// `amax_in / 448`, likewise.
-    pub input_scale: f32,
+    /// The input amax (shared like `weight_amax`) and [`ServedFormat::input_scale`] of it.
+    pub input_amax: f32,
+    pub input_scale: Option<f32>,
 }
 
 /// Why a layer the recipe quantizes stays 16-bit.
@@ -63,27 +140,38 @@ impl KeptReason {
                 "lm_head is tied to the token embedding, which serving engines load 16-bit: kept 16-bit"
             }
             KeptReason::PatchEmbed => {
-                "the patch embedding is a Conv3d, which no serving engine loads in FP8 (ModelOpt's exporter \
+                "the patch embedding is a Conv3d, which no serving engine loads quantized (ModelOpt's exporter \
                  also writes it unquantized): kept 16-bit"
             }
         }
     }
 }
 
-/// The layers a served checkpoint runs in FP8.
+/// The layers a served checkpoint runs quantized.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServedPlan {
     /// In recipe (model) order.
-    pub fp8: Vec<Fp8Layer>,
+    pub layers: Vec<ServedLayer>,
     /// Layers the recipe quantizes that stay 16-bit.
     pub kept: Vec<(String, KeptReason)>,
-    /// Shards whose weight scale the shared fused scale changed (`fuse_scales` only).
+    /// Shards whose scales the shared fused amax changed (NVFP4 always, FP8 with `fuse_scales`).
     pub fused_scale_changes: Vec<String>,
 }
 
 impl ServedPlan {
-    pub fn get(&self, name: &str) -> Option<&Fp8Layer> {
-        self.fp8.iter().find(|l| l.name == name)
+    pub fn get(&self, name: &str) -> Option<&ServedLayer> {
+        self.layers.iter().find(|l| l.name == name)
+    }
+
+    /// The formats used, in order of first use.
+    pub fn formats(&self) -> Vec<ServedFormat> {
+        let mut out: Vec<ServedFormat> = Vec::new();
+        for l in &self.layers {
+            if !out.contains(&l.format) {
+                out.push(l.format);
+            }
+        }
+        out
     }
 }
 
@@ -98,12 +186,8 @@ pub fn fused_layer_of(name: &str) -> Option<String> {
     }
 }
 
-fn is_fp8(format: &str) -> Result<bool> {
-    match format.to_ascii_uppercase().as_str() {
-        "FP8" | "FP8_DEFAULT_CFG" => Ok(true),
-        "NONE" => Ok(false),
-        other => bail!("format '{other}' cannot be written to a checkpoint yet (FP8 and NONE can)"),
-    }
+fn format_label(f: Option<ServedFormat>) -> &'static str {
+    f.map_or(super::NONE, ServedFormat::quant_algo)
 }
 
 /// The served plan of a recipe. `tied_lm_head`: the model's lm_head is its token embedding.
@@ -111,9 +195,9 @@ fn is_fp8(format: &str) -> Result<bool> {
 pub fn plan(layers: &[RecipeLayer], tied_lm_head: bool, fuse_scales: bool) -> Result<ServedPlan> {
     let mut chosen = Vec::with_capacity(layers.len());
     for l in layers {
-        chosen.push(is_fp8(&l.format).map_err(|e| anyhow::anyhow!("layer {}: {e}", l.name))?);
+        chosen.push(ServedFormat::parse(&l.format).map_err(|e| anyhow::anyhow!("layer {}: {e}", l.name))?);
     }
-    // Shards of one fused layer must share a precision.
+    // Shards of one fused layer must share a format.
     let mut fused: Vec<(String, Vec<usize>)> = Vec::new();
     for (i, l) in layers.iter().enumerate() {
         if let Some(key) = fused_layer_of(&l.name) {
@@ -125,18 +209,15 @@ pub fn plan(layers: &[RecipeLayer], tied_lm_head: bool, fuse_scales: bool) -> Re
     }
     let split: Vec<String> = fused
         .iter()
-        .filter(|(_, m)| m.iter().any(|&i| chosen[i]) && !m.iter().all(|&i| chosen[i]))
+        .filter(|(_, m)| m.iter().any(|&i| chosen[i] != chosen[m[0]]))
         .map(|(_, m)| {
-            m.iter()
-                .map(|&i| format!("{} {}", layers[i].name, if chosen[i] { "FP8" } else { "NONE" }))
-                .collect::<Vec<_>>()
-                .join(", ")
+            m.iter().map(|&i| format!("{} {}", layers[i].name, format_label(chosen[i]))).collect::<Vec<_>>().join(", ")
         })
         .collect();
     if !split.is_empty() {
         bail!(
             "the recipe splits {} fused layer(s) that serving engines run as one matrix, so their shards must \
-             share a precision: {}",
+             share a format: {}",
             split.len(),
             split.join("; ")
         );
@@ -144,9 +225,7 @@ pub fn plan(layers: &[RecipeLayer], tied_lm_head: bool, fuse_scales: bool) -> Re
 
     let mut plan = ServedPlan::default();
     for (i, l) in layers.iter().enumerate() {
-        if !chosen[i] {
-            continue;
-        }
+        let Some(format) = chosen[i] else { continue };
         if l.kind == LayerKind::PatchEmbed {
             plan.kept.push((l.name.clone(), KeptReason::PatchEmbed));
             continue;
@@ -156,54 +235,107 @@ pub fn plan(layers: &[RecipeLayer], tied_lm_head: bool, fuse_scales: bool) -> Re
             continue;
         }
         let (mut weight_amax, mut input_amax) = (l.weight_amax, l.input_amax);
-        if fuse_scales {
-            if let Some(key) = fused_layer_of(&l.name) {
-                let (_, members) = fused.iter().find(|(k, _)| *k == key).expect("grouped above");
-                weight_amax = members.iter().map(|&m| layers[m].weight_amax).fold(f32::MIN, f32::max);
+        let shared = fuse_scales || format != ServedFormat::Fp8;
+        if let Some(key) = fused_layer_of(&l.name).filter(|_| shared) {
+            let (_, members) = fused.iter().find(|(k, _)| *k == key).expect("grouped above");
+            weight_amax = members.iter().map(|&m| layers[m].weight_amax).fold(f32::MIN, f32::max);
+            if format.quantizes_input() {
                 input_amax = members.iter().map(|&m| layers[m].input_amax).fold(f32::MIN, f32::max);
-                if weight_amax != l.weight_amax {
-                    plan.fused_scale_changes.push(l.name.clone());
-                }
+            }
+            if weight_amax != l.weight_amax || input_amax != l.input_amax {
+                plan.fused_scale_changes.push(l.name.clone());
             }
         }
-        plan.fp8.push(Fp8Layer {
+        plan.layers.push(ServedLayer {
             name: l.name.clone(),
-            weight_scale: fp8::checkpoint_scale(weight_amax),
-            input_scale: fp8::checkpoint_scale(input_amax),
+            format,
+            weight_amax,
+            weight_scale: format.weight_scale(weight_amax),
+            input_amax,
+            input_scale: format.input_scale(input_amax),
         });
     }
     Ok(plan)
 }
 
-/// Dequantized FP8 weights by layer and weight scale, shared by the taps of several recipes.
+/// Dequantized weights by layer, format and weight scale, shared by the taps of several recipes.
 #[derive(Debug, Default)]
-pub struct DequantizedWeights(std::collections::HashMap<(LayerId, u32), Tensor>);
+pub struct DequantizedWeights(std::collections::HashMap<(LayerId, ServedFormat, u32), Tensor>);
 
-/// Runs a model as the served checkpoint computes it: the FP8 layers' inputs quantized with their
-/// static scale, their weights dequantized from E4M3.
+/// How a served layer quantizes its input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InputQuant {
+    /// FP8 E4M3 with the static per-tensor `input_scale`.
+    Fp8 { input_scale: f32 },
+    /// NVFP4 with the static per-tensor global scale `input_scale` (amax / 2688) and dynamic
+    /// E4M3 16-block scales, as ModelOpt's fake quantization computes it.
+    Nvfp4 { input_scale: f32 },
+}
+
+impl InputQuant {
+    /// The input quantization of a served layer, if it has one.
+    pub fn of(format: ServedFormat, input_scale: Option<f32>) -> Option<Self> {
+        let input_scale = input_scale?;
+        match format {
+            ServedFormat::Fp8 => Some(InputQuant::Fp8 { input_scale }),
+            ServedFormat::Nvfp4 => Some(InputQuant::Nvfp4 { input_scale }),
+            ServedFormat::W4a16Nvfp4 => None,
+        }
+    }
+
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            InputQuant::Fp8 { input_scale } => fp8::fake_quant_with_scale(x, input_scale),
+            InputQuant::Nvfp4 { input_scale } => {
+                super::host::on_host(x, |x| nvfp4::fake_quant_tensor_with_global_scale(x, input_scale))
+            }
+        }
+    }
+}
+
+/// The weight a served layer holds, dequantized, in the weight's dtype and device: exactly what
+/// the checkpoint writer stores (FP8: `e4m3(W / weight_scale) · weight_scale`; NVFP4: the
+/// exporter's codes and block scales, decoded).
+pub fn dequantized_weight(weight: &Tensor, format: ServedFormat, weight_scale: f32) -> candle_core::Result<Tensor> {
+    match format {
+        ServedFormat::Fp8 => fp8::fake_quant_with_scale(weight, weight_scale),
+        ServedFormat::Nvfp4 | ServedFormat::W4a16Nvfp4 => super::host::on_host(weight, |w| {
+            let (rows, cols) = w.dims2()?;
+            let values = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let packed = nvfp4::encode_weight(&values, cols, weight_scale);
+            let decoded = nvfp4::decode_weight(&packed, cols, weight_scale);
+            Tensor::from_vec(decoded, (rows, cols), w.device())?.to_dtype(w.dtype())
+        }),
+    }
+}
+
+/// Runs a model as the served checkpoint computes it: the quantized layers' inputs quantized
+/// with their static scales, their weights dequantized from the checkpoint's codes.
 #[derive(Debug, Default)]
 pub struct ServedTap {
-    /// Per layer id: the static input scale of an FP8 layer.
-    input_scales: Vec<Option<f32>>,
+    /// Per layer id: how the layer's input is quantized.
+    inputs: Vec<Option<InputQuant>>,
     /// Per layer id: the dequantized weight, when the model holds the unquantized one.
     weights: Vec<Option<Tensor>>,
 }
 
 impl ServedTap {
-    /// For a model loaded from the unquantized checkpoint: weights are fake-quantized with exactly
-    /// the arithmetic of the checkpoint writer (once per layer and scale, shared through `cache`
-    /// by every recipe that needs them).
+    /// For a model loaded from the unquantized checkpoint: weights are quantized with exactly the
+    /// arithmetic of the checkpoint writer (once per layer, format and scale, shared through
+    /// `cache` by every recipe that needs them).
     pub fn from_plan(plan: &ServedPlan, model: &Qwen3VL, cache: &mut DequantizedWeights) -> Result<Self> {
         let n = model.layers().len();
-        let mut tap = ServedTap { input_scales: vec![None; n], weights: vec![None; n] };
-        for l in &plan.fp8 {
+        let mut tap = ServedTap { inputs: vec![None; n], weights: vec![None; n] };
+        for l in &plan.layers {
             let Some(id) = model.layer_id(&l.name) else { bail!("the model has no layer `{}`", l.name) };
-            tap.input_scales[id] = Some(l.input_scale);
-            let weight = match cache.0.get(&(id, l.weight_scale.to_bits())) {
+            tap.inputs[id] = InputQuant::of(l.format, l.input_scale);
+            let key = (id, l.format, l.weight_scale.to_bits());
+            let weight = match cache.0.get(&key) {
                 Some(w) => w.clone(),
                 None => {
-                    let w = fp8::fake_quant_with_scale(model.linear(id).weight(), l.weight_scale)?;
-                    cache.0.insert((id, l.weight_scale.to_bits()), w.clone());
+                    let w = dequantized_weight(model.linear(id).weight(), l.format, l.weight_scale)
+                        .map_err(|e| anyhow::anyhow!("layer {}: {e}", l.name))?;
+                    cache.0.insert(key, w.clone());
                     w
                 }
             };
@@ -212,25 +344,67 @@ impl ServedTap {
         Ok(tap)
     }
 
-    /// For a model loaded from a quantized checkpoint (its FP8 weights already dequantized at
-    /// load): only the inputs of the layers with an `input_scale` are quantized.
-    pub fn from_input_scales(input_scales: Vec<Option<f32>>) -> Self {
-        let n = input_scales.len();
-        ServedTap { input_scales, weights: vec![None; n] }
+    /// For a model loaded from a quantized checkpoint (its weights already dequantized at load):
+    /// only the inputs of the layers with an input quantization are quantized.
+    fn from_inputs(inputs: Vec<Option<InputQuant>>) -> Self {
+        let n = inputs.len();
+        ServedTap { inputs, weights: vec![None; n] }
     }
 
-    /// Layers run in FP8.
-    pub fn num_quantized(&self) -> usize {
-        self.input_scales.iter().filter(|s| s.is_some()).count()
+    /// Layers whose inputs are quantized.
+    pub fn num_quantized_inputs(&self) -> usize {
+        self.inputs.iter().filter(|s| s.is_some()).count()
     }
+}
+
+/// The served layers of a quantized checkpoint (a layer's format follows from the scales it
+/// carries: `weight_scale_2` is NVFP4, with an `input_scale` W4A4, without W4A16; an
+/// `input_scale` alone is FP8) and the tap that runs them on the model loaded from it (whose
+/// weights the loader has already dequantized).
+pub fn from_checkpoint(model: &Qwen3VL, ck: &Checkpoint) -> Result<(ServedPlan, ServedTap)> {
+    let mut inputs = Vec::with_capacity(model.layers().len());
+    let mut layers = Vec::new();
+    for l in model.layers() {
+        let scalar = |suffix: &str| ck.scalar_f32(&format!("{}.{suffix}", l.name));
+        let input_scale = scalar("input_scale")?;
+        let format = match (scalar("weight_scale_2")?, input_scale) {
+            (Some(_), Some(_)) => Some(ServedFormat::Nvfp4),
+            (Some(_), None) => Some(ServedFormat::W4a16Nvfp4),
+            (None, Some(_)) => Some(ServedFormat::Fp8),
+            (None, None) => None,
+        };
+        inputs.push(format.and_then(|f| InputQuant::of(f, input_scale)));
+        if let Some(format) = format {
+            let weight_scale = scalar(if format == ServedFormat::Fp8 { "weight_scale" } else { "weight_scale_2" })?;
+            layers.push(ServedLayer {
+                name: l.name.clone(),
+                format,
+                // The checkpoint stores scales, not the amax they came from.
+                weight_amax: f32::NAN,
+                weight_scale: weight_scale.unwrap_or(f32::NAN),
+                input_amax: f32::NAN,
+                input_scale,
+            });
+        }
+    }
+    if layers.is_empty() {
+        bail!("no layer has an input_scale or weight_scale_2; is it a qsens/ModelOpt quantized checkpoint?");
+    }
+    Ok((ServedPlan { layers, ..ServedPlan::default() }, ServedTap::from_inputs(inputs)))
 }
 
 impl Tap for ServedTap {
     fn forward(&mut self, id: LayerId, linear: &Linear, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let Some(scale) = self.input_scales.get(id).copied().flatten() else { return Ok(None) };
-        let xq = fp8::fake_quant_with_scale(x, scale)?;
-        let w = self.weights[id].as_ref().unwrap_or(linear.weight());
-        linear.forward_with(&xq, w).map(Some)
+        let input = self.inputs.get(id).copied().flatten();
+        let weight = self.weights.get(id).and_then(Option::as_ref);
+        if input.is_none() && weight.is_none() {
+            return Ok(None);
+        }
+        let xq = match input {
+            Some(q) => q.apply(x)?,
+            None => x.clone(),
+        };
+        linear.forward_with(&xq, weight.unwrap_or(linear.weight())).map(Some)
     }
 }
 
@@ -260,7 +434,14 @@ mod tests {
         ];
         let err = plan(&layers, true, false).unwrap_err().to_string();
         assert!(err.contains("a.self_attn.k_proj NONE"), "{err}");
-        assert!(plan(&[layer("x", "NVFP4", 1.0, 1.0)], true, false).unwrap_err().to_string().contains("NVFP4"));
+        // Two quantized formats split a fused layer too.
+        let mixed = [layer("a.mlp.gate_proj", "NVFP4", 1.0, 1.0), layer("a.mlp.up_proj", "FP8", 1.0, 1.0)];
+        let err = plan(&mixed, true, false).unwrap_err().to_string();
+        assert!(err.contains("a.mlp.gate_proj NVFP4, a.mlp.up_proj FP8"), "{err}");
+        // Formats without a checkpoint encoding are named.
+        assert!(plan(&[layer("x", "MXFP8", 1.0, 1.0)], true, false).unwrap_err().to_string().contains("MXFP8"));
+        let awq = plan(&[layer("x", "NVFP4_AWQ_LITE_CFG", 1.0, 1.0)], true, false).unwrap_err().to_string();
+        assert!(awq.contains("NVFP4_AWQ_LITE") && awq.contains("AWQ smoothing"), "{awq}");
     }
 
     #[test]
@@ -277,9 +458,34 @@ mod tests {
         let fused = plan(&layers, true, true).unwrap();
         assert_eq!(fused.get("a.mlp.gate_proj").unwrap().weight_scale, 4.0 / 448.0);
         assert_eq!(fused.get("a.mlp.up_proj").unwrap().weight_scale, 4.0 / 448.0);
-        assert_eq!(fused.get("a.mlp.down_proj").unwrap().input_scale, 5.0 / 448.0);
+        assert_eq!(fused.get("a.mlp.down_proj").unwrap().input_scale, Some(5.0 / 448.0));
         assert_eq!(fused.fused_scale_changes, vec!["a.mlp.gate_proj".to_string()]);
         // An untied lm_head is written in FP8.
         assert!(plan(&layers, false, false).unwrap().get("lm_head").is_some());
+    }
+
+    #[test]
+    fn nvfp4_shards_always_share_the_largest_amax_as_modelopt_exports_them() {
+        let layers = [
+            layer("a.self_attn.q_proj", "NVFP4", 2.0, 3.0),
+            layer("a.self_attn.k_proj", "NVFP4", 4.0, 3.0),
+            layer("a.self_attn.v_proj", "NVFP4", 1.0, 6.0),
+            layer("a.mlp.gate_proj", "W4A16_NVFP4_CFG", 2.0, 3.0),
+            layer("a.mlp.up_proj", "W4A16_NVFP4", 1.0, 9.0),
+            layer("a.mlp.down_proj", "NVFP4_DEFAULT_CFG", 1.5, 7.0),
+        ];
+        let p = plan(&layers, true, false).unwrap();
+        for shard in ["q_proj", "k_proj", "v_proj"] {
+            let l = p.get(&format!("a.self_attn.{shard}")).unwrap();
+            assert_eq!((l.weight_amax, l.input_amax), (4.0, 6.0));
+            assert_eq!(l.weight_scale, nvfp4::global_scale(4.0));
+            assert_eq!(l.input_scale, Some(nvfp4::global_scale(6.0)));
+        }
+        // Weight-only shards share the weight amax; they store no input scale.
+        let up = p.get("a.mlp.up_proj").unwrap();
+        assert_eq!((up.format, up.weight_amax, up.input_scale), (ServedFormat::W4a16Nvfp4, 2.0, None));
+        assert_eq!(p.get("a.mlp.down_proj").unwrap().weight_scale, nvfp4::global_scale(1.5));
+        assert_eq!(p.fused_scale_changes, ["a.self_attn.q_proj", "a.self_attn.k_proj", "a.self_attn.v_proj", "a.mlp.up_proj"]);
+        assert_eq!(p.formats(), [ServedFormat::Nvfp4, ServedFormat::W4a16Nvfp4]);
     }
 }

@@ -2,10 +2,12 @@
 //!
 //! The recipe's FP8 layers get `weight` float8_e4m3fn (`e4m3(W / weight_scale)`, as ModelOpt's
 //! exporter computes it), `weight_scale = amax_w / 448` and a static `input_scale = amax_in /
-//! 448` from the calibration the scores were made with; every other tensor is copied bit for bit.
-//! Which layers end up in FP8 is [`crate::quant::served`]'s plan (shared with `evaluate`). Two
-//! layouts: ModelOpt's unified HF format ([`modelopt`]) and llm-compressor's compressed-tensors
-//! ([`compressed_tensors`]). Everything is checked before anything is written; tensors are
+//! 448` from the calibration the scores were made with; NVFP4 and W4A16_NVFP4 layers get ModelOpt's
+//! packed E2M1 `weight`, E4M3 block `weight_scale`, `weight_scale_2` (and, NVFP4, `input_scale`);
+//! every other tensor is copied bit for bit. Which layers end up quantized is
+//! [`crate::quant::served`]'s plan (shared with `evaluate`). Two layouts: ModelOpt's unified HF
+//! format ([`modelopt`], every format) and llm-compressor's compressed-tensors
+//! ([`compressed_tensors`], FP8). Everything is checked before anything is written; tensors are
 //! streamed one at a time into a temporary directory beside the target, renamed at the end.
 
 pub mod compressed_tensors;
@@ -27,8 +29,8 @@ use crate::cli::Reporter;
 use crate::model::loader::{Checkpoint, INDEX_FILE};
 use crate::model::qwen3_vl::Config;
 use crate::model::LayerKind;
-use crate::quant::fp8;
-use crate::quant::served::{self, Fp8Layer, KeptReason, RecipeLayer, ServedPlan};
+use crate::quant::served::{self, KeptReason, RecipeLayer, ServedFormat, ServedLayer, ServedPlan};
+use crate::quant::{fp8, nvfp4};
 use shards::TensorSpec;
 
 pub const TOOL: &str = "quantize";
@@ -36,8 +38,8 @@ pub const TOOL: &str = "quantize";
 /// The checkpoint layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Layout {
-    /// `modelopt` when no vision layer is in FP8, else `compressed-tensors`: the layout vLLM loads
-    /// correctly for the recipe.
+    /// `modelopt`, except for an FP8-only recipe with vision layers in FP8: `compressed-tensors`
+    /// (the layout vLLM loads correctly for the recipe).
     Auto,
     /// ModelOpt's unified HF format (`hf_quant_config.json`, `quant_method: "modelopt"`).
     Modelopt,
@@ -82,6 +84,10 @@ enum Source {
     Copy,
     /// The input weight `name`, quantized to E4M3 with `scale`.
     Fp8 { weight: String, scale: f32 },
+    /// The input weight `name` as NVFP4 with `weight_scale_2`: its packed E2M1 codes.
+    Nvfp4Codes { weight: String, weight_scale_2: f32 },
+    /// The same, its E4M3 block scales.
+    Nvfp4BlockScales { weight: String, weight_scale_2: f32 },
     /// A one-element scale tensor.
     Scale(f32),
 }
@@ -109,17 +115,16 @@ pub fn run(args: &QuantizeArgs, reporter: &Reporter) -> Result<()> {
     }
     write(args, &job, reporter)?;
     let bytes: u64 = job.tensors.iter().map(|t| t.byte_len() as u64).sum();
-    let params: usize = job
+    let counts: Vec<String> = job
         .plan
-        .fp8
+        .formats()
         .iter()
-        .filter_map(|l| job.tensors.iter().find(|t| t.name == format!("{}.weight", l.name)))
-        .map(|t| t.shape.iter().product::<usize>())
-        .sum();
+        .map(|f| format!("{} {}", job.plan.layers.iter().filter(|l| l.format == *f).count(), f.quant_algo()))
+        .collect();
     reporter.note(format!(
-        "wrote {} FP8 layers ({} weights), layout {}, {:.2} GB of tensors → {}",
-        job.plan.fp8.len(),
-        params,
+        "wrote {} quantized layers ({}), layout {}, {:.2} GB of tensors → {}",
+        job.plan.layers.len(),
+        counts.join(", "),
         job.layout.as_str(),
         bytes as f64 / 1e9,
         args.output.display()
@@ -163,7 +168,7 @@ fn prepare(args: &QuantizeArgs) -> Result<Job> {
     let stored: HashMap<&str, (Dtype, &[usize])> =
         checkpoint.tensors().into_iter().map(|(n, d, s)| (n, (d, s))).collect();
 
-    // The recipe, with each FP8 weight's amax taken from the checkpoint itself.
+    // The recipe, with each quantized weight's amax taken from the checkpoint itself.
     let mut recipe = Vec::with_capacity(m.layers.len());
     let mut weight_dtypes: HashMap<String, Dtype> = HashMap::new();
     for l in &m.layers {
@@ -197,7 +202,7 @@ fn prepare(args: &QuantizeArgs) -> Result<Job> {
     }
     let mut plan = served::plan(&recipe, config.tie_word_embeddings(), args.fuse_scales)
         .with_context(|| format!("{}", args.manifest))?;
-    for l in &plan.fp8 {
+    for l in &plan.layers {
         ensure!(
             weight_dtypes.contains_key(&l.name),
             "{}: `{}.weight` is missing from the checkpoint in {}",
@@ -205,51 +210,78 @@ fn prepare(args: &QuantizeArgs) -> Result<Job> {
             l.name,
             args.model_dir.display()
         );
+        if let Some(block) = l.format.group_size() {
+            let cols = stored[format!("{}.weight", l.name).as_str()].1[1];
+            ensure!(
+                cols % block == 0,
+                "{}: layer {} has {cols} input features, not a multiple of {}'s {block}-element blocks",
+                args.manifest,
+                l.name,
+                l.format.quant_algo()
+            );
+        }
     }
 
     let mut notes = Vec::new();
+    let formats = plan.formats();
     let tower_of: HashMap<&str, &str> = m.layers.iter().map(|l| (l.name.as_str(), l.tower.as_str())).collect();
-    let vision_fp8: Vec<&str> =
-        plan.fp8.iter().map(|l| l.name.as_str()).filter(|n| tower_of.get(n) == Some(&"vision")).collect();
+    let vision: Vec<&str> =
+        plan.layers.iter().map(|l| l.name.as_str()).filter(|n| tower_of.get(n) == Some(&"vision")).collect();
+    let only_fp8 = formats.iter().all(|f| *f == ServedFormat::Fp8);
     let layout = match args.layout {
-        Layout::Auto if vision_fp8.is_empty() => {
-            notes.push("layout: modelopt (ModelOpt's own format; no vision layer is in FP8)".into());
-            Layout::Modelopt
-        }
-        Layout::Auto => {
+        Layout::Auto if only_fp8 && !vision.is_empty() => {
             notes.push(format!(
                 "layout: compressed-tensors ({} vision layers are in FP8, which vLLM's modelopt loader would load wrongly)",
-                vision_fp8.len()
+                vision.len()
             ));
             Layout::CompressedTensors
         }
+        Layout::Auto => {
+            notes.push("layout: modelopt (ModelOpt's own format, which vLLM loads correctly for this recipe)".into());
+            Layout::Modelopt
+        }
         other => other,
     };
-    if layout == Layout::Modelopt && !vision_fp8.is_empty() && !args.skip_vllm_checks {
+    if layout == Layout::CompressedTensors && !only_fp8 {
+        let other: Vec<&str> = formats.iter().filter(|f| **f != ServedFormat::Fp8).map(|f| f.quant_algo()).collect();
         bail!(
-            "{}: the recipe puts {} vision layers in FP8 ({}), but vLLM's ModelOpt FP8 loader treats every layer \
-             named `visual` as unquantized and would load them wrongly: use --layout compressed-tensors, keep the \
-             vision tower 16-bit (search --disable 'model.visual.*'), or pass --skip-vllm-checks to write \
-             ModelOpt's layout anyway",
+            "{}: the recipe has {} layers, which the compressed-tensors layout does not write yet (FP8 only): use \
+             --layout modelopt",
             args.manifest,
-            vision_fp8.len(),
-            abbreviate(&vision_fp8, 4)
+            other.join(" and ")
+        );
+    }
+    // vLLM's single-format ModelOpt loaders (FP8, NVFP4) leave every layer named `visual`
+    // unquantized; its MIXED_PRECISION loader follows `quantized_layers` and has no such rule.
+    if layout == Layout::Modelopt && formats.len() == 1 && !vision.is_empty() && !args.skip_vllm_checks {
+        let format = formats[0].quant_algo();
+        let way_out = if only_fp8 { "use --layout compressed-tensors, " } else { "" };
+        bail!(
+            "{}: the recipe puts {} vision layers in {format} ({}), but vLLM's ModelOpt {format} loader treats every \
+             layer named `visual` as unquantized and would load them wrongly: {way_out}keep the vision tower 16-bit \
+             (search --disable 'model.visual.*'), or pass --skip-vllm-checks to write ModelOpt's layout anyway",
+            args.manifest,
+            vision.len(),
+            abbreviate(&vision, 4)
         );
     }
     for (name, why) in &plan.kept {
         notes.push(format!("{name}: {}", why.explain()));
     }
-    if args.fuse_scales && !plan.fused_scale_changes.is_empty() {
+    let changed: Vec<&str> = plan.fused_scale_changes.iter().map(String::as_str).collect();
+    if !changed.is_empty() {
         notes.push(format!(
-            "--fuse-scales: {} fused-layer shards take their layer's largest weight scale: {}",
-            plan.fused_scale_changes.len(),
-            abbreviate(&plan.fused_scale_changes.iter().map(String::as_str).collect::<Vec<_>>(), 6)
+            "{} fused-layer shards take their layer's largest amax ({}): {}",
+            changed.len(),
+            if args.fuse_scales { "--fuse-scales" } else { "NVFP4 shards share one global scale, as ModelOpt writes them" },
+            abbreviate(&changed, 6)
         ));
-    } else if !args.fuse_scales {
+    }
+    if !args.fuse_scales {
         let differing = unfused_scale_shards(&plan);
         if !differing.is_empty() {
             notes.push(format!(
-                "{} fused-layer shards have their own weight scale; vLLM requantizes them to their layer's largest \
+                "{} FP8 fused-layer shards have their own weight scale; vLLM requantizes them to their layer's largest \
                  scale when it loads them (--fuse-scales writes the shared scales instead)",
                 differing.len()
             ));
@@ -258,10 +290,10 @@ fn prepare(args: &QuantizeArgs) -> Result<Job> {
 
     // compressed-tensors stores scales in the model dtype: the codes are made with the scale as stored.
     if layout == Layout::CompressedTensors {
-        for l in &mut plan.fp8 {
+        for l in &mut plan.layers {
             let dtype = weight_dtypes[&l.name];
             l.weight_scale = round_to(dtype, l.weight_scale);
-            l.input_scale = round_to(dtype, l.input_scale);
+            l.input_scale = l.input_scale.map(|s| round_to(dtype, s));
         }
     }
 
@@ -279,23 +311,32 @@ fn prepare(args: &QuantizeArgs) -> Result<Job> {
         "layout": layout.as_str(),
         "fuse_scales": args.fuse_scales,
     });
-    let quantized: std::collections::HashSet<&str> = plan.fp8.iter().map(|l| l.name.as_str()).collect();
+    let quantized: std::collections::HashSet<&str> = plan.layers.iter().map(|l| l.name.as_str()).collect();
     let (quantization_config, hf_quant_config) = match layout {
         Layout::Modelopt => {
             // ModelOpt counts the patch embedding as quantized when the recipe has it, although its
             // exporter writes it unquantized: the summary follows ModelOpt so the file is its own.
-            let counted: Vec<String> = plan
-                .fp8
-                .iter()
-                .map(|l| l.name.clone())
-                .chain(plan.kept.iter().filter(|(_, r)| *r == KeptReason::PatchEmbed).map(|(n, _)| n.clone()))
-                .collect();
+            let chosen: HashMap<&str, &str> = m.layers.iter().map(|l| (l.name.as_str(), l.chosen.as_str())).collect();
+            let mut counted: Vec<(String, ServedFormat)> = Vec::new();
+            for l in &m.layers {
+                let format = match plan.get(&l.name) {
+                    Some(s) => Some(s.format),
+                    None if plan.kept.iter().any(|(n, r)| *n == l.name && *r == KeptReason::PatchEmbed) => {
+                        ServedFormat::parse(chosen[l.name.as_str()])?
+                    }
+                    None => None,
+                };
+                if let Some(f) = format {
+                    counted.push((l.name.clone(), f));
+                }
+            }
+            let counted_names: Vec<String> = counted.iter().map(|(n, _)| n.clone()).collect();
             let unquantized: Vec<String> =
-                modules_with_quantizers(m, &stored).into_iter().filter(|n| !counted.contains(n)).collect();
-            let exclude = modelopt::exclude_summary(&unquantized, &counted);
+                modules_with_quantizers(m, &stored).into_iter().filter(|n| !counted_names.contains(n)).collect();
+            let exclude = modelopt::exclude_summary(&unquantized, &counted_names);
             (
-                modelopt::quantization_config(&exclude, producer.clone()),
-                Some(modelopt::hf_quant_config(&exclude, producer.clone())),
+                modelopt::quantization_config(&counted, &exclude, producer.clone()),
+                Some(modelopt::hf_quant_config(&counted, &exclude, producer.clone())),
             )
         }
         _ => {
@@ -405,15 +446,15 @@ fn abbreviate(names: &[&str], n: usize) -> String {
 
 /// FP8 shards of fused layers whose weight scale is not their layer's largest.
 fn unfused_scale_shards(plan: &ServedPlan) -> Vec<&str> {
+    let fp8 = || plan.layers.iter().filter(|l| l.format == ServedFormat::Fp8);
     let mut largest: HashMap<String, f32> = HashMap::new();
-    for l in &plan.fp8 {
+    for l in fp8() {
         if let Some(key) = served::fused_layer_of(&l.name) {
             let e = largest.entry(key).or_insert(0.0);
             *e = e.max(l.weight_scale);
         }
     }
-    plan.fp8
-        .iter()
+    fp8()
         .filter(|l| served::fused_layer_of(&l.name).is_some_and(|k| largest[&k] != l.weight_scale))
         .map(|l| l.name.as_str())
         .collect()
@@ -483,33 +524,52 @@ fn output_tensors(
     layout: Layout,
     weight_dtypes: &HashMap<String, Dtype>,
 ) -> Result<(Vec<TensorSpec>, Vec<Source>)> {
-    let fp8_by_weight: HashMap<String, &Fp8Layer> =
-        plan.fp8.iter().map(|l| (format!("{}.weight", l.name), l)).collect();
+    let by_weight: HashMap<String, &ServedLayer> =
+        plan.layers.iter().map(|l| (format!("{}.weight", l.name), l)).collect();
     let mut out: Vec<(TensorSpec, Source)> = Vec::new();
     for (name, dtype, shape) in checkpoint.tensors() {
         ensure!(
-            !name.ends_with(".weight_scale") && !name.ends_with(".input_scale"),
+            ![".weight_scale", ".weight_scale_2", ".input_scale"].iter().any(|s| name.ends_with(s)),
             "the checkpoint already holds quantization scales (`{name}`)"
         );
-        match fp8_by_weight.get(name) {
-            Some(l) => {
-                let spec = |suffix: &str, dtype: Dtype, shape: Vec<usize>| TensorSpec {
-                    name: format!("{}.{suffix}", l.name),
-                    dtype,
-                    shape,
-                };
-                let (scale_dtype, scale_shape) = match layout {
-                    Layout::CompressedTensors => (weight_dtypes[&l.name], vec![1]),
-                    _ => (Dtype::F32, vec![]),
-                };
+        let Some(l) = by_weight.get(name) else {
+            out.push((TensorSpec { name: name.to_string(), dtype, shape: shape.to_vec() }, Source::Copy));
+            continue;
+        };
+        let spec = |suffix: &str, dtype: Dtype, shape: Vec<usize>| TensorSpec {
+            name: format!("{}.{suffix}", l.name),
+            dtype,
+            shape,
+        };
+        let (scale_dtype, scale_shape) = match layout {
+            Layout::CompressedTensors => (weight_dtypes[&l.name], vec![1]),
+            _ => (Dtype::F32, vec![]),
+        };
+        let weight = name.to_string();
+        match l.format {
+            ServedFormat::Fp8 => {
                 out.push((
                     spec("weight", Dtype::F8_E4M3, shape.to_vec()),
-                    Source::Fp8 { weight: name.to_string(), scale: l.weight_scale },
+                    Source::Fp8 { weight, scale: l.weight_scale },
                 ));
                 out.push((spec("weight_scale", scale_dtype, scale_shape.clone()), Source::Scale(l.weight_scale)));
-                out.push((spec("input_scale", scale_dtype, scale_shape), Source::Scale(l.input_scale)));
             }
-            None => out.push((TensorSpec { name: name.to_string(), dtype, shape: shape.to_vec() }, Source::Copy)),
+            ServedFormat::Nvfp4 | ServedFormat::W4a16Nvfp4 => {
+                let (rows, cols) = (shape[0], shape[1]);
+                let weight_scale_2 = l.weight_scale;
+                out.push((
+                    spec("weight", Dtype::U8, vec![rows, cols / 2]),
+                    Source::Nvfp4Codes { weight: weight.clone(), weight_scale_2 },
+                ));
+                out.push((
+                    spec("weight_scale", Dtype::F8_E4M3, vec![rows, cols / nvfp4::BLOCK_SIZE]),
+                    Source::Nvfp4BlockScales { weight, weight_scale_2 },
+                ));
+                out.push((spec("weight_scale_2", scale_dtype, scale_shape.clone()), Source::Scale(weight_scale_2)));
+            }
+        }
+        if let Some(input_scale) = l.input_scale {
+            out.push((spec("input_scale", scale_dtype, scale_shape), Source::Scale(input_scale)));
         }
     }
     out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
@@ -637,12 +697,23 @@ fn write(args: &QuantizeArgs, job: &Job, reporter: &Reporter) -> Result<()> {
 
 /// The bytes of one output tensor.
 fn produce(checkpoint: &Checkpoint, spec: &TensorSpec, source: &Source) -> Result<Vec<u8>> {
+    // A stored weight as f32, with its column count.
+    let weight_f32 = |weight: &str| -> Result<(Vec<f32>, usize)> {
+        let stored = checkpoint.tensors().into_iter().find(|t| t.0 == weight);
+        let (_, dtype, shape) = stored.with_context(|| format!("`{weight}` is missing"))?;
+        let cols = shape.last().copied().unwrap_or(1);
+        Ok((to_f32(&checkpoint.read_raw(weight)?, dtype)?, cols))
+    };
     Ok(match source {
         Source::Copy => checkpoint.read_raw(&spec.name)?,
-        Source::Fp8 { weight, scale } => {
-            let stored = checkpoint.tensors().into_iter().find(|t| t.0 == weight).map(|t| t.1);
-            let dtype = stored.with_context(|| format!("`{weight}` is missing"))?;
-            fp8::quantize_to_e4m3(&to_f32(&checkpoint.read_raw(weight)?, dtype)?, *scale)
+        Source::Fp8 { weight, scale } => fp8::quantize_to_e4m3(&weight_f32(weight)?.0, *scale),
+        Source::Nvfp4Codes { weight, weight_scale_2 } => {
+            let (w, cols) = weight_f32(weight)?;
+            nvfp4::encode_weight(&w, cols, *weight_scale_2).packed
+        }
+        Source::Nvfp4BlockScales { weight, weight_scale_2 } => {
+            let (w, cols) = weight_f32(weight)?;
+            nvfp4::encode_weight(&w, cols, *weight_scale_2).block_scales
         }
         Source::Scale(value) => scalar_bytes(spec.dtype, *value),
     })

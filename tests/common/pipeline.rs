@@ -3,7 +3,7 @@
 //! gradient scores and a searched manifest, and manifests given the fixture recipes' formats.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -28,6 +28,9 @@ pub fn ok(bin: &str, args: &[&str]) -> Output {
 /// Made once per test binary, in one temporary folder.
 pub struct Pipeline {
     pub dir: tempfile::TempDir,
+    /// The score-layers and search binaries it was made with.
+    pub score_bin: String,
+    pub search_bin: String,
     pub model: PathBuf,
     pub inputs: PathBuf,
     pub scores: PathBuf,
@@ -56,7 +59,7 @@ pub fn pipeline(fx: &Path, bins: [&str; 4]) -> Pipeline {
         search,
         &["-q", "--scores", s(&scores), "--effective-bits", "10", "--exclude-cost", "*lm_head*", "-o", s(&manifest)],
     );
-    Pipeline { dir, model, inputs, scores, manifest }
+    Pipeline { dir, score_bin: score.into(), search_bin: search.into(), model, inputs, scores, manifest }
 }
 
 /// The pipeline of this test binary, made on first use.
@@ -95,6 +98,35 @@ impl Pipeline {
             l.chosen = if modules.contains(&l.name) { "FP8" } else { "NONE" }.into();
         }
         let path = self.dir.path().join(name);
+        artifact::write(path.as_path(), &m).unwrap();
+        path
+    }
+
+    /// A manifest scored with `formats` (score-layers `--format` each, on the same inputs) whose
+    /// layers take the formats of `choice` (module → format name, every other layer NONE), its
+    /// groups the format of their members; written as `name`.
+    pub fn manifest_with_formats(&self, formats: &[&str], choice: &HashMap<String, String>, name: &str) -> PathBuf {
+        let d = self.dir.path();
+        let scores = d.join(format!("{name}.scores.msgpack"));
+        let searched = d.join(format!("{name}.searched.json"));
+        let mut args = vec!["-q", "--model", s(&self.model), "--inputs", s(&self.inputs), "-o", s(&scores)];
+        for f in formats {
+            args.extend(["--format", f]);
+        }
+        ok(&self.score_bin, &args);
+        ok(&self.search_bin, &["-q", "--scores", s(&scores), "--effective-bits", "10", "-o", s(&searched)]);
+        let mut m: Artifact<Manifest> = artifact::read(searched.as_path()).unwrap();
+        let short = |f: &str| qsens::quant::format_by_name(f).unwrap().name().to_string();
+        let names: Vec<String> = m.payload.formats.iter().map(|f| f.info.name.clone()).collect();
+        for g in &mut m.payload.groups {
+            let chosen = g.members.iter().find_map(|n| choice.get(n)).map_or("NONE".to_string(), |f| short(f));
+            g.chosen_index = names.iter().position(|n| *n == chosen).unwrap_or(names.len());
+            g.chosen = chosen;
+        }
+        for l in &mut m.payload.layers {
+            l.chosen = choice.get(&l.name).map_or("NONE".to_string(), |f| short(f));
+        }
+        let path = d.join(name);
         artifact::write(path.as_path(), &m).unwrap();
         path
     }
