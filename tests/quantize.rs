@@ -264,7 +264,10 @@ fn nvfp4_mixed_recipe_equals_modelopt_export() {
     let modelopt = recipe["fake_quant_loss_per_sample"].as_array().unwrap();
     for (k, (g, p)) in got.iter().zip(&planned).enumerate() {
         let e = modelopt[k].as_f64().unwrap();
-        eprintln!("nvfp4 mixed sample {k}: loss {g:.7}; ModelOpt fake quant {e:.7} ({:.1e} relative)", (g - e).abs() / e);
+        eprintln!(
+            "nvfp4 mixed sample {k}: loss {g:.7}; ModelOpt fake quant {e:.7} ({:.1e} relative)",
+            (g - e).abs() / e
+        );
         assert_eq!(g, p, "sample {k}: checkpoint {g} vs served plan {p}");
     }
 }

@@ -227,7 +227,9 @@ impl CustomOp1 for FakeQuantNvfp4 {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        map_rows_cpu(self.name(), storage, layout, |x, cols, out| fake_quant_rows_scaled(x, cols, self.global_scale, out))
+        map_rows_cpu(self.name(), storage, layout, |x, cols, out| {
+            fake_quant_rows_scaled(x, cols, self.global_scale, out)
+        })
     }
 }
 
@@ -244,30 +246,23 @@ impl CustomOp1 for FakeQuantNvfp4 {
 // Unlike the fake quantization above, both divisions are IEEE (tensor by tensor); a negative
 // value that rounds to 0 keeps its sign bit (code 8); the block scale has no 1e-5 floor.
 
+/// The eight E2M1 magnitudes, in code order.
+const E2M1_MAGNITUDES: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+
 /// The E2M1 code of a scaled value as ModelOpt's `_cast_fp4`: sign bit (x < 0) << 3 | the index
 /// of the nearest of 0, 0.5, 1, 1.5, 2, 3, 4, 6 (ties to even, saturating; NaN gives 6).
 #[inline]
 pub fn e2m1_code(x: f32) -> u8 {
     let magnitude = round_e2m1_magnitude(x.abs());
-    // round_e2m1_magnitude returns exactly one of the eight values.
-    let index = match magnitude {
-        m if m == 0.0 => 0,
-        m if m == 0.5 => 1,
-        m if m == 1.0 => 2,
-        m if m == 1.5 => 3,
-        m if m == 2.0 => 4,
-        m if m == 3.0 => 5,
-        m if m == 4.0 => 6,
-        _ => 7,
-    };
+    // round_e2m1_magnitude returns exactly one of the eight magnitudes.
+    let index = E2M1_MAGNITUDES.iter().position(|&m| m == magnitude).unwrap_or(7) as u8;
     (u8::from(x < 0.0) << 3) | index
 }
 
 /// The value of an E2M1 code.
 #[inline]
 pub fn e2m1_value(code: u8) -> f32 {
-    const MAGNITUDES: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
-    let m = MAGNITUDES[(code & 7) as usize];
+    let m = E2M1_MAGNITUDES[(code & 7) as usize];
     if code & 8 != 0 {
         -m
     } else {
@@ -328,9 +323,7 @@ pub fn decode_weight(packed: &PackedWeight, cols: usize, weight_scale_2: f32) ->
         .zip(packed.packed.par_chunks(cols / 2))
         .zip(packed.block_scales.par_chunks(cols / BLOCK_SIZE))
         .for_each(|((row, codes), scales)| {
-            for ((block, codes), &scale) in
-                row.chunks_mut(BLOCK_SIZE).zip(codes.chunks(BLOCK_SIZE / 2)).zip(scales)
-            {
+            for ((block, codes), &scale) in row.chunks_mut(BLOCK_SIZE).zip(codes.chunks(BLOCK_SIZE / 2)).zip(scales) {
                 let s = fp8::e4m3_value(scale) * weight_scale_2;
                 for (pair, &byte) in block.chunks_mut(2).zip(codes) {
                     pair[0] = e2m1_value(byte & 0xf) * s;

@@ -53,7 +53,9 @@ impl ServedFormat {
                 "format '{other}' cannot be written to a checkpoint yet: its AWQ smoothing (pre_quant_scale) is not \
                  exported (FP8, NVFP4 and W4A16_NVFP4 can be)"
             ),
-            other => bail!("format '{other}' cannot be written to a checkpoint yet (FP8, NVFP4 and W4A16_NVFP4 can be)"),
+            other => {
+                bail!("format '{other}' cannot be written to a checkpoint yet (FP8, NVFP4 and W4A16_NVFP4 can be)")
+            }
         }))
     }
 
@@ -485,7 +487,10 @@ mod tests {
         let up = p.get("a.mlp.up_proj").unwrap();
         assert_eq!((up.format, up.weight_amax, up.input_scale), (ServedFormat::W4a16Nvfp4, 2.0, None));
         assert_eq!(p.get("a.mlp.down_proj").unwrap().weight_scale, nvfp4::global_scale(1.5));
-        assert_eq!(p.fused_scale_changes, ["a.self_attn.q_proj", "a.self_attn.k_proj", "a.self_attn.v_proj", "a.mlp.up_proj"]);
+        assert_eq!(
+            p.fused_scale_changes,
+            ["a.self_attn.q_proj", "a.self_attn.k_proj", "a.self_attn.v_proj", "a.mlp.up_proj"]
+        );
         assert_eq!(p.formats(), [ServedFormat::Nvfp4, ServedFormat::W4a16Nvfp4]);
     }
 }
