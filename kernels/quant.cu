@@ -60,6 +60,22 @@ FAKE_QUANT(fake_quant_e4m3_f32, float)
 FAKE_QUANT(fake_quant_e4m3_bf16, __nv_bfloat16)
 FAKE_QUANT(fake_quant_e4m3_f16, __half)
 
+// A served FP8 layer's static quantization, `e4m3(clamp(x / scale, ±448)) · scale` in f32 (IEEE
+// division, as the checkpoint writer divides), in one pass (fp8.rs `served_fake_quant`).
+#define SERVED_FAKE_QUANT(NAME, T)                                                              \
+    extern "C" __global__ void NAME(const T *x, T *y, const size_t n, const float scale) {       \
+        for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;                   \
+             i += (size_t)blockDim.x * gridDim.x) {                                             \
+            float v = to_f32(x[i]) / scale;                                                     \
+            v = v > 448.0f ? 448.0f : (v < -448.0f ? -448.0f : v);                              \
+            y[i] = from_f32<T>(round_to_e4m3(v) * scale);                                       \
+        }                                                                                       \
+    }
+
+SERVED_FAKE_QUANT(served_fake_quant_e4m3_f32, float)
+SERVED_FAKE_QUANT(served_fake_quant_e4m3_bf16, __nv_bfloat16)
+SERVED_FAKE_QUANT(served_fake_quant_e4m3_f16, __half)
+
 // ModelOpt's gradient score Σ clamp((yq − y)·dy, ±1e10)² in f32, stage 1: one partial sum per
 // block (grid-stride), reduced in shared memory. Stage 2 (sum_partials) adds the partials.
 template <typename T>

@@ -37,6 +37,29 @@ pub fn fake_quant_e4m3(
     Ok((out, layout.shape().clone()))
 }
 
+/// `x → rne_e4m3(clamp(x / scale, ±448)) · scale` elementwise in one kernel
+/// (`fp8::ServedFakeQuantE4M3`).
+pub fn served_fake_quant_e4m3(scale: f32, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("served-fake-quant-e4m3: input must be contiguous");
+    };
+    let dev = storage.device();
+    let n = end - start;
+    let out = match &storage.slice {
+        CudaStorageSlice::F32(s) => {
+            launch_with::<f32>(dev, "served_fake_quant_e4m3_f32", &s.slice(start..end), n, &[scale])?
+        }
+        CudaStorageSlice::BF16(s) => {
+            launch_with::<bf16>(dev, "served_fake_quant_e4m3_bf16", &s.slice(start..end), n, &[scale])?
+        }
+        CudaStorageSlice::F16(s) => {
+            launch_with::<f16>(dev, "served_fake_quant_e4m3_f16", &s.slice(start..end), n, &[scale])?
+        }
+        _ => candle_core::bail!("served-fake-quant-e4m3: unsupported dtype {:?} on CUDA", storage.dtype()),
+    };
+    Ok((out, layout.shape().clone()))
+}
+
 fn launch<T>(
     dev: &CudaDevice,
     kernel: &str,
@@ -44,6 +67,20 @@ fn launch<T>(
     n: usize,
     scale: f32,
     inv_scale: f32,
+) -> Result<CudaStorage>
+where
+    T: DeviceRepr + candle_core::cuda_backend::CudaDType,
+{
+    launch_with(dev, kernel, src, n, &[scale, inv_scale])
+}
+
+/// An elementwise kernel `(const T *x, T *y, size_t n, float params...)` over `n` values.
+fn launch_with<T>(
+    dev: &CudaDevice,
+    kernel: &str,
+    src: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+    n: usize,
+    params: &[f32],
 ) -> Result<CudaStorage>
 where
     T: DeviceRepr + candle_core::cuda_backend::CudaDType,
@@ -57,9 +94,11 @@ where
     b.arg(src);
     b.arg(&dst);
     b.arg(&n);
-    b.arg(&scale);
-    b.arg(&inv_scale);
-    // SAFETY: argument types match the kernel signature (ptr, ptr, size_t, float, float).
+    for p in params {
+        b.arg(p);
+    }
+    // SAFETY: argument types match the kernels' signatures (ptr, ptr, size_t, then one float per
+    // parameter: `fake_quant_e4m3_*` take scale and inv_scale, `served_fake_quant_e4m3_*` scale).
     unsafe { b.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
 }

@@ -248,10 +248,16 @@ pub fn quantize_to_e4m3(weights: &[f32], scale: f32) -> Vec<u8> {
     let mut out = vec![0u8; weights.len()];
     out.par_chunks_mut(1 << 16).zip(weights.par_chunks(1 << 16)).for_each(|(o, w)| {
         for (o, &w) in o.iter_mut().zip(w) {
-            *o = e4m3_bits(round_to_e4m3((w / scale).clamp(-E4M3_MAX, E4M3_MAX)));
+            *o = e4m3_code(w, scale);
         }
     });
     out
+}
+
+/// One weight's checkpoint code ([`quantize_to_e4m3`]).
+#[inline]
+pub fn e4m3_code(w: f32, scale: f32) -> u8 {
+    e4m3_bits(round_to_e4m3((w / scale).clamp(-E4M3_MAX, E4M3_MAX)))
 }
 
 /// What a served FP8 layer computes from a per-tensor `scale`, as fake quantization on any device
@@ -259,11 +265,13 @@ pub fn quantize_to_e4m3(weights: &[f32], scale: f32) -> Vec<u8> {
 /// dequantized weight ([`quantize_to_e4m3`], then `· scale`); for inputs it is the static input
 /// quantization of the serving kernels.
 pub fn fake_quant_with_scale(x: &Tensor, scale: f32) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let scale_t = Tensor::new(scale, x.device())?;
-    let x32 = x.to_dtype(DType::F32)?;
-    let q = x32.broadcast_div(&scale_t)?.apply_op1_no_bwd(&FakeQuantE4M3 { scale: 1.0, inv_scale: 1.0 })?;
-    q.broadcast_mul(&scale_t)?.to_dtype(dtype)
+    x.contiguous()?.apply_op1_no_bwd(&ServedFakeQuantE4M3 { scale })
+}
+
+/// One value of [`fake_quant_with_scale`]: `e4m3(clamp(x / scale, ±448)) · scale` in f32.
+#[inline]
+pub fn served_fake_quant(x: f32, scale: f32) -> f32 {
+    round_to_e4m3((x / scale).clamp(-E4M3_MAX, E4M3_MAX)) * scale
 }
 
 /// The fused scale → saturate → round to E4M3 → rescale op.
@@ -308,9 +316,48 @@ impl CustomOp1 for FakeQuantE4M3 {
     }
 }
 
+/// A served layer's static FP8 quantization ([`served_fake_quant`]), one op (one kernel on CUDA).
+#[derive(Debug, Clone, Copy)]
+pub struct ServedFakeQuantE4M3 {
+    pub scale: f32,
+}
+
+impl CustomOp1 for ServedFakeQuantE4M3 {
+    fn name(&self) -> &'static str {
+        "served-fake-quant-e4m3"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("served-fake-quant-e4m3: input must be contiguous");
+        };
+        fn map<T: Copy>(xs: &[T], scale: f32, to: impl Fn(T) -> f32, from: impl Fn(f32) -> T) -> Vec<T> {
+            xs.iter().map(|&x| from(served_fake_quant(to(x), scale))).collect()
+        }
+        let s = self.scale;
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(map(&v[start..end], s, |x| x, |y| y)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(map(&v[start..end], s, bf16::to_f32, bf16::from_f32)),
+            CpuStorage::F16(v) => CpuStorage::F16(map(&v[start..end], s, f16::to_f32, f16::from_f32)),
+            other => candle_core::bail!("served-fake-quant-e4m3: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::quant::cuda::served_fake_quant_e4m3(self.scale, storage, layout)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     /// Every E4M3FN finite value, decoded from its 8-bit pattern independently of the rounding
     /// code above.
@@ -324,6 +371,27 @@ mod tests {
             v.push(-mag);
         }
         v
+    }
+
+    #[test]
+    fn served_quantization_is_one_op_equal_to_divide_round_multiply() {
+        let scale = 0.0123f32;
+        let xs: Vec<f32> = (-3000..3000).map(|i| i as f32 * 0.00377).chain([0.0, -0.0, 1e9, -1e9]).collect();
+        for dtype in [DType::F32, DType::BF16] {
+            let x = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let chain = {
+                let s = Tensor::new(scale, &Device::Cpu).unwrap();
+                let q = x.to_dtype(DType::F32).unwrap().broadcast_div(&s).unwrap();
+                let q = q.apply_op1_no_bwd(&FakeQuantE4M3 { scale: 1.0, inv_scale: 1.0 }).unwrap();
+                q.broadcast_mul(&s).unwrap().to_dtype(dtype).unwrap()
+            };
+            let fused = fake_quant_with_scale(&x, scale).unwrap();
+            let bits = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(bits(&fused), bits(&chain), "{dtype:?}");
+            if dtype == DType::F32 {
+                assert_eq!(bits(&fused).last().copied(), Some(-448.0 * scale), "saturates");
+            }
+        }
     }
 
     #[test]
