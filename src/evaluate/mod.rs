@@ -26,7 +26,7 @@ use crate::artifact::scores::{GroupScores, LayerScores, ModelSummary, Scores};
 use crate::artifact::{self, Artifact, Location, Provenance};
 use crate::cli::Reporter;
 use crate::model::loader::Checkpoint;
-use crate::model::qwen3_vl::{ForwardOptions, Keep, LogitsMode, Qwen3VL};
+use crate::model::qwen3_vl::{ForwardOptions, Input, Keep, LogitsMode, Qwen3VL};
 use crate::model::{LayerKind, NoTap, Tap};
 use crate::quant::served::{self, DequantizedWeights, RecipeLayer, ServedLayer, ServedPlan, ServedTap};
 use crate::quant::{WeightStats, NONE};
@@ -161,15 +161,25 @@ pub fn run(args: &EvaluateArgs, reporter: &Reporter) -> Result<()> {
     let mut per_recipe: Vec<Vec<SampleMetrics>> = vec![Vec::with_capacity(n); planned.len()];
     let mut samples = Vec::with_capacity(n);
     let bar = reporter.bar((n * planned.len()) as u64, "evaluating");
+    // With --timings, forwards and metrics are timed apart (the device synchronized after each
+    // forward, so the time of its queued kernels is not counted with the metrics').
+    let (mut forward_s, mut metrics_s) = (0.0f64, 0.0f64);
+    let timed = args.timings.is_some();
+    let mut timed_forward = |m: &Qwen3VL, tap: &mut dyn Tap, input: &Input| -> Result<candle_core::Tensor> {
+        let t = std::time::Instant::now();
+        let logits = m.forward(input, tap, &opts)?.logits.context("forward returned no logits")?;
+        if timed {
+            device.synchronize()?;
+        }
+        forward_s += t.elapsed().as_secs_f64();
+        Ok(logits)
+    };
     for (index, sample) in inputs.samples.iter().take(n).enumerate() {
         bar.set_message(sample.id.clone());
         let input = score::model_input(sample, &inputs)?;
         let labels = &sample.labels;
-        let base = model
-            .forward(&input, &mut NoTap, &opts)
-            .with_context(|| format!("sample {index} ({})", sample.id))?
-            .logits
-            .context("forward returned no logits")?;
+        let base =
+            timed_forward(&model, &mut NoTap, &input).with_context(|| format!("sample {index} ({})", sample.id))?;
         samples.push(EvalSample {
             index,
             id: sample.id.clone(),
@@ -184,13 +194,12 @@ pub fn run(args: &EvaluateArgs, reporter: &Reporter) -> Result<()> {
             let logits = if r == 0 {
                 base.clone()
             } else {
-                let tap: &mut dyn Tap = &mut p.tap;
-                m.forward(&input, tap, &opts)
+                timed_forward(m, &mut p.tap, &input)
                     .with_context(|| format!("sample {index} ({}), recipe {}", sample.id, p.result.name))?
-                    .logits
-                    .context("forward returned no logits")?
             };
+            let t = std::time::Instant::now();
             per_recipe[r].push(metrics::sample_metrics(&base, &logits, labels)?);
+            metrics_s += t.elapsed().as_secs_f64();
             bar.inc(1);
         }
     }
@@ -246,6 +255,8 @@ pub fn run(args: &EvaluateArgs, reporter: &Reporter) -> Result<()> {
         let json = serde_json::json!({
             "load_s": load_s,
             "evaluate_s": evaluate_s,
+            "forward_s": forward_s,
+            "metrics_s": metrics_s,
             "samples": n,
             "recipes": evaluation.recipes.len(),
             "device": args.device,
