@@ -174,6 +174,42 @@ impl Checkpoint {
         Ok(buf)
     }
 
+    /// The shard of tensor `name` and the range of its bytes in the shard's file.
+    fn locate(&self, name: &str) -> Result<(&Shard, usize, usize)> {
+        let Some(&ix) = self.location.get(name) else {
+            bail!("tensor `{name}` is missing from {}", self.where_listed())
+        };
+        let shard = &self.shards[ix];
+        let Some(info) = shard.meta.info(name) else {
+            bail!("tensor `{name}` is listed in {} but missing from {}", self.where_listed(), shard.path.display())
+        };
+        let (start, end) = info.data_offsets;
+        let (start, end) = (shard.data_start + start, shard.data_start + end);
+        if end > shard.mmap.len() {
+            bail!("tensor `{name}` in {} ends past the end of the file (truncated?)", shard.path.display())
+        }
+        Ok((shard, start, end))
+    }
+
+    /// Where tensor `name`'s bytes lie: its file, their offset in it and their length (for copies
+    /// the kernel makes file to file).
+    pub fn byte_range(&self, name: &str) -> Result<(&std::fs::File, u64, usize)> {
+        let (shard, start, end) = self.locate(name)?;
+        Ok((&shard.file, start as u64, end - start))
+    }
+
+    /// Calls `f` with tensor `name`'s stored bytes, read through the map without a copy; then
+    /// tells the kernel the process no longer needs those pages, so they leave its resident set
+    /// (they stay in the page cache) and a pass over a whole checkpoint stays small.
+    pub fn with_mapped<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        let (shard, start, end) = self.locate(name)?;
+        let out = f(&shard.mmap[start..end]);
+        // SAFETY: nothing borrows the range any more, and the map is a read-only map of a file
+        // treated as read-only: dropped pages fault back in with the same bytes.
+        let _ = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        Ok(out)
+    }
+
     /// Where a lookup of an unlisted tensor was made, for error messages.
     fn where_listed(&self) -> String {
         match &self.index {

@@ -31,7 +31,7 @@ use crate::model::qwen3_vl::Config;
 use crate::model::LayerKind;
 use crate::quant::served::{self, KeptReason, RecipeLayer, ServedFormat, ServedLayer, ServedPlan};
 use crate::quant::{fp8, nvfp4};
-use shards::TensorSpec;
+use shards::{Bytes, TensorSpec};
 
 pub const TOOL: &str = "quantize";
 
@@ -189,7 +189,8 @@ fn prepare(args: &QuantizeArgs) -> Result<Job> {
                 shape,
                 args.model_dir.display()
             );
-            weight_amax = max_abs(&checkpoint.read_raw(&weight)?, dtype).with_context(|| format!("`{weight}`"))?;
+            weight_amax =
+                checkpoint.with_mapped(&weight, |b| max_abs(b, dtype))?.with_context(|| format!("`{weight}`"))?;
             weight_dtypes.insert(l.name.clone(), dtype);
         }
         recipe.push(RecipeLayer {
@@ -273,7 +274,11 @@ fn prepare(args: &QuantizeArgs) -> Result<Job> {
         notes.push(format!(
             "{} fused-layer shards take their layer's largest amax ({}): {}",
             changed.len(),
-            if args.fuse_scales { "--fuse-scales" } else { "NVFP4 shards share one global scale, as ModelOpt writes them" },
+            if args.fuse_scales {
+                "--fuse-scales"
+            } else {
+                "NVFP4 shards share one global scale, as ModelOpt writes them"
+            },
             abbreviate(&changed, 6)
         ));
     }
@@ -472,12 +477,17 @@ fn max_abs(bytes: &[u8], dtype: Dtype) -> Result<f32> {
 
 /// Little-endian stored floats as f32, decoded in parallel.
 fn to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
+    map_elements(bytes, dtype, |x| x)
+}
+
+/// `f` of every stored float (decoded to f32), in parallel, without an f32 copy of the tensor.
+fn map_elements<T: Copy + Default + Send>(bytes: &[u8], dtype: Dtype, f: impl Fn(f32) -> T + Sync) -> Result<Vec<T>> {
     use rayon::prelude::*;
     let width = element_size(dtype)?;
-    let mut out = vec![0f32; bytes.len() / width];
+    let mut out = vec![T::default(); bytes.len() / width];
     out.par_chunks_mut(1 << 16).zip(bytes.par_chunks(width << 16)).for_each(|(o, b)| {
         for (o, b) in o.iter_mut().zip(b.chunks_exact(width)) {
-            *o = decode(b, dtype);
+            *o = f(decode(b, dtype));
         }
     });
     Ok(out)
@@ -655,7 +665,7 @@ fn write(args: &QuantizeArgs, job: &Job, reporter: &Reporter) -> Result<()> {
         let specs: Vec<&TensorSpec> = shard.iter().map(|&i| &job.tensors[i]).collect();
         shards::write_file(&tmp.path().join(file), &specs, &job.metadata, |t| {
             let bytes = produce(&job.checkpoint, t, source_of[t.name.as_str()])?;
-            bar.inc(bytes.len() as u64);
+            bar.inc(bytes.byte_len() as u64);
             Ok(bytes)
         })?;
     }
@@ -695,26 +705,33 @@ fn write(args: &QuantizeArgs, job: &Job, reporter: &Reporter) -> Result<()> {
     Ok(())
 }
 
-/// The bytes of one output tensor.
-fn produce(checkpoint: &Checkpoint, spec: &TensorSpec, source: &Source) -> Result<Vec<u8>> {
-    // A stored weight as f32, with its column count.
-    let weight_f32 = |weight: &str| -> Result<(Vec<f32>, usize)> {
-        let stored = checkpoint.tensors().into_iter().find(|t| t.0 == weight);
-        let (_, dtype, shape) = stored.with_context(|| format!("`{weight}` is missing"))?;
-        let cols = shape.last().copied().unwrap_or(1);
-        Ok((to_f32(&checkpoint.read_raw(weight)?, dtype)?, cols))
+/// The bytes of one output tensor: unchanged tensors as a file range the kernel copies, the
+/// others computed from the mapped input weight.
+fn produce<'a>(checkpoint: &'a Checkpoint, spec: &TensorSpec, source: &Source) -> Result<Bytes<'a>> {
+    // A stored weight's dtype and column count.
+    let stored = |weight: &str| -> Result<(Dtype, usize)> {
+        let t = checkpoint.tensors().into_iter().find(|t| t.0 == weight);
+        let (_, dtype, shape) = t.with_context(|| format!("`{weight}` is missing"))?;
+        Ok((dtype, shape.last().copied().unwrap_or(1)))
+    };
+    let nvfp4 = |weight: &str, weight_scale_2: f32| -> Result<nvfp4::PackedWeight> {
+        let (dtype, cols) = stored(weight)?;
+        let w = checkpoint.with_mapped(weight, |b| to_f32(b, dtype))??;
+        Ok(nvfp4::encode_weight(&w, cols, weight_scale_2))
     };
     Ok(match source {
-        Source::Copy => checkpoint.read_raw(&spec.name)?,
-        Source::Fp8 { weight, scale } => fp8::quantize_to_e4m3(&weight_f32(weight)?.0, *scale),
-        Source::Nvfp4Codes { weight, weight_scale_2 } => {
-            let (w, cols) = weight_f32(weight)?;
-            nvfp4::encode_weight(&w, cols, *weight_scale_2).packed
+        Source::Copy => {
+            let (file, offset, len) = checkpoint.byte_range(&spec.name)?;
+            Bytes::FileRange { file, offset, len }
         }
+        Source::Fp8 { weight, scale } => {
+            let (dtype, _) = stored(weight)?;
+            Bytes::Owned(checkpoint.with_mapped(weight, |b| map_elements(b, dtype, |w| fp8::e4m3_code(w, *scale)))??)
+        }
+        Source::Nvfp4Codes { weight, weight_scale_2 } => Bytes::Owned(nvfp4(weight, *weight_scale_2)?.packed),
         Source::Nvfp4BlockScales { weight, weight_scale_2 } => {
-            let (w, cols) = weight_f32(weight)?;
-            nvfp4::encode_weight(&w, cols, *weight_scale_2).block_scales
+            Bytes::Owned(nvfp4(weight, *weight_scale_2)?.block_scales)
         }
-        Source::Scale(value) => scalar_bytes(spec.dtype, *value),
+        Source::Scale(value) => Bytes::Owned(scalar_bytes(spec.dtype, *value)),
     })
 }

@@ -4,8 +4,9 @@
 //! (or a single `model.safetensors` without index), each file's tensors sorted by dtype alignment
 //! then name as the safetensors library does.
 //!
-//! Tensors are produced one at a time by the caller and written straight to the file, so memory
-//! holds one tensor whatever the checkpoint's size.
+//! Tensors are produced one at a time by the caller and written by a second thread while the next
+//! is made, so memory holds about two tensors whatever the checkpoint's size; unchanged tensors
+//! are copied file to file by the kernel.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -83,13 +84,32 @@ pub fn file_names(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("model-{i:05}-of-{n:05}.safetensors")).collect()
 }
 
+/// One tensor's bytes for [`write_file`].
+pub enum Bytes<'a> {
+    /// Made in memory.
+    Owned(Vec<u8>),
+    /// Unchanged bytes of another file, copied by the kernel (`copy_file_range`: they never
+    /// enter the process's memory).
+    FileRange { file: &'a std::fs::File, offset: u64, len: usize },
+}
+
+impl Bytes<'_> {
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Bytes::Owned(v) => v.len(),
+            Bytes::FileRange { len, .. } => *len,
+        }
+    }
+}
+
 /// Writes one safetensors file: `produce` is called once per tensor, in file order, and must
-/// return exactly `byte_len()` bytes.
-pub fn write_file(
+/// give exactly `byte_len()` bytes. A writer thread writes each tensor while `produce` makes the
+/// next, so computing and writing overlap; at most two produced tensors are in memory.
+pub fn write_file<'a>(
     path: &Path,
     tensors: &[&TensorSpec],
     metadata: &HashMap<String, String>,
-    mut produce: impl FnMut(&TensorSpec) -> Result<Vec<u8>>,
+    mut produce: impl FnMut(&TensorSpec) -> Result<Bytes<'a>>,
 ) -> Result<()> {
     let mut order: Vec<&TensorSpec> = tensors.to_vec();
     order.sort_by(|a, b| b.dtype.cmp(&a.dtype).then(a.name.cmp(&b.name)));
@@ -111,13 +131,48 @@ pub fn write_file(
     let io = |e: std::io::Error| anyhow::anyhow!("writing {}: {e}", path.display());
     out.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     out.write_all(&header).map_err(io)?;
-    for t in order {
-        let bytes = produce(t).with_context(|| format!("tensor `{}`", t.name))?;
-        ensure!(bytes.len() == t.byte_len(), "tensor `{}`: {} bytes, expected {}", t.name, bytes.len(), t.byte_len());
-        out.write_all(&bytes).map_err(io)?;
-    }
-    out.flush().map_err(io)?;
-    Ok(())
+
+    let (send, receive) = std::sync::mpsc::sync_channel::<Bytes<'a>>(1);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<()> {
+            for bytes in receive {
+                match bytes {
+                    Bytes::Owned(v) => out.write_all(&v).map_err(io)?,
+                    Bytes::FileRange { file, offset, len } => {
+                        use std::io::{Read, Seek};
+                        out.flush().map_err(io)?;
+                        let mut src = file;
+                        src.seek(std::io::SeekFrom::Start(offset)).map_err(io)?;
+                        let copied = std::io::copy(&mut src.take(len as u64), out.get_mut()).map_err(io)?;
+                        ensure!(copied == len as u64, "writing {}: copied {copied} of {len} bytes", path.display());
+                    }
+                }
+            }
+            out.flush().map_err(io)?;
+            Ok(())
+        });
+        let produced = (|| -> Result<()> {
+            for t in order {
+                let bytes = produce(t).with_context(|| format!("tensor `{}`", t.name))?;
+                ensure!(
+                    bytes.byte_len() == t.byte_len(),
+                    "tensor `{}`: {} bytes, expected {}",
+                    t.name,
+                    bytes.byte_len(),
+                    t.byte_len()
+                );
+                // A closed channel means the writer failed: its error is reported below.
+                if send.send(bytes).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(send);
+        let written =
+            writer.join().map_err(|_| anyhow::anyhow!("writing {}: the writer thread panicked", path.display()))?;
+        produced.and(written)
+    })
 }
 
 /// `model.safetensors.index.json` as HF writes it (sorted keys, 2-space indent).
@@ -172,10 +227,14 @@ mod tests {
         let b = TensorSpec { name: "q".into(), dtype: Dtype::F8_E4M3, shape: vec![3] };
         let path = dir.path().join("x.safetensors");
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        // `q` comes from a file range, `w` from memory.
+        let source = dir.path().join("source");
+        std::fs::write(&source, [9, 1, 2, 3, 9])?;
+        let source = std::fs::File::open(&source)?;
         write_file(&path, &[&b, &a], &meta, |t| {
             Ok(match t.name.as_str() {
-                "w" => [1f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect(),
-                _ => vec![1, 2, 3],
+                "w" => Bytes::Owned([1f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect()),
+                _ => Bytes::FileRange { file: &source, offset: 1, len: 3 },
             })
         })?;
         let bytes = std::fs::read(&path)?;
