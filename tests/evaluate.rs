@@ -95,6 +95,43 @@ fn unquantized_loss_is_hf_and_a_checkpoint_measures_as_its_manifest() {
     }
 }
 
+/// Issue 11, acceptance 1: ModelOpt's fake-quant loss of the export recipes (HF's loss with
+/// exactly those modules fake-quantized, calibrated on the same 4 samples), run as scored
+/// (`--as-scored`: every module ModelOpt quantized, the Conv3d patch embedding included, which a
+/// checkpoint serves 16-bit). `text` is asserted within 1e-5 relative. `all` is printed, not
+/// asserted: its 19 vision layers put an E4M3 rounding of vision activations (which agree with
+/// torch's to ~1e-7, not bit for bit) on this random-weight model's path, and one activation
+/// crossing a rounding boundary moves its loss by ~1e-4 (docs/quantize.md).
+#[test]
+fn as_scored_recipes_reproduce_modelopt_fake_quant_losses() {
+    let fx = fixtures_or_skip!();
+    let st = setup(&fx);
+    for which in ["text", "all"] {
+        let manifest = fixture_manifest(&fx, which);
+        let e = evaluate(st, &format!("eval-scored-{which}.json"), &["--manifest", s(&manifest), "--as-scored"]);
+        assert!(e.as_scored);
+        let chosen = recipe(&e, "chosen");
+        let r: Value = serde_json::from_slice(
+            &std::fs::read(fx.join(format!("modelopt/export_fp8_{which}/recipe.json"))).unwrap(),
+        )
+        .unwrap();
+        let mut enabled: Vec<&str> =
+            r["enabled_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let mut quantized: Vec<&str> = chosen.quantized_layers.iter().map(|l| l.name.as_str()).collect();
+        enabled.sort_unstable();
+        quantized.sort_unstable();
+        assert_eq!(quantized, enabled, "{which}: the recipe as scored is ModelOpt's set of modules");
+        for (k, loss) in losses(chosen).iter().enumerate() {
+            let mo = r["fake_quant_loss_per_sample"][k].as_f64().unwrap();
+            let rel = (loss - mo).abs() / mo;
+            eprintln!("{which} as scored, sample {k}: loss {loss:.7}, ModelOpt fake quant {mo:.7} ({rel:.1e})");
+            if which == "text" {
+                assert!(rel <= 1e-5, "{which} sample {k}: {loss} vs ModelOpt fake quant {mo}");
+            }
+        }
+    }
+}
+
 #[test]
 fn baselines_frontier_and_predictions() {
     let fx = fixtures_or_skip!();

@@ -284,6 +284,7 @@ fn evaluation_of(m: &Manifest, recipes: Vec<RecipeResult>) -> Artifact<Evaluatio
     let payload = Evaluation {
         model: m.summary.model.clone(),
         dtype: "f32".into(),
+        as_scored: false,
         samples,
         recipes,
         confidence: EvalConfidence { method: "bootstrap".into(), resamples: 300, seed: 0, level: 0.95 },

@@ -23,6 +23,11 @@ pub struct Evaluation {
     pub model: ModelSummary,
     /// Compute dtype of the forward passes (`f32`, `bf16`).
     pub dtype: String,
+    /// The manifests' recipes were run as scored (every layer they name quantized, each shard
+    /// with its own scales, as `score-layers` and ModelOpt's fake quantization compute them)
+    /// instead of as the checkpoint `quantize` writes serves them.
+    #[serde(default)]
+    pub as_scored: bool,
     /// The held-out samples, in input order.
     pub samples: Vec<EvalSample>,
     /// The unquantized model first, then the recipes in the order they were given.

@@ -40,6 +40,11 @@ struct Args {
     /// Measure the first N samples only (default: all).
     #[arg(long, value_name = "N")]
     num_samples: Option<usize>,
+    /// Run the manifests' recipes as scored, not as served: every layer they name quantized (the
+    /// patch embedding and a tied lm_head too), each fused shard with its own scales, as
+    /// `score-layers` and ModelOpt's `mtq.quantize` fake quantization compute them.
+    #[arg(long)]
+    as_scored: bool,
     /// Where to write the `qsens.evaluation` artifact (`-` = stdout; `.json` = JSON).
     #[arg(short, long, value_name = "FILE", default_value = "-")]
     output: String,
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
             checkpoints: a.checkpoints,
             frontier: a.frontier,
             num_samples: a.num_samples,
+            as_scored: a.as_scored,
             output: a.output.as_str().into(),
             device: a.device,
             dtype: qsens::score::parse_dtype(&a.dtype)?,

@@ -53,6 +53,8 @@ pub struct EvaluateArgs {
     pub frontier: usize,
     /// Measure only the first N samples.
     pub num_samples: Option<usize>,
+    /// Run the manifests' recipes as scored ([`served::plan_as_scored`]) instead of as served.
+    pub as_scored: bool,
     pub output: Location,
     pub device: String,
     pub dtype: DType,
@@ -113,7 +115,8 @@ pub fn run(args: &EvaluateArgs, reporter: &Reporter) -> Result<()> {
         let problem = Problem::from_scores(&scores_of(m), &Overrides::default())
             .with_context(|| format!("{loc}: rebuilding its search problem"))?;
         let mut add = |name: String, kind: &str, choice: Vec<usize>| -> Result<()> {
-            let plan = plan_of(m, &problem, &choice, &model, &weight_amax).with_context(|| format!("{loc}"))?;
+            let plan = plan_of(m, &problem, &choice, &model, &weight_amax, args.as_scored)
+                .with_context(|| format!("{loc}"))?;
             let tap = ServedTap::from_plan(&plan, &model, &mut cache)?;
             let mut result = recipe_result(name, kind, loc, m, &problem, &plan)?;
             if kind == "frontier" {
@@ -230,6 +233,7 @@ pub fn run(args: &EvaluateArgs, reporter: &Reporter) -> Result<()> {
     let evaluation = Evaluation {
         model: model_summary,
         dtype: score::dtype_name(args.dtype).into(),
+        as_scored: args.as_scored,
         samples,
         recipes,
         confidence: EvalConfidence {
@@ -340,13 +344,15 @@ fn scores_of(m: &Manifest) -> Scores {
     }
 }
 
-/// The served plan of a format choice per group of the manifest.
+/// The served plan (or, `as_scored`, the plan as scored) of a format choice per group of the
+/// manifest.
 fn plan_of(
     m: &Manifest,
     problem: &Problem,
     choice: &[usize],
     model: &Qwen3VL,
     weight_amax: &[f32],
+    as_scored: bool,
 ) -> Result<ServedPlan> {
     let group_format: std::collections::HashMap<&str, &str> =
         problem.groups.iter().zip(choice).map(|(g, &f)| (g.name.as_str(), problem.format_name(f))).collect();
@@ -360,6 +366,9 @@ fn plan_of(
             input_amax: l.input_amax as f32,
             weight_amax: weight_amax[id],
         });
+    }
+    if as_scored {
+        return served::plan_as_scored(&layers);
     }
     served::plan(&layers, model.config().tie_word_embeddings(), false)
 }

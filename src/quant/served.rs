@@ -158,6 +158,8 @@ pub struct ServedPlan {
     pub kept: Vec<(String, KeptReason)>,
     /// Shards whose scales the shared fused amax changed (NVFP4 always, FP8 with `fuse_scales`).
     pub fused_scale_changes: Vec<String>,
+    /// The recipe as scored rather than as served ([`plan_as_scored`]).
+    pub as_scored: bool,
 }
 
 impl ServedPlan {
@@ -260,9 +262,31 @@ pub fn plan(layers: &[RecipeLayer], tied_lm_head: bool, fuse_scales: bool) -> Re
     Ok(plan)
 }
 
-/// Dequantized weights by layer, format and weight scale, shared by the taps of several recipes.
+/// The recipe as `score-layers` measured it and ModelOpt's fake quantization (`mtq.quantize`)
+/// computes it: every layer it quantizes, the patch embedding and a tied lm_head included, each
+/// with its own amax (no fused sharing), NVFP4 weights with the fake quantization's arithmetic
+/// instead of the exporter's. Not a checkpoint: what the predicted objective was measured on.
+pub fn plan_as_scored(layers: &[RecipeLayer]) -> Result<ServedPlan> {
+    let mut plan = ServedPlan { as_scored: true, ..ServedPlan::default() };
+    for l in layers {
+        let format = ServedFormat::parse(&l.format).map_err(|e| anyhow::anyhow!("layer {}: {e}", l.name))?;
+        let Some(format) = format else { continue };
+        plan.layers.push(ServedLayer {
+            name: l.name.clone(),
+            format,
+            weight_amax: l.weight_amax,
+            weight_scale: format.weight_scale(l.weight_amax),
+            input_amax: l.input_amax,
+            input_scale: format.input_scale(l.input_amax),
+        });
+    }
+    Ok(plan)
+}
+
+/// Dequantized weights by layer, format, weight scale and arithmetic (as scored or as served),
+/// shared by the taps of several recipes.
 #[derive(Debug, Default)]
-pub struct DequantizedWeights(std::collections::HashMap<(LayerId, ServedFormat, u32), Tensor>);
+pub struct DequantizedWeights(std::collections::HashMap<(LayerId, ServedFormat, u32, bool), Tensor>);
 
 /// How a served layer quantizes its input.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -323,20 +347,26 @@ pub struct ServedTap {
 
 impl ServedTap {
     /// For a model loaded from the unquantized checkpoint: weights are quantized with exactly the
-    /// arithmetic of the checkpoint writer (once per layer, format and scale, shared through
-    /// `cache` by every recipe that needs them).
+    /// arithmetic of the checkpoint writer (of the fake quantization for a plan as scored), once
+    /// per layer, format and scale, shared through `cache` by every recipe that needs them.
     pub fn from_plan(plan: &ServedPlan, model: &Qwen3VL, cache: &mut DequantizedWeights) -> Result<Self> {
         let n = model.layers().len();
         let mut tap = ServedTap { inputs: vec![None; n], weights: vec![None; n] };
         for l in &plan.layers {
             let Some(id) = model.layer_id(&l.name) else { bail!("the model has no layer `{}`", l.name) };
             tap.inputs[id] = InputQuant::of(l.format, l.input_scale);
-            let key = (id, l.format, l.weight_scale.to_bits());
+            let key = (id, l.format, l.weight_scale.to_bits(), plan.as_scored);
             let weight = match cache.0.get(&key) {
                 Some(w) => w.clone(),
                 None => {
-                    let w = dequantized_weight(model.linear(id).weight(), l.format, l.weight_scale)
-                        .map_err(|e| anyhow::anyhow!("layer {}: {e}", l.name))?;
+                    let w = model.linear(id).weight();
+                    let w = match l.format {
+                        ServedFormat::Nvfp4 | ServedFormat::W4a16Nvfp4 if plan.as_scored => {
+                            super::host::on_host(w, |w| nvfp4::fake_quant_tensor_with_global_scale(w, l.weight_scale))
+                        }
+                        _ => dequantized_weight(w, l.format, l.weight_scale),
+                    }
+                    .map_err(|e| anyhow::anyhow!("layer {}: {e}", l.name))?;
                     cache.0.insert(key, w.clone());
                     w
                 }

@@ -250,6 +250,7 @@ pub fn section(evaluation: &Artifact<Evaluation>, manifest: &Manifest, stem: &st
         },
         payload => Value::from_serialize(e),
         dtype => &e.dtype,
+        as_scored => e.as_scored,
         samples => e.samples.len(),
         label_tokens => label_tokens,
         label_tokens_fmt => thousands(label_tokens as u64),
