@@ -5,7 +5,9 @@
 //! Per sample, the logits are `[L, vocab]` (vocab 151 936 for Qwen3-VL), so [`sample_metrics`]
 //! works with candle ops on the logits' own device, a block of rows at a time
 //! (≤ [`BLOCK_LOGITS`] logits, so a temporary stays at 64 MiB whatever L is), and moves only
-//! per-row results to the host. Everything is computed in f64 from the given logits:
+//! per-row results to the host; the unquantized log-probabilities, computed once per sample for
+//! every recipe ([`Reference`]), stay on the device: `L · vocab` f64 (1.2 GB at L = 1000).
+//! Everything is computed in f64 from the given logits:
 //! log-softmax `x − max − log Σ exp(x − max)`, `KL_t = Σ_i p_i (log p_i − log q_i)` and the NLL
 //! `−log q[label]`. f64 keeps KL honest where it matters: a recipe's per-token KL is often
 //! 1e-4–1e-6, below what an f32 log-probability difference resolves. Identical logits give
@@ -37,7 +39,8 @@ pub const BLOCK_LOGITS: usize = 1 << 23;
 /// Top-1 is the first maximal index of a row (ties go to the lowest token id, as `torch.argmax`);
 /// candle's own CUDA argmax does not promise that, so it is computed as the minimum index
 /// among the entries equal to the row maximum. Errors on mismatched shapes, a label outside the
-/// vocabulary, or non-finite results (NaN or infinite logits).
+/// vocabulary, or non-finite results (NaN or infinite logits). Several recipes against one
+/// unquantized forward: [`Reference`], which does the unquantized half of the work once.
 pub fn sample_metrics(base_logits: &Tensor, logits: &Tensor, labels: &[i32]) -> Result<SampleMetrics> {
     sample_metrics_in_blocks(base_logits, logits, labels, BLOCK_LOGITS)
 }
@@ -50,72 +53,108 @@ pub fn sample_metrics_in_blocks(
     labels: &[i32],
     block_logits: usize,
 ) -> Result<SampleMetrics> {
-    let (rows, vocab) = base_logits.dims2()?;
-    if logits.dims() != [rows, vocab] {
-        candle_core::bail!("metrics: logits are {:?}, the unquantized logits [{rows}, {vocab}]", logits.dims());
+    Reference::in_blocks(base_logits, labels, block_logits)?.metrics(logits)
+}
+
+/// The unquantized model's side of one sample, computed once and compared with each recipe's
+/// logits ([`Reference::metrics`]): per block of rows the log-probabilities (f64, on the logits'
+/// device) and the top-1 tokens, and the token each row is scored on.
+pub struct Reference {
+    rows: usize,
+    vocab: usize,
+    /// targets[r]: the token row r is scored on (HF's shift), if any.
+    targets: Vec<Option<u32>>,
+    blocks: Vec<ReferenceBlock>,
+}
+
+struct ReferenceBlock {
+    first_row: usize,
+    log_p: Tensor,
+    top1: Vec<u32>,
+}
+
+impl Reference {
+    /// The reference of `base_logits` `[L, vocab]` with `labels` (as [`sample_metrics`]).
+    pub fn new(base_logits: &Tensor, labels: &[i32]) -> Result<Self> {
+        Self::in_blocks(base_logits, labels, BLOCK_LOGITS)
     }
-    if labels.len() != rows {
-        candle_core::bail!("metrics: {} labels for {rows} positions", labels.len());
-    }
-    // targets[r]: the token row r is scored on (HF's shift), if any.
-    let mut targets = Vec::with_capacity(rows);
-    for r in 0..rows {
-        targets.push(match labels.get(r + 1) {
-            Some(&l) if l != IGNORE_INDEX => {
-                if l < 0 || l as usize >= vocab {
-                    candle_core::bail!("metrics: label {l} at position {} is outside the vocabulary ({vocab})", r + 1);
+
+    fn in_blocks(base_logits: &Tensor, labels: &[i32], block_logits: usize) -> Result<Self> {
+        let (rows, vocab) = base_logits.dims2()?;
+        if labels.len() != rows {
+            candle_core::bail!("metrics: {} labels for {rows} positions", labels.len());
+        }
+        let mut targets = Vec::with_capacity(rows);
+        for r in 0..rows {
+            targets.push(match labels.get(r + 1) {
+                Some(&l) if l != IGNORE_INDEX => {
+                    if l < 0 || l as usize >= vocab {
+                        candle_core::bail!(
+                            "metrics: label {l} at position {} is outside the vocabulary ({vocab})",
+                            r + 1
+                        );
+                    }
+                    Some(l as u32)
                 }
-                Some(l as u32)
-            }
-            _ => None,
-        });
+                _ => None,
+            });
+        }
+        let block = (block_logits / vocab.max(1)).max(1);
+        let mut blocks = Vec::with_capacity(rows.div_ceil(block));
+        for first_row in (0..rows).step_by(block) {
+            let x = base_logits.narrow(0, first_row, block.min(rows - first_row))?.to_dtype(DType::F64)?;
+            blocks.push(ReferenceBlock { first_row, top1: first_argmax(&x)?, log_p: log_softmax(&x)? });
+        }
+        Ok(Reference { rows, vocab, targets, blocks })
     }
-    let mut m = SampleMetrics {
-        nll_sum: 0.0,
-        label_tokens: 0,
-        kl_sum_all: 0.0,
-        kl_sum_label: 0.0,
-        positions: rows,
-        top1_agree_all: 0,
-        top1_agree_label: 0,
-    };
-    let block = (block_logits / vocab.max(1)).max(1);
-    for r0 in (0..rows).step_by(block) {
-        let n = block.min(rows - r0);
-        let x = base_logits.narrow(0, r0, n)?.to_dtype(DType::F64)?;
-        let z = logits.narrow(0, r0, n)?.to_dtype(DType::F64)?;
-        let top_x = first_argmax(&x)?;
-        let top_z = first_argmax(&z)?;
-        let log_p = log_softmax(&x)?;
-        drop(x);
-        let log_q = log_softmax(&z)?;
-        drop(z);
-        let kl = (log_p.exp()? * (&log_p - &log_q)?)?.sum(D::Minus1)?.to_vec1::<f64>()?;
-        drop(log_p);
-        let block_targets = &targets[r0..r0 + n];
-        let index: Vec<u32> = block_targets.iter().map(|t| t.unwrap_or(0)).collect();
-        let index = Tensor::from_vec(index, (n, 1), log_q.device())?;
-        let log_q_target = log_q.gather(&index, 1)?.squeeze(1)?.to_vec1::<f64>()?;
-        for i in 0..n {
-            let agree = top_x[i] == top_z[i];
-            m.kl_sum_all += kl[i];
-            m.top1_agree_all += agree as usize;
-            if block_targets[i].is_some() {
-                m.nll_sum -= log_q_target[i];
-                m.label_tokens += 1;
-                m.kl_sum_label += kl[i];
-                m.top1_agree_label += agree as usize;
+
+    /// The metrics of a recipe's `logits` `[L, vocab]` against this reference.
+    pub fn metrics(&self, logits: &Tensor) -> Result<SampleMetrics> {
+        let (rows, vocab) = (self.rows, self.vocab);
+        if logits.dims() != [rows, vocab] {
+            candle_core::bail!("metrics: logits are {:?}, the unquantized logits [{rows}, {vocab}]", logits.dims());
+        }
+        let mut m = SampleMetrics {
+            nll_sum: 0.0,
+            label_tokens: 0,
+            kl_sum_all: 0.0,
+            kl_sum_label: 0.0,
+            positions: rows,
+            top1_agree_all: 0,
+            top1_agree_label: 0,
+        };
+        for b in &self.blocks {
+            let (r0, n) = (b.first_row, b.top1.len());
+            let z = logits.narrow(0, r0, n)?.to_dtype(DType::F64)?;
+            let top_z = first_argmax(&z)?;
+            let log_q = log_softmax(&z)?;
+            drop(z);
+            let kl = (b.log_p.exp()? * (&b.log_p - &log_q)?)?.sum(D::Minus1)?.to_vec1::<f64>()?;
+            let block_targets = &self.targets[r0..r0 + n];
+            let index: Vec<u32> = block_targets.iter().map(|t| t.unwrap_or(0)).collect();
+            let index = Tensor::from_vec(index, (n, 1), log_q.device())?;
+            let log_q_target = log_q.gather(&index, 1)?.squeeze(1)?.to_vec1::<f64>()?;
+            for i in 0..n {
+                let agree = b.top1[i] == top_z[i];
+                m.kl_sum_all += kl[i];
+                m.top1_agree_all += agree as usize;
+                if block_targets[i].is_some() {
+                    m.nll_sum -= log_q_target[i];
+                    m.label_tokens += 1;
+                    m.kl_sum_label += kl[i];
+                    m.top1_agree_label += agree as usize;
+                }
             }
         }
+        if !(m.nll_sum.is_finite() && m.kl_sum_all.is_finite() && m.kl_sum_label.is_finite()) {
+            candle_core::bail!(
+                "metrics: non-finite result (NLL {}, KL {}): the logits hold NaN or infinite values",
+                m.nll_sum,
+                m.kl_sum_all
+            );
+        }
+        Ok(m)
     }
-    if !(m.nll_sum.is_finite() && m.kl_sum_all.is_finite() && m.kl_sum_label.is_finite()) {
-        candle_core::bail!(
-            "metrics: non-finite result (NLL {}, KL {}): the logits hold NaN or infinite values",
-            m.nll_sum,
-            m.kl_sum_all
-        );
-    }
-    Ok(m)
 }
 
 /// `x − max − log Σ exp(x − max)` over the last dim (dtype kept).
