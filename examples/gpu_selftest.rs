@@ -1,4 +1,6 @@
-//! GPU self-test of the fused model kernels (`kernels/{attention,norm,act}.cu`): every fused op on
+//! GPU self-test of the fused model kernels (`kernels/{attention,norm,act}.cu`) and the
+//! quantization kernels (`kernels/quant.cu`: FP8 and NVFP4 fake quantization, bit for bit against
+//! the CPU, specials included; `--only quant` runs only those): every fused op on
 //! CUDA against the same op on the CPU (same inputs, copied), in f32 and bf16, at the Qwen3-VL-4B
 //! sizes (text L = 274, 32 query / 8 kv heads, d = 128, hidden 2560, MLP 9728; vision N = 784,
 //! 16 heads, d = 64, hidden 1024, MLP 4096) plus long chunked cases; then the fused op against the
@@ -250,6 +252,100 @@ fn attention_case<'a>(a: &'a Attn, masks: Option<&'a Masks>, seed: u64) -> Case<
             Ok(vec![o, lse, dq, dk, dv])
         }),
     }
+}
+
+/// Values whose bits differ between two tensors of one shape (NaN equals NaN), after widening
+/// both to f32 on the host (exact for bf16 and f16).
+fn differing_bits(a: &Tensor, b: &Tensor) -> Result<usize> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits() && !(x.is_nan() && y.is_nan())).count())
+}
+
+/// The quantization kernels against their CPU reference, bit for bit: normal values at three
+/// magnitudes, ties and specials (±0, subnormals, ±max, ±inf, NaN) sprinkled in, rows of 2560 and
+/// of 37 (a short last NVFP4 block), in f32, bf16 and f16.
+fn quant_checks(gpu: &Device, rep: &mut Report) -> Result<()> {
+    use qsens::quant::{fp8, nvfp4};
+    let specials = [
+        0.0f32,
+        -0.0,
+        0.25,
+        -0.25,
+        0.75,
+        1.25,
+        -1.75,
+        2.5,
+        3.5,
+        -5.0,
+        6.0,
+        448.0,
+        -448.0,
+        1e-5,
+        2e-9,
+        1e-30,
+        -1e-38,
+        1e-45,
+        f32::MAX,
+        -f32::MAX,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ];
+    for (rows, cols) in [(274usize, 2560usize), (53, 37)] {
+        for (m, magnitude) in [1e-6f64, 1.0, 1e4].into_iter().enumerate() {
+            let mut v = randn(&[rows, cols], 11 + m as u64, magnitude, 0.0)
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for (i, x) in specials.iter().enumerate() {
+                let at = (i * 7919) % v.len();
+                v[at] = *x;
+            }
+            let x = Tensor::from_vec(v, (rows, cols), &Device::Cpu)?;
+            let amax = (3.0 * magnitude) as f32;
+            for dt in [DType::F32, DType::BF16, DType::F16] {
+                let xc = x.to_dtype(dt)?;
+                let xg = xc.to_device(gpu)?;
+                let mut check = |what: String, cpu: Tensor, cuda: Tensor| -> Result<()> {
+                    let n = differing_bits(&cuda, &cpu)?;
+                    if n == 0 {
+                        rep.pass += 1;
+                        println!("[PASS] {what}: bit-identical ({} values)", cpu.elem_count());
+                    } else {
+                        println!("[FAIL] {what}: {n} of {} values differ", cpu.elem_count());
+                        rep.fail.push(what);
+                    }
+                    Ok(())
+                };
+                let tag = format!("[{rows}x{cols}] ~{magnitude:e} {dt:?}");
+                for (name, gs) in [
+                    ("amax 3·σ", nvfp4::global_scale(amax)),
+                    ("amax 1e-30", nvfp4::global_scale(1e-30)),
+                    ("scale 0", 0.0),
+                    ("scale NaN", f32::NAN),
+                ] {
+                    check(
+                        format!("quant nvfp4 {name} {tag}"),
+                        nvfp4::fake_quant_tensor_with_global_scale(&xc, gs)?,
+                        nvfp4::fake_quant_tensor_with_global_scale(&xg, gs)?,
+                    )?;
+                }
+                check(
+                    format!("quant fp8 amax 3·σ {tag}"),
+                    fp8::fake_quant_tensor(&xc, amax)?,
+                    fp8::fake_quant_tensor(&xg, amax)?,
+                )?;
+                let scale = fp8::checkpoint_scale(amax);
+                check(
+                    format!("quant served fp8 {tag}"),
+                    fp8::fake_quant_with_scale(&xc, scale)?,
+                    fp8::fake_quant_with_scale(&xg, scale)?,
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -685,6 +781,10 @@ fn main() -> Result<()> {
                 rep.fail.push(format!("{} {dt:?}: {e}", case.name));
             }
         }
+    }
+
+    if only.as_ref().is_none_or(|o| "quant".contains(o.as_str())) && skip.as_deref() != Some("quant") {
+        quant_checks(&gpu, &mut rep)?;
     }
 
     if timing && !rep.timings.is_empty() {

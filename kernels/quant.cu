@@ -126,3 +126,47 @@ __device__ void amax_update(const T *x, const size_t n, float *slot) {
 AMAX_UPDATE(amax_update_f32, float)
 AMAX_UPDATE(amax_update_bf16, __nv_bfloat16)
 AMAX_UPDATE(amax_update_f16, __half)
+
+// NVFP4 fake quantization (nvfp4.rs `fake_quant_row`, ModelOpt's triton kernel): per row of
+// `cols` values, blocks of 16 from the row's start (the last one may be short, zero-padded); one
+// thread per block. `⊘` is triton's division, modelled as a · RN(1/b) (nvfp4.rs `triton_div`);
+// every product is rounded on its own (no contraction into an FMA).
+__device__ __forceinline__ float triton_div(float a, float b) { return __fmul_rn(a, __fdiv_rn(1.0f, b)); }
+
+__device__ __forceinline__ float round_e2m1_magnitude(float a) {
+    if (a <= 0.25f) return 0.0f;
+    if (a < 0.75f) return 0.5f;
+    if (a <= 1.25f) return 1.0f;
+    if (a < 1.75f) return 1.5f;
+    if (a <= 2.5f) return 2.0f;
+    if (a < 3.5f) return 3.0f;
+    if (a <= 5.0f) return 4.0f;
+    return 6.0f;   // NaN too, like the kernel's chain of comparisons
+}
+
+#define FAKE_QUANT_NVFP4(NAME, T)                                                               \
+    extern "C" __global__ void NAME(const T *x, T *y, const size_t rows, const size_t cols,     \
+                                    const float global_scale) {                                 \
+        const size_t per_row = (cols + 15) / 16, total = rows * per_row;                        \
+        const float gs = global_scale > 0.0f ? global_scale : 1e-12f;                           \
+        for (size_t b = blockIdx.x * (size_t)blockDim.x + threadIdx.x; b < total;               \
+             b += (size_t)blockDim.x * gridDim.x) {                                             \
+            const size_t first = (b / per_row) * cols + (b % per_row) * 16;                     \
+            const int len = (int)min((size_t)16, cols - (b % per_row) * 16);                    \
+            float v[16];                                                                        \
+            for (int i = 0; i < len; ++i) v[i] = to_f32(x[first + i]);                          \
+            float bmax = len == 16 ? fabsf(v[0]) : 0.0f;                                        \
+            for (int i = 0; i < len; ++i) bmax = fmaxf(bmax, fabsf(v[i]));                      \
+            const float in_range = fminf(triton_div(bmax, __fmul_rn(6.0f, gs)), 448.0f);        \
+            float s = __fmul_rn(round_to_e4m3(in_range), gs);                                   \
+            if (!(s >= 1e-5f)) s = 1.0f;                                                        \
+            for (int i = 0; i < len; ++i) {                                                     \
+                const float r = __fmul_rn(round_e2m1_magnitude(triton_div(fabsf(v[i]), s)), s);  \
+                y[first + i] = from_f32<T>(v[i] >= 0.0f ? r : __fsub_rn(0.0f, r));              \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+FAKE_QUANT_NVFP4(fake_quant_nvfp4_f32, float)
+FAKE_QUANT_NVFP4(fake_quant_nvfp4_bf16, __nv_bfloat16)
+FAKE_QUANT_NVFP4(fake_quant_nvfp4_f16, __half)

@@ -195,3 +195,51 @@ pub fn amax_update(slot: usize, acc: &mut CudaStorage, la: &Layout, x: &CudaStor
     }
     Ok(())
 }
+
+/// NVFP4 fake quantization along the last dim with a known global scale, one thread per
+/// 16-block (`nvfp4::FakeQuantNvfp4`).
+pub fn fake_quant_nvfp4(global_scale: f32, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fake-quant-nvfp4: input must be contiguous");
+    };
+    let n = end - start;
+    let cols = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+    let rows = n / cols;
+    let dev = storage.device();
+    fn go<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        dev: &CudaDevice,
+        kernel: &str,
+        src: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+        rows: usize,
+        cols: usize,
+        global_scale: f32,
+    ) -> Result<CudaStorage> {
+        let func = dev.get_or_load_custom_image(kernel, MODULE, QUANT_IMAGE)?;
+        // SAFETY: every element is written by the kernel below (every block of every row).
+        let dst = unsafe { dev.alloc::<T>(rows * cols)? };
+        let blocks = (rows * cols.div_ceil(16)).div_ceil(256).clamp(1, 65_535 * 8) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut b = func.builder();
+        b.arg(src);
+        b.arg(&dst);
+        b.arg(&rows);
+        b.arg(&cols);
+        b.arg(&global_scale);
+        // SAFETY: argument types match `fake_quant_nvfp4_*` (ptr, ptr, size_t, size_t, float).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
+    }
+    let out = match &storage.slice {
+        CudaStorageSlice::F32(s) => {
+            go::<f32>(dev, "fake_quant_nvfp4_f32", &s.slice(start..end), rows, cols, global_scale)?
+        }
+        CudaStorageSlice::BF16(s) => {
+            go::<bf16>(dev, "fake_quant_nvfp4_bf16", &s.slice(start..end), rows, cols, global_scale)?
+        }
+        CudaStorageSlice::F16(s) => {
+            go::<f16>(dev, "fake_quant_nvfp4_f16", &s.slice(start..end), rows, cols, global_scale)?
+        }
+        _ => candle_core::bail!("fake-quant-nvfp4: unsupported dtype {:?} on CUDA", storage.dtype()),
+    };
+    Ok((out, layout.shape().clone()))
+}

@@ -165,17 +165,14 @@ pub fn fake_quant_rows_scaled(values: &[f32], cols: usize, global_scale: f32, ou
     out.par_chunks_mut(cols).zip(values.par_chunks(cols)).for_each(|(o, x)| fake_quant_row(x, global_scale, o));
 }
 
-/// NVFP4 fake quantization of a tensor (f32, bf16 or f16, CPU) along its last dim; same shape
-/// and dtype.
+/// NVFP4 fake quantization of a tensor (f32, bf16 or f16, CPU or CUDA) along its last dim; same
+/// shape and dtype.
 pub fn fake_quant_tensor(x: &Tensor, global_amax: f32) -> Result<Tensor> {
     fake_quant_tensor_with_global_scale(x, global_scale(global_amax))
 }
 
 /// [`fake_quant_tensor`] given the global scale itself (a checkpoint's `input_scale`).
 pub fn fake_quant_tensor_with_global_scale(x: &Tensor, global_scale: f32) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        candle_core::bail!("nvfp4 fake quantization has no CUDA kernel yet: move the tensor to the CPU");
-    }
     if x.elem_count() == 0 {
         return Ok(x.clone());
     }
@@ -214,7 +211,7 @@ pub(crate) fn map_rows_cpu(
     Ok((out, layout.shape().clone()))
 }
 
-/// The NVFP4 fake-quantization op (CPU only for now).
+/// The NVFP4 fake-quantization op: rows in parallel on the CPU, one CUDA thread per 16-block.
 #[derive(Debug, Clone, Copy)]
 pub struct FakeQuantNvfp4 {
     /// `global_scale(global_amax)`.
@@ -230,6 +227,15 @@ impl CustomOp1 for FakeQuantNvfp4 {
         map_rows_cpu(self.name(), storage, layout, |x, cols, out| {
             fake_quant_rows_scaled(x, cols, self.global_scale, out)
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::quant::cuda::fake_quant_nvfp4(self.global_scale, storage, layout)
     }
 }
 
@@ -358,10 +364,10 @@ impl Format for Nvfp4 {
         "nvfp4: e2m1, dynamic 16-blocks, e4m3 block scales, global amax = max calibration".into()
     }
     fn quantize_weight(&self, weight: &Tensor, stats: &WeightStats) -> Result<Tensor> {
-        super::host::on_host(weight, |w| fake_quant_tensor(w, stats.amax))
+        fake_quant_tensor(weight, stats.amax)
     }
     fn quantize_input(&self, x: &Tensor, input_amax: f32) -> Result<Tensor> {
-        super::host::on_host(x, |x| fake_quant_tensor(x, input_amax))
+        fake_quant_tensor(x, input_amax)
     }
 }
 
@@ -391,7 +397,7 @@ impl Format for W4a16Nvfp4 {
         "unquantized".into()
     }
     fn quantize_weight(&self, weight: &Tensor, stats: &WeightStats) -> Result<Tensor> {
-        super::host::on_host(weight, |w| fake_quant_tensor(w, stats.amax))
+        fake_quant_tensor(weight, stats.amax)
     }
     fn quantize_input(&self, x: &Tensor, _input_amax: f32) -> Result<Tensor> {
         Ok(x.clone())

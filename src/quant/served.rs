@@ -312,9 +312,7 @@ impl InputQuant {
     fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             InputQuant::Fp8 { input_scale } => fp8::fake_quant_with_scale(x, input_scale),
-            InputQuant::Nvfp4 { input_scale } => {
-                super::host::on_host(x, |x| nvfp4::fake_quant_tensor_with_global_scale(x, input_scale))
-            }
+            InputQuant::Nvfp4 { input_scale } => nvfp4::fake_quant_tensor_with_global_scale(x, input_scale),
         }
     }
 }
@@ -362,7 +360,7 @@ impl ServedTap {
                     let w = model.linear(id).weight();
                     let w = match l.format {
                         ServedFormat::Nvfp4 | ServedFormat::W4a16Nvfp4 if plan.as_scored => {
-                            super::host::on_host(w, |w| nvfp4::fake_quant_tensor_with_global_scale(w, l.weight_scale))
+                            nvfp4::fake_quant_tensor_with_global_scale(w, l.weight_scale)
                         }
                         _ => dequantized_weight(w, l.format, l.weight_scale),
                     }
