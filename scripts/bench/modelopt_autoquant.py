@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""ModelOpt auto_quantize (FP8, gradient) on the same checkpoint and the same input tensors as
+"""ModelOpt auto_quantize (gradient; FP8, or the formats given by --formats) on the same checkpoint and the same input tensors as
 qsens (read from qsens' `qsens.model-inputs` artifact). Writes a JSON with timings, peak memory,
 per-group scores and costs, and the recipes re-solved at several budgets. Run on the GPU machine
 with nvidia-modelopt 0.47 importable.
@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--bits", type=float, nargs="+", default=[10.0, 12.0])
+    ap.add_argument("--formats", nargs="+", default=["FP8_DEFAULT_CFG"], help="ModelOpt config names")
+    ap.add_argument("--effective-bits", type=float, default=11.0, help="the constraint of the run")
     args = ap.parse_args()
 
     t0 = time.time()
@@ -77,8 +79,8 @@ def main():
     t0 = time.time()
     model, state = mtq.auto_quantize(
         model,
-        constraints={"effective_bits": 11.0},
-        quantization_formats=["FP8_DEFAULT_CFG"],
+        constraints={"effective_bits": args.effective_bits},
+        quantization_formats=args.formats,
         data_loader=data,
         forward_step=lambda m, b: m(**b),
         loss_func=lambda out, b: out.loss,
@@ -106,6 +108,7 @@ def main():
         targets[str(b)] = {k.removesuffix(".quant_recipe"): str(v) for k, v in recipe.items()}
     json.dump({
         "num_samples": n,
+        "formats": args.formats,
         "modelopt_import_s": import_s,
         "load_s": load_s,
         "cuda_ext_s": ext_s,
