@@ -27,6 +27,11 @@ fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/modelopt_formats")
 }
 
+/// `tests/data/modelopt_smoothquant`: the same script's INT8_SMOOTHQUANT run (ModelOpt on the CPU).
+fn smoothquant_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/modelopt_smoothquant")
+}
+
 /// A `*.safetensors.xz` of the reference folder, decompressed.
 fn read_xz(name: &str) -> Vec<u8> {
     let path = data_dir().join(name);
@@ -39,7 +44,11 @@ fn read_xz(name: &str) -> Vec<u8> {
 /// A JSON file of the reference folder. Python's `json` writes non-finite floats as bare
 /// `Infinity` / `NaN` (in the CPU-vs-GPU records); they read as null here.
 fn json(name: &str) -> Value {
-    let path = data_dir().join(name);
+    json_in(&data_dir(), name)
+}
+
+fn json_in(dir: &Path, name: &str) -> Value {
+    let path = dir.join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let text = text.replace(": -Infinity", ": null").replace(": Infinity", ": null").replace(": NaN", ": null");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -154,7 +163,21 @@ fn fake_quant_is_modelopts_bit_for_bit() {
 /// Our multi-format run on the fixture against ModelOpt's `autoquant_<tag>.json`.
 fn assert_auto_quantize_parity(tag: &str, formats: &[&str], awq_alpha_share: f64) {
     let fx = fixtures_or_skip!();
-    let p = shared(&fx);
+    let reference = json(&format!("autoquant_{tag}.json"));
+    assert_auto_quantize_parity_with(&fx, &reference, tag, formats, awq_alpha_share, &[4.8, 6.0, 8.0]);
+}
+
+/// [`assert_auto_quantize_parity`] against a given reference, objective checked at `target_bits`;
+/// returns our scores.
+fn assert_auto_quantize_parity_with(
+    fx: &Path,
+    reference: &Value,
+    tag: &str,
+    formats: &[&str],
+    awq_alpha_share: f64,
+    target_bits: &[f64],
+) -> Scores {
+    let p = shared(fx);
     let out = p.dir.path().join(format!("{tag}.msgpack"));
     let mut args = vec!["-q", "--model", s(&p.model), "--inputs", s(&p.inputs), "-o", s(&out)];
     for f in formats {
@@ -163,8 +186,7 @@ fn assert_auto_quantize_parity(tag: &str, formats: &[&str], awq_alpha_share: f64
     ok(env!("CARGO_BIN_EXE_score-layers"), &args);
     let ours: Artifact<Scores> = artifact::read(out.as_path()).unwrap();
     let ours = ours.payload;
-    let reference = json(&format!("autoquant_{tag}.json"));
-    let run = ModelOptRun::from_json(&serde_json::to_vec(&reference).unwrap()).unwrap();
+    let run = ModelOptRun::from_json(&serde_json::to_vec(reference).unwrap()).unwrap();
 
     // Per format: Spearman ≥ 0.99 and median relative difference ≤ 5 % over the groups.
     assert_eq!(ours.formats.len(), formats.len() + 1);
@@ -207,8 +229,8 @@ fn assert_auto_quantize_parity(tag: &str, formats: &[&str], awq_alpha_share: f64
 
     // Our optimum is no worse than ModelOpt's recipe on the same (our) scores, within budget.
     let problem = Problem::from_scores(&ours, &Overrides::default()).unwrap();
-    let targets: Vec<_> = run.targets.iter().filter(|t| [4.8, 6.0, 8.0].contains(&t.effective_bits_target)).collect();
-    assert_eq!(targets.len(), 3, "{tag}: the reference re-solves at 4.8, 6 and 8 bits");
+    let targets: Vec<_> = run.targets.iter().filter(|t| target_bits.contains(&t.effective_bits_target)).collect();
+    assert_eq!(targets.len(), target_bits.len(), "{tag}: the reference re-solves at {target_bits:?} bits");
     for t in targets {
         let c = compare(&problem, t.effective_bits_target, &t.recipe).unwrap_or_else(|e| panic!("{tag}: {e:#}"));
         eprintln!(
@@ -216,6 +238,7 @@ fn assert_auto_quantize_parity(tag: &str, formats: &[&str], awq_alpha_share: f64
             t.effective_bits_target, c.ours_objective, c.ours_bits, c.reference_objective, c.reference_bits
         );
     }
+    ours
 }
 
 #[test]
@@ -237,4 +260,56 @@ fn nvfp4_fp8_match_modelopt() {
 #[test]
 fn nvfp4_awq_lite_fp8_match_modelopt() {
     assert_auto_quantize_parity("nvfp4awqlite_fp8", &["NVFP4_AWQ_LITE", "FP8"], 0.95);
+}
+
+/// INT8_SMOOTHQUANT (ModelOpt on the CPU, `tests/data/modelopt_smoothquant/`, made by
+/// `scripts/reference/modelopt_formats.py --device cpu --part B --runs int8sq_fp8`): scores as
+/// the other formats, and every smoothed layer's pre-quant scale and input amax as ModelOpt's
+/// SmoothQuant calibration left them in the search state, within 1e-5 relative: with α = 1 the
+/// scale is 1/(per-channel input amax), and activations match HF's within the model's 1e-5 parity
+/// tolerance (tests/model_reference.rs), ~1e-6 in the vision tower.
+#[test]
+fn int8_smoothquant_fp8_match_modelopt_on_the_cpu() {
+    let fx = fixtures_or_skip!();
+    let reference = json_in(&smoothquant_dir(), "autoquant_int8sq_fp8.json");
+    let ours = assert_auto_quantize_parity_with(
+        &fx,
+        &reference,
+        "int8sq_fp8",
+        &["INT8_SMOOTHQUANT", "FP8"],
+        1.0,
+        &[8.0, 10.0],
+    );
+    let bytes = std::fs::read(smoothquant_dir().join("autoquant_int8sq_fp8.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let recipe = "INT8_SMOOTHQUANT_CFG(effective-bits: 8.0)";
+    let calibrated = &reference["calibrated_amax_per_recipe"][recipe];
+    let (mut smoothed, mut worst_scale, mut worst_amax) = (0, 0f64, 0f64);
+    for l in &ours.layers {
+        let Some(theirs) = calibrated.get(format!("{}.input_quantizer", l.name)) else { continue };
+        let mine = l.format_calibration[0].as_ref().unwrap_or_else(|| panic!("{}: no calibration record", l.name));
+        let amax = theirs["amax"].as_f64().unwrap();
+        let rel = (mine.input_amax - amax).abs() / amax;
+        worst_amax = worst_amax.max(rel);
+        assert!(rel <= 1e-5, "{}: input amax {} vs ModelOpt {amax}", l.name, mine.input_amax);
+        let Some(key) = theirs["pre_quant_scale"]["tensor"].as_str() else {
+            // Not smoothed by ModelOpt (the patch embedding's convolution): not by us either.
+            assert!(mine.input_scale.is_empty(), "{}: smoothed, ModelOpt did not", l.name);
+            continue;
+        };
+        let p = tensor(&st, key).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(mine.method, "smoothquant", "{}", l.name);
+        assert_eq!(mine.input_scale.len(), p.len(), "{}", l.name);
+        for (c, (a, b)) in mine.input_scale.iter().zip(&p).enumerate() {
+            let rel = ((a - b).abs() / b.abs()) as f64;
+            worst_scale = worst_scale.max(rel);
+            assert!(rel <= 1e-5, "{} channel {c}: pre-quant scale {a} vs ModelOpt {b}", l.name);
+        }
+        smoothed += 1;
+    }
+    eprintln!(
+        "int8sq_fp8: {smoothed} layers smoothed as ModelOpt; pre-quant scales within {worst_scale:.1e}, input amax \
+         within {worst_amax:.1e} relative"
+    );
+    assert!(smoothed >= 20, "only {smoothed} smoothed layers compared");
 }

@@ -72,10 +72,14 @@ AUTOQUANT_RUNS = [
     ("nvfp4_fp8", ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"]),
     ("nvfp4awqlite_fp8", ["NVFP4_AWQ_LITE_CFG", "FP8_DEFAULT_CFG"]),
     ("int4awq_int8_fp8", ["INT4_AWQ_CFG", "INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"]),
+    ("int8sq_fp8", ["INT8_SMOOTHQUANT_CFG", "FP8_DEFAULT_CFG"]),
 ]
-CPU_CAPABLE_RUNS = {"int4awq_int8_fp8"}
+CPU_CAPABLE_RUNS = {"int4awq_int8_fp8", "int8sq_fp8"}
 TARGET_BITS = [4.8, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0]
 AQ_CONSTRAINT_BITS = 4.8
+# Runs whose fewest-bits format has more bits (auto_quantize refuses a lower constraint); their
+# targets start there too.
+AQ_CONSTRAINT_BITS_OF = {"int8sq_fp8": 8.0}
 
 
 def log(msg):
@@ -641,6 +645,7 @@ def part_b(args, out, device, tag, formats):
         return orig_apply(linear, pre_quant_scale)
 
     model_calib.apply_pre_quant_scale_and_smooth = spy
+    constraint = AQ_CONSTRAINT_BITS_OF.get(tag, AQ_CONSTRAINT_BITS)
     buf = io.StringIO()
     ts = time.time()
     try:
@@ -650,7 +655,7 @@ def part_b(args, out, device, tag, formats):
             with contextlib.redirect_stdout(tee):
                 model, state = mtq.auto_quantize(
                     model,
-                    constraints={"effective_bits": AQ_CONSTRAINT_BITS},
+                    constraints={"effective_bits": constraint},
                     quantization_formats=list(formats),
                     data_loader=data,
                     forward_step=lambda m, b: m(**b),
@@ -678,7 +683,7 @@ def part_b(args, out, device, tag, formats):
         })
     best = state["best"]
     targets = []
-    for b in TARGET_BITS:
+    for b in [b for b in TARGET_BITS if b >= constraint]:
         lb = io.StringIO()
         with contextlib.redirect_stdout(lb):
             rec = _resolve_best_recipe(state, {"effective_bits": b}, verbose=True)
@@ -748,12 +753,12 @@ def part_b(args, out, device, tag, formats):
         "versions": versions(device), "device": device, "dtype": "float32",
         "torch_threads": torch.get_num_threads(),
         "auto_quantize_kwargs": {
-            "constraints": {"effective_bits": AQ_CONSTRAINT_BITS}, "quantization_formats": list(formats),
+            "constraints": {"effective_bits": constraint}, "quantization_formats": list(formats),
             "data_loader": "list of 4 batches (reference samples, batch size 1)", "forward_step": "model(**batch)",
             "num_calib_steps": 4, "num_score_steps": 4, "verbose": True, "method": "gradient",
             "loss_func": "output.loss"},
         "disabled_layers": None, "samples": names, "unquantized_loss_per_sample": unq,
-        "wall_time_s": wall, "load_s": ts - t0, "effective_bits_constraint": AQ_CONSTRAINT_BITS,
+        "wall_time_s": wall, "load_s": ts - t0, "effective_bits_constraint": constraint,
         "groups": groups,
         "best": {"recipe": {k.removesuffix(".quant_recipe"): _fmt(v) for k, v in best["recipe"].items()},
                  "effective_bits": _achieved(groups, {k.removesuffix(".quant_recipe"): _fmt(v)
@@ -784,7 +789,8 @@ def part_b(args, out, device, tag, formats):
         json.dump(doc, f, indent=1)
     if tensors:
         from safetensors.torch import save_file
-        save_file({k: v for k, v in sorted(tensors.items())}, base + ".safetensors", metadata={"tag": tag})
+        # clone: a tensor recorded twice (the same amax after the search and in its recipe) must not share memory
+        save_file({k: v.clone() for k, v in sorted(tensors.items())}, base + ".safetensors", metadata={"tag": tag})
     log(f"auto_quantize {tag} on {device}: {wall:.1f} s, best bits {doc['best']['effective_bits']:.4f}, "
         f"{len(groups)} groups, {len(awq)} awq_lite modules")
     return doc

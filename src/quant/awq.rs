@@ -126,7 +126,12 @@ impl Smoothing {
     /// `apply_pre_quant_scale_and_smooth(module, 1/best_scale)`; `round` casts a value to the
     /// weight dtype (identity for f32).
     pub fn new(alpha: f32, best_scale: &[f32], round: impl Fn(f32) -> f32) -> Self {
-        let p: Vec<f32> = best_scale.iter().map(|s| 1.0 / s).collect();
+        Self::from_pre_quant_scale(alpha, best_scale.iter().map(|s| 1.0 / s).collect(), round)
+    }
+
+    /// `apply_pre_quant_scale_and_smooth(module, p)` for a pre-quant scale `p` in f32 (SmoothQuant
+    /// passes its own, [`super::smoothquant::pre_quant_scale`]).
+    pub fn from_pre_quant_scale(alpha: f32, p: Vec<f32>, round: impl Fn(f32) -> f32) -> Self {
         Smoothing {
             alpha,
             weight_scale: p.iter().map(|v| round(1.0 / v)).collect(),

@@ -72,13 +72,15 @@ pub fn quantize_weight_as(
 }
 
 /// A format's calibration algorithm (ModelOpt's `algorithm` of its config).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Calibration {
     /// Max calibration only (`algorithm: max`).
     Max,
     /// AWQ-lite smoothing search ([`super::awq`]); `block` is the weight quantizer's block
     /// size along the input dimension (`None`: per row).
     AwqLite { block: Option<usize> },
+    /// SmoothQuant's per-channel smoothing with migration strength `alpha` ([`super::smoothquant`]).
+    SmoothQuant { alpha: f32 },
 }
 
 /// FP8 E4M3 per-tensor weights and inputs, max calibration: ModelOpt's `FP8_DEFAULT_CFG`.
@@ -184,6 +186,7 @@ pub const KNOWN_FORMATS: &[&str] = &[
     "FP8_PER_CHANNEL_PER_TOKEN",
     "FP8_2D_BLOCKWISE_WEIGHT_ONLY",
     "INT8",
+    "INT8_SMOOTHQUANT",
     "INT4_BLOCKWISE_WEIGHT_ONLY",
     "INT4_AWQ",
     "W4A8_AWQ_BETA",
@@ -204,6 +207,7 @@ pub fn format_by_name(name: &str) -> anyhow::Result<Box<dyn Format>> {
         "FP8_PER_CHANNEL_PER_TOKEN" => Box::new(Fp8PerChannelPerToken),
         "FP8_2D_BLOCKWISE_WEIGHT_ONLY" => Box::new(Fp8Blockwise2d),
         "INT8" => Box::new(int::Int8),
+        "INT8_SMOOTHQUANT" => Box::new(int::Int8SmoothQuant),
         "INT4_BLOCKWISE_WEIGHT_ONLY" => Box::new(int::Int4Blockwise),
         "INT4_AWQ" => Box::new(int::Int4Awq),
         "W4A8_AWQ_BETA" => Box::new(int::W4A8AwqBeta),

@@ -16,7 +16,7 @@
 //! partial last block padded with zeros, which leaves its max unchanged). Weights are
 //! max-calibrated on themselves, so their amax is recomputed here from the values.
 //!
-//! The INT formats (INT8, INT4 block, INT4 with AWQ, W4A8) are here too.
+//! The INT formats (INT8, INT8 with SmoothQuant, INT4 block, INT4 with AWQ, W4A8) are here too.
 
 use candle_core::{Result, Tensor};
 
@@ -95,6 +95,38 @@ impl Format for Int8 {
     }
     fn quantize_input(&self, x: &Tensor, input_amax: f32) -> Result<Tensor> {
         host::map_f32(x, |v, _| fake_quant_per_tensor(v, input_amax, 8))
+    }
+}
+
+/// INT8 as [`Int8`], after SmoothQuant's per-channel smoothing (α = 1): ModelOpt's
+/// `INT8_SMOOTHQUANT_CFG` (`algorithm: smoothquant`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Int8SmoothQuant;
+
+impl Format for Int8SmoothQuant {
+    fn name(&self) -> &'static str {
+        "INT8_SMOOTHQUANT"
+    }
+    fn modelopt_name(&self) -> &'static str {
+        "INT8_SMOOTHQUANT_CFG"
+    }
+    fn effective_bits(&self) -> f64 {
+        8.0
+    }
+    fn calibration(&self) -> Calibration {
+        Calibration::SmoothQuant { alpha: super::smoothquant::DEFAULT_ALPHA }
+    }
+    fn weight_description(&self) -> String {
+        format!("{}, after SmoothQuant smoothing (alpha 1)", Int8.weight_description())
+    }
+    fn input_description(&self) -> String {
+        format!("{} (of the smoothed input)", Int8.input_description())
+    }
+    fn quantize_weight(&self, weight: &Tensor, stats: &WeightStats) -> Result<Tensor> {
+        Int8.quantize_weight(weight, stats)
+    }
+    fn quantize_input(&self, x: &Tensor, input_amax: f32) -> Result<Tensor> {
+        Int8.quantize_input(x, input_amax)
     }
 }
 

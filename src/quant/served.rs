@@ -50,7 +50,7 @@ impl ServedFormat {
             "NVFP4" => ServedFormat::Nvfp4,
             "W4A16_NVFP4" => ServedFormat::W4a16Nvfp4,
             other if format.calibration() != super::Calibration::Max => bail!(
-                "format '{other}' cannot be written to a checkpoint yet: its AWQ smoothing (pre_quant_scale) is not \
+                "format '{other}' cannot be written to a checkpoint yet: its smoothing (pre_quant_scale) is not \
                  exported (FP8, NVFP4 and W4A16_NVFP4 can be)"
             ),
             other => {
@@ -471,7 +471,9 @@ mod tests {
         // Formats without a checkpoint encoding are named.
         assert!(plan(&[layer("x", "MXFP8", 1.0, 1.0)], true, false).unwrap_err().to_string().contains("MXFP8"));
         let awq = plan(&[layer("x", "NVFP4_AWQ_LITE_CFG", 1.0, 1.0)], true, false).unwrap_err().to_string();
-        assert!(awq.contains("NVFP4_AWQ_LITE") && awq.contains("AWQ smoothing"), "{awq}");
+        assert!(awq.contains("NVFP4_AWQ_LITE") && awq.contains("smoothing (pre_quant_scale)"), "{awq}");
+        let sq = plan(&[layer("x", "INT8_SMOOTHQUANT", 1.0, 1.0)], true, false).unwrap_err().to_string();
+        assert!(sq.contains("INT8_SMOOTHQUANT") && sq.contains("smoothing (pre_quant_scale)"), "{sq}");
     }
 
     #[test]

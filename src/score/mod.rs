@@ -598,8 +598,82 @@ fn calibrate(
         layer.input_amax = input_amax[id] as f64;
         layer.weight_amax = quant::WeightStats::of(model.linear(id).weight())?.amax as f64;
     }
+    // Formats with their own calibration: a record per layer and format (None for the others).
+    let mut records = vec![vec![None; scores.formats.len()]; num_layers];
+    if plan.formats.iter().any(|f| matches!(f.calibration(), Calibration::AwqLite { .. })) {
+        awq_lite(model, inputs, plan, &mut records, reporter)?;
+    }
+    if plan.formats.iter().any(|f| matches!(f.calibration(), Calibration::SmoothQuant { .. })) {
+        smooth_quant(model, inputs, plan, scores, &mut records, reporter)?;
+    }
     if plan.formats.iter().any(|f| f.calibration() != Calibration::Max) {
-        awq_lite(model, inputs, plan, scores, reporter)?;
+        for (layer, record) in scores.layers.iter_mut().zip(records) {
+            layer.format_calibration = record;
+        }
+    }
+    Ok(())
+}
+
+/// The weight dtype's rounding of an f32 value (ModelOpt casts smoothing scales and amax to it).
+fn dtype_rounding(dtype: candle_core::DType) -> impl Fn(f32) -> f32 {
+    move |v| match dtype {
+        candle_core::DType::BF16 => half::bf16::from_f32(v).to_f32(),
+        candle_core::DType::F16 => half::f16::from_f32(v).to_f32(),
+        _ => v,
+    }
+}
+
+/// SmoothQuant for the formats that use it (`quant::smoothquant`): one pass over every
+/// calibration sample gathers the per-channel input amax of every layer (quantization off, as
+/// ModelOpt's `max_calibrate` with the input quantizers set per channel), then each linear
+/// layer's pre-quant scale, smoothing and input amax. Disabled layers get no record; the patch
+/// embedding (a convolution) and layers no calibration token reached keep plain max calibration.
+fn smooth_quant(
+    model: &Qwen3VL,
+    inputs: &ModelInputs,
+    plan: &Plan,
+    scores: &Scores,
+    records: &mut [Vec<Option<crate::artifact::scores::FormatCalibration>>],
+    reporter: &Reporter,
+) -> Result<()> {
+    use crate::artifact::scores::FormatCalibration;
+    use crate::model::LayerKind;
+    let num_layers = model.layers().len();
+    let mut cache = calibrate::AwqCacheTap {
+        layers: (0..num_layers).map(|id| (!plan.skip[id]).then(calibrate::AwqCache::default)).collect(),
+    };
+    let bar = reporter.bar(plan.calibration.len() as u64, "SmoothQuant: per-channel input amax");
+    calibration_forwards(model, inputs, &plan.calibration, &mut cache, bar)?;
+    let round = dtype_rounding(model.dtype());
+    for (f, format) in plan.formats.iter().enumerate() {
+        let Calibration::SmoothQuant { alpha } = format.calibration() else { continue };
+        for id in (0..num_layers).filter(|&id| !plan.skip[id]) {
+            let channel_amax = cache.layers[id].as_ref().map(|c| c.channel_amax.as_slice()).unwrap_or(&[]);
+            if model.layers()[id].kind != LayerKind::Linear || channel_amax.is_empty() {
+                records[id][f] = Some(FormatCalibration {
+                    method: "max".into(),
+                    alpha: None,
+                    input_scale: Vec::new(),
+                    weight_scale: Vec::new(),
+                    input_amax: scores.layers[id].input_amax,
+                });
+                continue;
+            }
+            let weight = model.linear(id).weight();
+            let cols = weight.dim(1)?;
+            let weight_amax = quant::smoothquant::weight_channel_amax(&quant::host::to_f32_vec(weight)?, cols);
+            let p = quant::smoothquant::pre_quant_scale(channel_amax, &weight_amax, alpha);
+            // ModelOpt: (per-channel amax in the dtype · pre_quant_scale in f32).amax(), cast to the dtype.
+            let amax = round(channel_amax.iter().zip(&p).fold(0f32, |m, (&a, &p)| m.max(round(a) * p)));
+            let smoothing = quant::smoothquant::Smoothing::from_pre_quant_scale(alpha, p, &round);
+            records[id][f] = Some(FormatCalibration {
+                method: "smoothquant".into(),
+                alpha: Some(alpha as f64),
+                input_scale: smoothing.input_scale,
+                weight_scale: smoothing.weight_scale,
+                input_amax: amax as f64,
+            });
+        }
     }
     Ok(())
 }
@@ -636,7 +710,7 @@ fn awq_lite(
     model: &Qwen3VL,
     inputs: &ModelInputs,
     plan: &Plan,
-    scores: &mut Scores,
+    records: &mut [Vec<Option<crate::artifact::scores::FormatCalibration>>],
     reporter: &Reporter,
 ) -> Result<()> {
     use crate::artifact::scores::FormatCalibration;
@@ -664,13 +738,7 @@ fn awq_lite(
         })
         .collect();
 
-    let round = |v: f32| match model.dtype() {
-        candle_core::DType::BF16 => half::bf16::from_f32(v).to_f32(),
-        candle_core::DType::F16 => half::f16::from_f32(v).to_f32(),
-        _ => v,
-    };
-    let num_formats = scores.formats.len();
-    let mut records: Vec<Vec<Option<FormatCalibration>>> = vec![vec![None; num_formats]; num_layers];
+    let round = dtype_rounding(model.dtype());
     for (f, format) in plan.formats.iter().enumerate() {
         let Calibration::AwqLite { block } = format.calibration() else { continue };
         let searches = (0..num_layers)
@@ -704,7 +772,7 @@ fn awq_lite(
                 continue;
             };
             let best = quant::awq::scale(act, &s.weight_scale, alpha);
-            let chosen = quant::awq::Smoothing::new(alpha, &best, round);
+            let chosen = quant::awq::Smoothing::new(alpha, &best, &round);
             // ModelOpt: (per-channel amax · pre_quant_scale in f32).amax(), cast to the dtype.
             let channel_amax = &cache.layers[id].as_ref().expect("searched layers were cached").channel_amax;
             let amax = round(channel_amax.iter().zip(&best).fold(0f32, |m, (a, s)| m.max(a * (1.0 / s))));
@@ -716,9 +784,6 @@ fn awq_lite(
                 input_amax: amax as f64,
             });
         }
-    }
-    for (layer, record) in scores.layers.iter_mut().zip(records) {
-        layer.format_calibration = record;
     }
     Ok(())
 }

@@ -44,7 +44,8 @@ fn modelopt_attributes(format: &str) -> Option<(Value, Option<Value>)> {
         "FP8_2D_BLOCKWISE_WEIGHT_ONLY" => {
             (json!({"num_bits": [4, 3], "axis": null, "block_sizes": {"-1": 128, "-2": 128}}), None)
         }
-        "INT8" => (json!({"num_bits": 8, "axis": 0}), Some(json!({"num_bits": 8, "axis": null}))),
+        // SmoothQuant's smoothing is per layer; the quantizers are INT8's (the note says so).
+        "INT8" | "INT8_SMOOTHQUANT" => (json!({"num_bits": 8, "axis": 0}), Some(json!({"num_bits": 8, "axis": null}))),
         "INT4_BLOCKWISE_WEIGHT_ONLY" | "INT4_AWQ" => {
             (json!({"num_bits": 4, "block_sizes": {"-1": 128, "type": "static"}}), None)
         }
@@ -118,7 +119,9 @@ fn compressed_tensors_scheme(format: &str) -> Option<(Value, Value, &'static str
 fn gguf_type(format: &str) -> Option<(&'static str, bool)> {
     match normalize_format_name(format).as_str() {
         "NONE" => Some(("bf16", false)),
-        "FP8" | "FP8_PER_CHANNEL_PER_TOKEN" | "FP8_2D_BLOCKWISE_WEIGHT_ONLY" | "INT8" => Some(("q8_0", true)),
+        "FP8" | "FP8_PER_CHANNEL_PER_TOKEN" | "FP8_2D_BLOCKWISE_WEIGHT_ONLY" | "INT8" | "INT8_SMOOTHQUANT" => {
+            Some(("q8_0", true))
+        }
         "INT4_BLOCKWISE_WEIGHT_ONLY" | "INT4_AWQ" => Some(("q4_0", true)),
         _ => None,
     }
@@ -267,14 +270,16 @@ mod tests {
         assert_eq!(entries[2]["cfg"]["num_bits"], json!([4, 3]));
         assert_eq!(entries[3]["enable"], false);
         assert_eq!(cfg["algorithm"], "max");
-        // Weight-only formats disable the input quantizer; a format without a ModelOpt preset here
-        // (SmoothQuant is not implemented) is refused.
+        // Weight-only formats disable the input quantizer; smoothed formats get their quantizers
+        // (the smoothing itself is per layer, in the scores artifact); an unknown format is refused.
         let int4 = modelopt(&[LayerChoice { name: "x", format: "INT4_AWQ" }]).unwrap();
         assert_eq!(int4["quant_cfg"][1], json!({"quantizer_name": "x.input_quantizer", "enable": false}));
         assert_eq!(int4["quant_cfg"][2]["cfg"]["block_sizes"], json!({"-1": 128, "type": "static"}));
         let nvfp4 = modelopt(&[LayerChoice { name: "x", format: "NVFP4_DEFAULT_CFG" }]).unwrap();
         assert_eq!(nvfp4["quant_cfg"][1]["cfg"]["block_sizes"]["-1"], 16);
-        assert!(modelopt(&[LayerChoice { name: "x", format: "INT8_SMOOTHQUANT" }]).is_err());
+        let sq = modelopt(&[LayerChoice { name: "x", format: "INT8_SMOOTHQUANT" }]).unwrap();
+        assert_eq!(sq["quant_cfg"][2]["cfg"], json!({"num_bits": 8, "axis": 0}));
+        assert!(modelopt(&[LayerChoice { name: "x", format: "INT2_MAGIC" }]).is_err());
     }
 
     #[test]

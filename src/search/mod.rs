@@ -361,6 +361,14 @@ fn build_exports(groups: &[GroupEntry]) -> Exports {
                 .into(),
         );
     }
+    if layers.iter().any(|l| problem::normalize_format_name(l.format) == "INT8_SMOOTHQUANT") {
+        notes.push(
+            "INT8_SMOOTHQUANT layers: the ModelOpt config gives them INT8's quantizers with algorithm 'max' (one \
+             config cannot carry per-layer smoothing next to max-calibrated layers) and the GGUF entry the weight \
+             format only: the SmoothQuant pre-quant scales per layer are in the scores artifact"
+                .into(),
+        );
+    }
     if let Some(l) = &llama_cpp {
         if l.type_map.iter().any(|m| m.approximate) {
             notes.push(
