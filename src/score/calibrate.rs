@@ -71,6 +71,11 @@ impl Tap for AwqCacheTap {
 /// AWQ-lite's second pass for one format: per searched layer and α, the summed loss of the
 /// smoothed, weight-quantized layer against the plain one (the plain output flows on).
 ///
+/// The forwards only keep each searched layer's inputs (a clone shares the tensor, so q/k/v keep
+/// one copy); [`AwqSearchTap::search`] then quantizes each layer's smoothed weight once per α and
+/// runs it on every kept input, instead of once per α and sample. The losses are those of
+/// ModelOpt's per-batch loop, summed over samples in the same order.
+///
 /// Layers ModelOpt does not wrap for the search (the patch embedding, a convolution) keep the
 /// format's quantizers on during this pass: their quantized output flows on, as in ModelOpt,
 /// where the whole recipe is enabled once the statistics pass has ended.
@@ -83,12 +88,14 @@ pub struct AwqSearchTap<'a> {
 }
 
 /// One layer's search in one format: the weight scale of AWQ's formula, the candidate scales
-/// (input multiplier `1/s`, weight multiplier `s`, per α, in the layer's dtype) and the summed
-/// losses.
+/// (input multiplier `1/s`, weight multiplier `s`, per α, in the layer's dtype), the inputs seen
+/// and the summed losses.
 pub struct AwqFormatSearch {
     pub weight_scale: Vec<f32>,
     pub input_scales: Vec<Tensor>,
     pub weight_scales: Vec<Tensor>,
+    /// The layer's input of each forward, in order.
+    pub inputs: Vec<Tensor>,
     pub losses: Vec<f32>,
 }
 
@@ -107,7 +114,38 @@ impl AwqFormatSearch {
             input_scales.push(on_device(inv)?);
             weight_scales.push(on_device(s)?);
         }
-        Ok(AwqFormatSearch { weight_scale, input_scales, weight_scales, losses: vec![0.0; awq::alphas().len()] })
+        let losses = vec![0.0; awq::alphas().len()];
+        Ok(AwqFormatSearch { weight_scale, input_scales, weight_scales, inputs: Vec::new(), losses })
+    }
+
+    /// Per α: the smoothed weight quantized once, then the loss on each kept input (the sample
+    /// order of the forwards); the inputs are released after.
+    fn search(&mut self, format: &dyn Format, linear: &Linear) -> Result<()> {
+        let plain: Vec<Tensor> = self.inputs.iter().map(|x| linear.forward(x)).collect::<Result<_>>()?;
+        for a in 0..self.losses.len() {
+            let ws = linear.weight().broadcast_mul(&self.weight_scales[a])?;
+            let wq = format.quantize_weight(&ws, &WeightStats::of(&ws)?)?;
+            for (x, plain) in self.inputs.iter().zip(&plain) {
+                let xs = x.broadcast_mul(&self.input_scales[a])?;
+                let out = linear.forward_with(&xs, &wq)?;
+                let loss = (out - plain)?.to_dtype(DType::F32)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
+                self.losses[a] += loss;
+            }
+        }
+        self.inputs.clear();
+        Ok(())
+    }
+}
+
+impl AwqSearchTap<'_> {
+    /// Runs every layer's search on the inputs the forwards kept (`linear(id)`: the model's layer).
+    pub fn search<'m>(&mut self, linear: impl Fn(LayerId) -> &'m Linear) -> Result<()> {
+        for (id, search) in self.searches.iter_mut().enumerate() {
+            if let Some(search) = search {
+                search.search(self.format, linear(id))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -118,15 +156,8 @@ impl Tap for AwqSearchTap<'_> {
             let w = quant::format::quantize_weight_as(self.format, linear.weight(), &stats, linear.checkpoint_shape())?;
             return Ok(Some(linear.forward_with(&self.format.quantize_input(x, input_amax)?, &w)?));
         }
-        let Some(search) = &mut self.searches[id] else { return Ok(None) };
-        let plain = linear.forward(x)?;
-        for a in 0..search.losses.len() {
-            let xs = x.broadcast_mul(&search.input_scales[a])?;
-            let ws = linear.weight().broadcast_mul(&search.weight_scales[a])?;
-            let wq = self.format.quantize_weight(&ws, &WeightStats::of(&ws)?)?;
-            let out = linear.forward_with(&xs, &wq)?;
-            let loss = (out - &plain)?.to_dtype(DType::F32)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
-            search.losses[a] += loss;
+        if let Some(search) = &mut self.searches[id] {
+            search.inputs.push(x.clone());
         }
         Ok(None)
     }

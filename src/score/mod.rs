@@ -754,6 +754,7 @@ fn awq_lite(
         let mut search = calibrate::AwqSearchTap { format: format.as_ref(), searches, quantized };
         let bar = reporter.bar(samples.len() as u64, &format!("AWQ-lite: searching α for {}", format.name()));
         calibration_forwards(model, inputs, samples, &mut search, bar)?;
+        search.search(|id| model.linear(id))?;
 
         for id in (0..num_layers).filter(|&id| !plan.skip[id]) {
             let plain = FormatCalibration {
