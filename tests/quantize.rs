@@ -353,25 +353,27 @@ fn both_layouts_load_back_and_compute_the_served_plan() {
     }
 }
 
-/// HF transformers + compressed-tensors 0.20 loaded our compressed-tensors checkpoint of the
-/// `all` recipe (`scripts/check_compressed_tensors.py`, output committed in tests/data): it found
-/// every FP8 layer, decompressed them and quantizes their inputs; its logits are compared with
-/// our dequantized forward's.
-#[test]
-fn hf_compressed_tensors_logits_equal_ours() {
-    let fx = fixtures_or_skip!();
-    let manifest = fixture_manifest(&fx, "all");
-    let out = quantize_ok(&fx, &manifest, "ct-hf", &["--layout", "compressed-tensors"]);
-    let reference = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf_compressed_tensors.safetensors");
+/// HF transformers + compressed-tensors 0.20 loaded our compressed-tensors checkpoint of a
+/// fixture recipe (`scripts/check_compressed_tensors.py`, output committed in tests/data): it
+/// found every FP8 layer, decompressed them and quantizes their inputs; its logits are compared
+/// with our dequantized forward's. `weights_sha256` pins the tensors that depend on the weights
+/// alone (the FP8 weights and weight scales, the copied tensors); the input scales come from
+/// calibrated activations, whose last bits follow the CPU's matmul kernels (AVX2 and AVX-512 sum
+/// in different orders), so they are only required to be there, one per FP8 layer. Returns the
+/// worst relative difference of the logits, of the log-sum-exp and of the loss over the samples.
+fn hf_compressed_tensors_against_ours(
+    which: &str,
+    reference: &str,
+    weights_sha256: &str,
+    fp8_layers: usize,
+) -> Option<(f64, f64, f64)> {
+    let fx = common::fixtures()?;
+    let manifest = fixture_manifest(&fx, which);
+    let out = quantize_ok(&fx, &manifest, &format!("ct-hf-{which}"), &["--layout", "compressed-tensors"]);
+    let reference = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(reference);
     let bytes = std::fs::read(&reference).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap();
-    // The tensors HF loaded, `checkpoint_sha256` of the file it read, were written on another
-    // machine. The FP8 weights and weight scales depend on the weights alone and are the same
-    // everywhere: they are pinned here by a hash. The input scales come from calibrated
-    // activations, whose last bits follow the CPU's matmul kernels (AVX2 and AVX-512 sum in
-    // different orders), so they are only required to be there, one per FP8 layer.
-    assert_eq!(meta["checkpoint_sha256"], "e0edb9f92d248c8905c3823f8a29d4bcdd09604fc8ffcac8842f883c0c320cd1");
     let ours = std::fs::read(out.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&ours).unwrap();
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
@@ -387,13 +389,10 @@ fn hf_compressed_tensors_logits_equal_ours() {
         sha2::Digest::update(&mut hasher, format!("{name} {:?} {:?}\n", t.dtype(), t.shape()).as_bytes());
         sha2::Digest::update(&mut hasher, t.data());
     }
-    assert_eq!(
-        hex::encode(sha2::Digest::finalize(hasher)),
-        "3a112be49c63682643a437865c96bd09ca08e1bc6e84fa644d410321df153c82"
-    );
-    assert_eq!(input_scales, 30);
+    assert_eq!(hex::encode(sha2::Digest::finalize(hasher)), weights_sha256, "{which}");
+    assert_eq!(input_scales, fp8_layers);
     assert_eq!(meta["quantizes_inputs"], "true");
-    assert_eq!(meta["fp8_modules"], "30");
+    assert_eq!(meta["fp8_modules"], fp8_layers.to_string());
     assert_eq!(meta["weight_dtypes"], "torch.float8_e4m3fn");
     let hf = candle_core::safetensors::load(&reference, &Device::Cpu).unwrap();
     let cols = hf["logit_col_ids"].to_dtype(DType::U32).unwrap();
@@ -402,20 +401,60 @@ fn hf_compressed_tensors_logits_equal_ours() {
     let ck = Checkpoint::open(&out).unwrap();
     let (_, mut tap) = served::from_checkpoint(&model, &ck).unwrap();
     let opts = ForwardOptions { logits: LogitsMode::All, keep: Keep::Nothing, trace: false };
+    let (mut worst, mut worst_lse, mut worst_loss) = (0f64, 0f64, 0f64);
     for (k, name) in meta["samples"].split(',').enumerate() {
         let index: usize = name.trim_start_matches("sample_").trim_end_matches(".safetensors").parse().unwrap();
         let input = common::qwen::input_from_reference(&common::qwen::reference(&fx, index));
-        let logits = model.forward(&input, &mut tap, &opts).unwrap().logits.unwrap();
+        let fwd = model.forward(&input, &mut tap, &opts).unwrap();
+        let loss = fwd.loss.unwrap() as f64;
+        let hf_loss = hf[&format!("s{k}.loss")].to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let rel_loss = (loss - hf_loss).abs() / hf_loss;
+        let logits = fwd.logits.unwrap();
         let ours_cols = logits.index_select(&cols, 1).unwrap();
         let lse = logits.exp().unwrap().sum(1).unwrap().log().unwrap();
         let (rel, max) = common::qwen::errors(&ours_cols, &hf[&format!("s{k}.logits_cols")]);
         let (rel_lse, _) = common::qwen::errors(&lse, &hf[&format!("s{k}.logsumexp")]);
-        // Printed, not asserted to 1e-5: one flipped E4M3 rounding of an activation (ours and
-        // torch's agree to ~1e-7, not bit for bit) moves this tiny random model's logits by far
-        // more (see both_layouts_load_back_and_compute_the_served_plan).
-        eprintln!("sample {index}: logits {rel:.2e} relative (max |Δ| {max:.2e}), logsumexp {rel_lse:.2e}");
-        assert!(rel.is_finite() && rel_lse.is_finite());
+        eprintln!(
+            "{which} sample {index}: logits {rel:.2e} relative (max |Δ| {max:.2e}), logsumexp {rel_lse:.2e}, \
+             loss {loss:.7} vs HF {hf_loss:.7} ({rel_loss:.1e})"
+        );
+        assert!(rel.is_finite() && rel_lse.is_finite() && rel_loss.is_finite());
+        worst = worst.max(rel);
+        worst_lse = worst_lse.max(rel_lse);
+        worst_loss = worst_loss.max(rel_loss);
     }
+    Some((worst, worst_lse, worst_loss))
+}
+
+/// Issue 10, acceptance 3, on the `text` recipe (12 FP8 layers; reference made on the CPU build
+/// machine with torch 2.11, transformers 5.17, compressed-tensors 0.20). HF found and decompressed
+/// the 12 FP8 layers and quantizes their inputs (asserted above). The figures are printed, not
+/// asserted to 1e-5: samples 0, 2 and 3 give HF's loss within 8e-8 and the log-sum-exp of every
+/// position within 5e-8, sample 1 differs by 2.1e-5 in the loss (4e-3 in some logits): one E4M3
+/// rounding of an activation falls the other way in HF's run (ModelOpt's own fake-quant loss of
+/// that sample, 12.5457878, is ours within 1e-7), as on the `all` recipe below (docs/quantize.md).
+#[test]
+fn hf_compressed_tensors_logits_of_the_text_recipe() {
+    hf_compressed_tensors_against_ours(
+        "text",
+        "hf_compressed_tensors_text.safetensors",
+        "8c890ca411c4637c49b385e58a9d80906438863b83dc8037afcf0e58bf0cd6d0",
+        12,
+    );
+}
+
+/// The `all` recipe (30 FP8 layers, 18 of them vision; reference made on the GPU machine): printed,
+/// not asserted to 1e-5: one flipped E4M3 rounding of an activation (ours and torch's agree to
+/// ~1e-6 in the vision tower, not bit for bit) moves this tiny random model's logits by far more
+/// (docs/quantize.md).
+#[test]
+fn hf_compressed_tensors_logits_of_the_all_recipe() {
+    hf_compressed_tensors_against_ours(
+        "all",
+        "hf_compressed_tensors.safetensors",
+        "3a112be49c63682643a437865c96bd09ca08e1bc6e84fa644d410321df153c82",
+        30,
+    );
 }
 
 #[test]
