@@ -6,7 +6,7 @@
 #  2. score-layers --format NVFP4_AWQ_LITE --format FP8 (ModelOpt's default candidates), bf16;
 #  3. ModelOpt auto_quantize with [NVFP4_AWQ_LITE_CFG, FP8_DEFAULT_CFG] on the same tensors;
 #  4. one table: times, peak GPU memory, Spearman per format.
-#   scripts/bench_gpu_formats.sh [N]     (default 32; OUT = results folder)
+#   scripts/bench_gpu_formats.sh [N]     (default 32; OUT = results folder; SKIP_MODELOPT=1: qsens only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/qsens-bench}; mkdir -p "$OUT"
@@ -35,6 +35,7 @@ python3 scripts/bench/gpumem.py "$OUT/qsens-formats-$N.mem.json" -- $W/bin/score
   --inputs $W/calib-$N.msgpack --device cuda --dtype bf16 --format NVFP4_AWQ_LITE --format FP8 \
   --timings "$OUT/qsens-formats-$N.timings.json" -o $W/scores-formats-$N.msgpack || exit 1
 cat "$OUT/qsens-formats-$N.timings.json"
+[ -n "${SKIP_MODELOPT:-}" ] && { log "done (ModelOpt skipped)"; exit 0; }
 log "ModelOpt auto_quantize [NVFP4_AWQ_LITE_CFG, FP8_DEFAULT_CFG]"
 python3 scripts/bench/gpumem.py "$OUT/modelopt-formats-$N.mem.json" -- python3 scripts/bench/modelopt_autoquant.py \
   --model $CKPT --inputs $W/calib-$N.msgpack --out "$OUT/modelopt-formats-$N.json" \
