@@ -321,6 +321,15 @@ pub fn encode_weight(w: &[f32], cols: usize, weight_scale_2: f32) -> PackedWeigh
     PackedWeight { packed, block_scales }
 }
 
+/// The block scales alone of [`encode_weight`] (one pass of block maxima, no E2M1 codes): what
+/// the checkpoint's `weight_scale` tensor holds.
+pub fn encode_block_scales(w: &[f32], cols: usize, weight_scale_2: f32) -> Vec<u8> {
+    assert!(cols % BLOCK_SIZE == 0 && w.len() % cols == 0, "nvfp4: {} values are not rows of {cols}", w.len());
+    w.par_chunks(BLOCK_SIZE)
+        .map(|block| checkpoint_block_scale(block.iter().fold(0f32, |m, v| m.max(v.abs())), weight_scale_2))
+        .collect()
+}
+
 /// The weight a checkpoint's NVFP4 layer holds: `e2m1 · f32(block scale) · weight_scale_2`, as
 /// ModelOpt's `NVFP4QTensor.dequantize` (and a serving kernel) computes it.
 pub fn decode_weight(packed: &PackedWeight, cols: usize, weight_scale_2: f32) -> Vec<f32> {
@@ -462,6 +471,14 @@ mod tests {
             assert_eq!(e2m1_code(x), code, "{x}");
         }
         assert_eq!(e2m1_value(13), -3.0);
+    }
+
+    #[test]
+    fn block_scales_alone_are_those_of_the_full_encoding() {
+        let w: Vec<f32> =
+            (0..64 * 48).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3 * (1 + i % 5) as f32).collect();
+        let ws2 = global_scale(w.iter().fold(0f32, |m, v| m.max(v.abs())));
+        assert_eq!(encode_block_scales(&w, 48, ws2), encode_weight(&w, 48, ws2).block_scales);
     }
 
     #[test]

@@ -714,10 +714,9 @@ fn produce<'a>(checkpoint: &'a Checkpoint, spec: &TensorSpec, source: &Source) -
         let (_, dtype, shape) = t.with_context(|| format!("`{weight}` is missing"))?;
         Ok((dtype, shape.last().copied().unwrap_or(1)))
     };
-    let nvfp4 = |weight: &str, weight_scale_2: f32| -> Result<nvfp4::PackedWeight> {
+    let widened = |weight: &str| -> Result<(Vec<f32>, usize)> {
         let (dtype, cols) = stored(weight)?;
-        let w = checkpoint.with_mapped(weight, |b| to_f32(b, dtype))??;
-        Ok(nvfp4::encode_weight(&w, cols, weight_scale_2))
+        Ok((checkpoint.with_mapped(weight, |b| to_f32(b, dtype))??, cols))
     };
     Ok(match source {
         Source::Copy => {
@@ -728,9 +727,13 @@ fn produce<'a>(checkpoint: &'a Checkpoint, spec: &TensorSpec, source: &Source) -
             let (dtype, _) = stored(weight)?;
             Bytes::Owned(checkpoint.with_mapped(weight, |b| map_elements(b, dtype, |w| fp8::e4m3_code(w, *scale)))??)
         }
-        Source::Nvfp4Codes { weight, weight_scale_2 } => Bytes::Owned(nvfp4(weight, *weight_scale_2)?.packed),
+        Source::Nvfp4Codes { weight, weight_scale_2 } => {
+            let (w, cols) = widened(weight)?;
+            Bytes::Owned(nvfp4::encode_weight(&w, cols, *weight_scale_2).packed)
+        }
         Source::Nvfp4BlockScales { weight, weight_scale_2 } => {
-            Bytes::Owned(nvfp4(weight, *weight_scale_2)?.block_scales)
+            let (w, cols) = widened(weight)?;
+            Bytes::Owned(nvfp4::encode_block_scales(&w, cols, *weight_scale_2))
         }
         Source::Scale(value) => Bytes::Owned(scalar_bytes(spec.dtype, *value)),
     })
