@@ -97,11 +97,13 @@ pub struct LayerScores {
 }
 
 /// A layer's calibration for one format with its own calibration pass (the AWQ formats, which
-/// ModelOpt calibrates on the first quarter of the calibration samples): the layer computes
+/// ModelOpt calibrates on the first quarter of the calibration samples, and SmoothQuant, on all
+/// of them): the layer computes
 /// `Q_in(x · input_scale) · Q_w(W · weight_scale)ᵀ` with `input_amax` for `Q_in`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FormatCalibration {
-    /// `awq_lite` (smoothed) or `max` (a layer AWQ does not smooth: the patch embedding).
+    /// `awq_lite` or `smoothquant` (smoothed), or `max` (a layer the format's calibration does not
+    /// smooth: the patch embedding).
     pub method: String,
     /// The chosen AWQ exponent α.
     pub alpha: Option<f64>,
@@ -112,6 +114,20 @@ pub struct FormatCalibration {
     pub weight_scale: Vec<f32>,
     /// The input amax of this format's calibration, after smoothing.
     pub input_amax: f64,
+}
+
+impl FormatCalibration {
+    /// The record of a layer its format's calibration leaves unsmoothed: max calibration with
+    /// this input amax.
+    pub fn max(input_amax: f64) -> Self {
+        FormatCalibration {
+            method: "max".into(),
+            alpha: None,
+            input_scale: Vec::new(),
+            weight_scale: Vec::new(),
+            input_amax,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -158,18 +158,11 @@ impl Checkpoint {
     /// (not through the map, so nothing stays resident after the caller drops them).
     pub fn read_raw(&self, name: &str) -> Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        let Some(&ix) = self.location.get(name) else {
-            bail!("tensor `{name}` is missing from {}", self.where_listed())
-        };
-        let shard = &self.shards[ix];
-        let Some(info) = shard.meta.info(name) else {
-            bail!("tensor `{name}` is listed in {} but missing from {}", self.where_listed(), shard.path.display())
-        };
-        let (start, end) = info.data_offsets;
+        let (shard, start, end) = self.locate(name)?;
         let mut buf = vec![0u8; end - start];
         shard
             .file
-            .read_exact_at(&mut buf, (shard.data_start + start) as u64)
+            .read_exact_at(&mut buf, start as u64)
             .map_err(|e| candle_core::Error::Msg(format!("reading `{name}` from {}: {e}", shard.path.display())))?;
         Ok(buf)
     }

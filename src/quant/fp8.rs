@@ -281,10 +281,23 @@ pub struct FakeQuantE4M3 {
     pub inv_scale: f32,
 }
 
-impl FakeQuantE4M3 {
-    fn map<T: Copy>(&self, xs: &[T], to: impl Fn(T) -> f32, from: impl Fn(f32) -> T) -> Vec<T> {
-        xs.iter().map(|&x| from(fake_quant(to(x), self.scale, self.inv_scale))).collect()
+/// An elementwise op's CPU side: `f` in f32 over a contiguous storage (f32, f64, bf16, f16; the
+/// narrower ones widened exactly), each result rounded back to the storage's dtype.
+fn map_cpu(name: &str, storage: &CpuStorage, layout: &Layout, f: impl Fn(f32) -> f32) -> Result<(CpuStorage, Shape)> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{name}: input must be contiguous");
+    };
+    fn map<T: Copy>(xs: &[T], f: impl Fn(f32) -> f32, to: impl Fn(T) -> f32, from: impl Fn(f32) -> T) -> Vec<T> {
+        xs.iter().map(|&x| from(f(to(x)))).collect()
     }
+    let out = match storage {
+        CpuStorage::F32(v) => CpuStorage::F32(map(&v[start..end], f, |x| x, |y| y)),
+        CpuStorage::F64(v) => CpuStorage::F64(map(&v[start..end], f, |x| x as f32, |y| y as f64)),
+        CpuStorage::BF16(v) => CpuStorage::BF16(map(&v[start..end], f, bf16::to_f32, bf16::from_f32)),
+        CpuStorage::F16(v) => CpuStorage::F16(map(&v[start..end], f, f16::to_f32, f16::from_f32)),
+        other => candle_core::bail!("{name}: unsupported dtype {:?}", other.dtype()),
+    };
+    Ok((out, layout.shape().clone()))
 }
 
 impl CustomOp1 for FakeQuantE4M3 {
@@ -293,17 +306,7 @@ impl CustomOp1 for FakeQuantE4M3 {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fake-quant-e4m3: input must be contiguous");
-        };
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(self.map(&v[start..end], |x| x, |y| y)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.map(&v[start..end], |x| x as f32, |y| y as f64)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(self.map(&v[start..end], bf16::to_f32, bf16::from_f32)),
-            CpuStorage::F16(v) => CpuStorage::F16(self.map(&v[start..end], f16::to_f32, f16::from_f32)),
-            other => candle_core::bail!("fake-quant-e4m3: unsupported dtype {:?}", other.dtype()),
-        };
-        Ok((out, layout.shape().clone()))
+        map_cpu(self.name(), storage, layout, |x| fake_quant(x, self.scale, self.inv_scale))
     }
 
     #[cfg(feature = "cuda")]
@@ -328,20 +331,7 @@ impl CustomOp1 for ServedFakeQuantE4M3 {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("served-fake-quant-e4m3: input must be contiguous");
-        };
-        fn map<T: Copy>(xs: &[T], scale: f32, to: impl Fn(T) -> f32, from: impl Fn(f32) -> T) -> Vec<T> {
-            xs.iter().map(|&x| from(served_fake_quant(to(x), scale))).collect()
-        }
-        let s = self.scale;
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(map(&v[start..end], s, |x| x, |y| y)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(map(&v[start..end], s, bf16::to_f32, bf16::from_f32)),
-            CpuStorage::F16(v) => CpuStorage::F16(map(&v[start..end], s, f16::to_f32, f16::from_f32)),
-            other => candle_core::bail!("served-fake-quant-e4m3: unsupported dtype {:?}", other.dtype()),
-        };
-        Ok((out, layout.shape().clone()))
+        map_cpu(self.name(), storage, layout, |x| served_fake_quant(x, self.scale))
     }
 
     #[cfg(feature = "cuda")]

@@ -128,6 +128,20 @@ pub struct ServedLayer {
     pub input_scale: Option<f32>,
 }
 
+impl ServedLayer {
+    /// A layer in `format` with its scales from these amax.
+    fn new(name: &str, format: ServedFormat, weight_amax: f32, input_amax: f32) -> Self {
+        ServedLayer {
+            name: name.to_string(),
+            format,
+            weight_amax,
+            weight_scale: format.weight_scale(weight_amax),
+            input_amax,
+            input_scale: format.input_scale(input_amax),
+        }
+    }
+}
+
 /// Why a layer the recipe quantizes stays 16-bit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeptReason {
@@ -250,14 +264,7 @@ pub fn plan(layers: &[RecipeLayer], tied_lm_head: bool, fuse_scales: bool) -> Re
                 plan.fused_scale_changes.push(l.name.clone());
             }
         }
-        plan.layers.push(ServedLayer {
-            name: l.name.clone(),
-            format,
-            weight_amax,
-            weight_scale: format.weight_scale(weight_amax),
-            input_amax,
-            input_scale: format.input_scale(input_amax),
-        });
+        plan.layers.push(ServedLayer::new(&l.name, format, weight_amax, input_amax));
     }
     Ok(plan)
 }
@@ -271,14 +278,7 @@ pub fn plan_as_scored(layers: &[RecipeLayer]) -> Result<ServedPlan> {
     for l in layers {
         let format = ServedFormat::parse(&l.format).map_err(|e| anyhow::anyhow!("layer {}: {e}", l.name))?;
         let Some(format) = format else { continue };
-        plan.layers.push(ServedLayer {
-            name: l.name.clone(),
-            format,
-            weight_amax: l.weight_amax,
-            weight_scale: format.weight_scale(l.weight_amax),
-            input_amax: l.input_amax,
-            input_scale: format.input_scale(l.input_amax),
-        });
+        plan.layers.push(ServedLayer::new(&l.name, format, l.weight_amax, l.input_amax));
     }
     Ok(plan)
 }

@@ -650,13 +650,7 @@ fn smooth_quant(
         for id in (0..num_layers).filter(|&id| !plan.skip[id]) {
             let channel_amax = cache.layers[id].as_ref().map(|c| c.channel_amax.as_slice()).unwrap_or(&[]);
             if model.layers()[id].kind != LayerKind::Linear || channel_amax.is_empty() {
-                records[id][f] = Some(FormatCalibration {
-                    method: "max".into(),
-                    alpha: None,
-                    input_scale: Vec::new(),
-                    weight_scale: Vec::new(),
-                    input_amax: scores.layers[id].input_amax,
-                });
+                records[id][f] = Some(FormatCalibration::max(scores.layers[id].input_amax));
                 continue;
             }
             let weight = model.linear(id).weight();
@@ -757,13 +751,7 @@ fn awq_lite(
         search.search(|id| model.linear(id))?;
 
         for id in (0..num_layers).filter(|&id| !plan.skip[id]) {
-            let plain = FormatCalibration {
-                method: "max".into(),
-                alpha: None,
-                input_scale: Vec::new(),
-                weight_scale: Vec::new(),
-                input_amax: input_amax[id] as f64,
-            };
+            let plain = FormatCalibration::max(input_amax[id] as f64);
             let (Some(s), Some(act)) = (&search.searches[id], &act_scales[id]) else {
                 records[id][f] = Some(plain);
                 continue;
