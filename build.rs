@@ -10,7 +10,7 @@ fn main() {
         return;
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    let jobs: Vec<(PathBuf, PathBuf)> = ["quant", "attention", "norm", "act"]
+    let jobs: Vec<(PathBuf, PathBuf)> = ["quant", "attention", "norm", "act", "metrics"]
         .iter()
         .map(|name| (PathBuf::from(format!("kernels/{name}.cu")), out.join(format!("{name}.fatbin"))))
         .collect();

@@ -348,6 +348,86 @@ fn quant_checks(gpu: &Device, rep: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// evaluate's metrics: the one-kernel CUDA path against the candle-op path on the CPU (f64 on
+/// both; sums in another order, so within 1e-10 relative), counts and top-1 agreement exact;
+/// identical logits give a KL of exactly 0; ties at the row maximum go to the lowest index.
+fn metrics_checks(gpu: &Device, rep: &mut Report) -> Result<()> {
+    use qsens::evaluate::metrics::{sample_metrics, Reference, IGNORE_INDEX};
+    let (rows, vocab) = (61usize, 151_936usize);
+    let mut base = randn(&[rows, vocab], 21, 3.0, 0.0).to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    // Ties at the maximum in a few rows (the lowest index must win on both paths).
+    for r in [0usize, 7, 30] {
+        let row = &mut base[r * vocab..(r + 1) * vocab];
+        let top = row.iter().fold(f32::MIN, |m, &v| m.max(v)) + 1.0;
+        row[vocab - 5] = top;
+        row[1234] = top;
+    }
+    let noise = randn(&[rows, vocab], 22, 0.05, 0.0).to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut recipe: Vec<f32> = base.iter().zip(&noise).map(|(b, n)| b + n).collect();
+    for r in [0usize, 7, 30] {
+        // The same tie in the recipe: its top-1 is the lowest index too, so the rows agree.
+        for i in [r * vocab + 1234, r * vocab + vocab - 5] {
+            recipe[i] = base[i];
+        }
+    }
+    let base = Tensor::from_vec(base, (rows, vocab), &Device::Cpu)?;
+    let recipe = Tensor::from_vec(recipe, (rows, vocab), &Device::Cpu)?;
+    let labels: Vec<i32> =
+        (0..rows).map(|i| if i % 3 == 0 { IGNORE_INDEX } else { ((i * 7919) % vocab) as i32 }).collect();
+    let reference = Reference::new(&base.to_device(gpu)?, &labels)?;
+    let mut check = |what: &str, ok: bool, detail: String| {
+        if ok {
+            rep.pass += 1;
+            println!("[PASS] metrics {what}: {detail}");
+        } else {
+            println!("[FAIL] metrics {what}: {detail}");
+            rep.fail.push(format!("metrics {what}"));
+        }
+    };
+    let cpu = sample_metrics(&base, &recipe, &labels)?;
+    let gpu_m = reference.metrics(&recipe.to_device(gpu)?)?;
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-300);
+    let worst = rel(gpu_m.kl_sum_all, cpu.kl_sum_all)
+        .max(rel(gpu_m.kl_sum_label, cpu.kl_sum_label))
+        .max(rel(gpu_m.nll_sum, cpu.nll_sum));
+    let counts_equal = (gpu_m.label_tokens, gpu_m.positions, gpu_m.top1_agree_all, gpu_m.top1_agree_label)
+        == (cpu.label_tokens, cpu.positions, cpu.top1_agree_all, cpu.top1_agree_label);
+    check(
+        "recipe vs unquantized",
+        worst <= 1e-10 && counts_equal,
+        format!(
+            "KL {:.6e} vs {:.6e}, NLL {:.6e} vs {:.6e}, top-1 {} vs {} of {rows}, worst relative difference {worst:.1e}",
+            gpu_m.kl_sum_all, cpu.kl_sum_all, gpu_m.nll_sum, cpu.nll_sum, gpu_m.top1_agree_all, cpu.top1_agree_all
+        ),
+    );
+    let same = reference.metrics(&base.to_device(gpu)?)?;
+    let cpu_same = sample_metrics(&base, &base, &labels)?;
+    check(
+        "identical logits",
+        same.kl_sum_all == 0.0 && same.top1_agree_all == rows && rel(same.nll_sum, cpu_same.nll_sum) <= 1e-12,
+        format!(
+            "KL {:e}, top-1 {} of {rows}, NLL {:.12e} vs {:.12e}",
+            same.kl_sum_all, same.top1_agree_all, same.nll_sum, cpu_same.nll_sum
+        ),
+    );
+    // A recipe whose maximum moves to the other tied index of the reference's row 0 disagrees
+    // there only if the lowest-index rule is kept on one side and not the other.
+    let mut moved = recipe.flatten_all()?.to_vec1::<f32>()?;
+    let row0_top = base.get(0)?.get(1234)?.to_scalar::<f32>()?;
+    moved[vocab - 5] = row0_top + 0.5;
+    let moved = Tensor::from_vec(moved, (rows, vocab), &Device::Cpu)?;
+    let (g, c) = (reference.metrics(&moved.to_device(gpu)?)?, sample_metrics(&base, &moved, &labels)?);
+    check(
+        "top-1 ties",
+        g.top1_agree_all == c.top1_agree_all && c.top1_agree_all + 1 == cpu.top1_agree_all,
+        format!(
+            "agreement {} (GPU) vs {} (CPU), {} before the move",
+            g.top1_agree_all, c.top1_agree_all, cpu.top1_agree_all
+        ),
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let timing = !args.iter().any(|a| a == "--no-timing");
@@ -785,6 +865,9 @@ fn main() -> Result<()> {
 
     if only.as_ref().is_none_or(|o| "quant".contains(o.as_str())) && skip.as_deref() != Some("quant") {
         quant_checks(&gpu, &mut rep)?;
+    }
+    if only.as_ref().is_none_or(|o| "metrics".contains(o.as_str())) && skip.as_deref() != Some("metrics") {
+        metrics_checks(&gpu, &mut rep)?;
     }
 
     if timing && !rep.timings.is_empty() {

@@ -7,7 +7,8 @@
 #  2. evaluate (issue 11): score-layers + search on N calibration samples, `evaluate --frontier 8` on
 #     N held-out samples, and the same measurement with HF transformers + ModelOpt fake quant.
 #   scripts/bench_gpu_evaluate.sh [N]     (default 32)
-# Environment: OUT (results, default $OUT or /tmp/qsens-bench), SKIP_FIRST_CALL=1, SKIP_EVALUATE=1.
+# Environment: OUT (results, default $OUT or /tmp/qsens-bench), SKIP_FIRST_CALL=1, SKIP_EVALUATE=1,
+# SKIP_MODELOPT=1 (qsens only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/qsens-bench}; mkdir -p "$OUT"
@@ -63,6 +64,8 @@ if [ -z "${SKIP_EVALUATE:-}" ]; then
   python3 scripts/bench/gpumem.py "$OUT/evaluate-$N.mem.json" -- $W/bin/evaluate --model $CKPT \
     --inputs $W/heldout-$N.msgpack --manifest $W/manifest-$N.json --frontier 8 --device cuda --dtype bf16 \
     --timings "$OUT/evaluate-$N.timings.json" -o "$OUT/evaluation-$N.json" || exit 1
+  cat "$OUT/evaluate-$N.timings.json"
+  [ -n "${SKIP_MODELOPT:-}" ] && { log "done (ModelOpt skipped)"; exit 0; }
   python3 scripts/bench/gpumem.py "$OUT/modelopt-evaluate-$N.mem.json" -- python3 scripts/bench/modelopt_evaluate.py \
     --model $CKPT --calib $W/calib-$N.msgpack --inputs $W/heldout-$N.msgpack --evaluation "$OUT/evaluation-$N.json" \
     --out "$OUT/modelopt-evaluate-$N.json" || exit 1

@@ -7,6 +7,9 @@
 //! (≤ [`BLOCK_LOGITS`] logits, so a temporary stays at 64 MiB whatever L is), and moves only
 //! per-row results to the host; the unquantized log-probabilities, computed once per sample for
 //! every recipe ([`Reference`]), stay on the device: `L · vocab` f64 (1.2 GB at L = 1000).
+//! On a CUDA device (f32 logits, feature `cuda`) one kernel does all of it per recipe
+//! (`kernels/metrics.cu`, the same definitions in f64; sums in another order, so figures agree
+//! with the candle-op path to ~1e-12 relative, and identical logits still give a KL of 0).
 //! Everything is computed in f64 from the given logits:
 //! log-softmax `x − max − log Σ exp(x − max)`, `KL_t = Σ_i p_i (log p_i − log q_i)` and the NLL
 //! `−log q[label]`. f64 keeps KL honest where it matters: a recipe's per-token KL is often
@@ -64,7 +67,16 @@ pub struct Reference {
     vocab: usize,
     /// targets[r]: the token row r is scored on (HF's shift), if any.
     targets: Vec<Option<u32>>,
-    blocks: Vec<ReferenceBlock>,
+    rows_of: ReferenceRows,
+}
+
+/// How the unquantized side is kept: log-probabilities per block of rows for the candle-op path,
+/// or, for f32 logits on a CUDA device, the logits themselves for the one-kernel path
+/// (`super::cuda`, the same definitions).
+enum ReferenceRows {
+    Blocks(Vec<ReferenceBlock>),
+    #[cfg(feature = "cuda")]
+    Kernel(Tensor),
 }
 
 struct ReferenceBlock {
@@ -99,13 +111,17 @@ impl Reference {
                 _ => None,
             });
         }
+        #[cfg(feature = "cuda")]
+        if base_logits.device().is_cuda() && base_logits.dtype() == DType::F32 {
+            return Ok(Reference { rows, vocab, targets, rows_of: ReferenceRows::Kernel(base_logits.clone()) });
+        }
         let block = (block_logits / vocab.max(1)).max(1);
         let mut blocks = Vec::with_capacity(rows.div_ceil(block));
         for first_row in (0..rows).step_by(block) {
             let x = base_logits.narrow(0, first_row, block.min(rows - first_row))?.to_dtype(DType::F64)?;
             blocks.push(ReferenceBlock { first_row, top1: first_argmax(&x)?, log_p: log_softmax(&x)? });
         }
-        Ok(Reference { rows, vocab, targets, blocks })
+        Ok(Reference { rows, vocab, targets, rows_of: ReferenceRows::Blocks(blocks) })
     }
 
     /// The metrics of a recipe's `logits` `[L, vocab]` against this reference.
@@ -123,26 +139,40 @@ impl Reference {
             top1_agree_all: 0,
             top1_agree_label: 0,
         };
-        for b in &self.blocks {
-            let (r0, n) = (b.first_row, b.top1.len());
-            let z = logits.narrow(0, r0, n)?.to_dtype(DType::F64)?;
-            let top_z = first_argmax(&z)?;
-            let log_q = log_softmax(&z)?;
-            drop(z);
-            let kl = (b.log_p.exp()? * (&b.log_p - &log_q)?)?.sum(D::Minus1)?.to_vec1::<f64>()?;
-            let block_targets = &self.targets[r0..r0 + n];
-            let index: Vec<u32> = block_targets.iter().map(|t| t.unwrap_or(0)).collect();
-            let index = Tensor::from_vec(index, (n, 1), log_q.device())?;
-            let log_q_target = log_q.gather(&index, 1)?.squeeze(1)?.to_vec1::<f64>()?;
-            for i in 0..n {
-                let agree = b.top1[i] == top_z[i];
-                m.kl_sum_all += kl[i];
-                m.top1_agree_all += agree as usize;
-                if block_targets[i].is_some() {
-                    m.nll_sum -= log_q_target[i];
-                    m.label_tokens += 1;
-                    m.kl_sum_label += kl[i];
-                    m.top1_agree_label += agree as usize;
+        let mut add_row = |r: usize, kl: f64, log_q_target: f64, agree: bool| {
+            m.kl_sum_all += kl;
+            m.top1_agree_all += agree as usize;
+            if self.targets[r].is_some() {
+                m.nll_sum -= log_q_target;
+                m.label_tokens += 1;
+                m.kl_sum_label += kl;
+                m.top1_agree_label += agree as usize;
+            }
+        };
+        match &self.rows_of {
+            ReferenceRows::Blocks(blocks) => {
+                for b in blocks {
+                    let (r0, n) = (b.first_row, b.top1.len());
+                    let z = logits.narrow(0, r0, n)?.to_dtype(DType::F64)?;
+                    let top_z = first_argmax(&z)?;
+                    let log_q = log_softmax(&z)?;
+                    drop(z);
+                    let kl = (b.log_p.exp()? * (&b.log_p - &log_q)?)?.sum(D::Minus1)?.to_vec1::<f64>()?;
+                    let index: Vec<u32> = self.targets[r0..r0 + n].iter().map(|t| t.unwrap_or(0)).collect();
+                    let index = Tensor::from_vec(index, (n, 1), log_q.device())?;
+                    let log_q_target = log_q.gather(&index, 1)?.squeeze(1)?.to_vec1::<f64>()?;
+                    for i in 0..n {
+                        add_row(r0 + i, kl[i], log_q_target[i], b.top1[i] == top_z[i]);
+                    }
+                }
+            }
+            #[cfg(feature = "cuda")]
+            ReferenceRows::Kernel(base) => {
+                let targets: Vec<i32> = self.targets.iter().map(|t| t.map_or(-1, |t| t as i32)).collect();
+                for (r, [kl, nll, top_p, top_q]) in
+                    super::cuda::row_metrics(base, logits, &targets)?.into_iter().enumerate()
+                {
+                    add_row(r, kl, -nll, top_p == top_q);
                 }
             }
         }

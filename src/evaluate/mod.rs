@@ -10,6 +10,8 @@
 //! measured too. Per sample and recipe: one forward with logits at every position, compared with
 //! the unquantized forward's ([`metrics`]).
 
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod metrics;
 
 use std::path::{Path, PathBuf};
