@@ -20,6 +20,10 @@
 //! The arithmetic is f32 like ModelOpt's; sums over tokens are ordered differently from
 //! torch's, so a layer whose two best α lose within ~1e-7 of each other can choose differently.
 
+use candle_core::{DType, Result, Tensor};
+
+use super::host;
+
 /// The α grid of `awq_lite(alpha_step=0.1)`: `torch.arange(0, 1.1, 0.1)` in f32.
 pub fn alphas() -> Vec<f32> {
     (0..11).map(|i| (i as f64 * 0.1) as f32).collect()
@@ -57,6 +61,29 @@ pub fn act_scale(x: &[f32], cols: usize) -> Vec<f32> {
     sum.iter().map(|s| s / tokens as f32).collect()
 }
 
+/// [`weight_scale`] of a weight tensor `[rows, cols]`, computed on its own device in f32: the
+/// same elementwise arithmetic, the sum over rows in row order (candle's CPU reduction adds rows
+/// in order, as the slice version does), so on the CPU the two agree bit for bit. A last block
+/// shorter than `block` goes through the slice version.
+pub fn weight_scale_of(weight: &Tensor, block: Option<usize>) -> Result<Vec<f32>> {
+    let (rows, cols) = weight.dims2()?;
+    let block = block.unwrap_or(cols).max(1);
+    if cols % block != 0 {
+        return Ok(weight_scale(&host::to_f32_vec(weight)?, cols, Some(block)));
+    }
+    let w = weight.to_dtype(DType::F32)?.abs()?.reshape((rows, cols / block, block))?;
+    let ratio = w.broadcast_div(&w.max_keepdim(2)?.affine(1.0, TINY as f64)?)?;
+    let sum = ratio.reshape((rows, cols))?.sum(0)?.to_vec1::<f32>()?;
+    Ok(sum.iter().map(|s| s / rows as f32).collect())
+}
+
+/// [`act_scale`] of one batch `|x|` given as f32 `[tokens, cols]`, on its own device (no host
+/// copy; the CPU result equals the slice version's bit for bit).
+pub fn act_scale_of(abs_x: &Tensor) -> Result<Tensor> {
+    let tokens = abs_x.dim(0)?.max(1);
+    abs_x.sum(0)?.broadcast_div(&Tensor::new(tokens as f32, abs_x.device())?)
+}
+
 /// `get_scale`: the smoothing scale `s(α)` from the activation and weight scales.
 pub fn scale(act_scale: &[f32], weight_scale: &[f32], alpha: f32) -> Vec<f32> {
     let beta = (1.0 - alpha as f64) as f32;
@@ -69,33 +96,6 @@ pub fn scale(act_scale: &[f32], weight_scale: &[f32], alpha: f32) -> Vec<f32> {
     let min = s.iter().fold(f32::MAX, |m, &v| m.min(v));
     let norm = (max * min).sqrt();
     s.iter().map(|v| v / norm).collect()
-}
-
-/// One layer's activation statistics from AWQ-lite's first pass.
-#[derive(Debug, Clone, Default)]
-pub struct LayerSearch {
-    /// Σ over cache batches of the batch's mean |x| per channel.
-    pub act_sum: Vec<f32>,
-    pub cache_steps: usize,
-}
-
-impl LayerSearch {
-    /// Adds one batch's activations (cache pass).
-    pub fn cache(&mut self, x: &[f32], cols: usize) {
-        let a = act_scale(x, cols);
-        if self.act_sum.is_empty() {
-            self.act_sum = vec![0.0; cols];
-        }
-        for (s, v) in self.act_sum.iter_mut().zip(a) {
-            *s += v;
-        }
-        self.cache_steps += 1;
-    }
-
-    /// The averaged activation scale (after the cache pass).
-    pub fn act_scale(&self) -> Vec<f32> {
-        self.act_sum.iter().map(|s| s / self.cache_steps.max(1) as f32).collect()
-    }
 }
 
 /// The α with the smallest summed loss, `losses` in [`alphas`] order (the first on ties, as
@@ -169,6 +169,25 @@ mod tests {
         let s = scale(&xs, &ws, 1.0);
         let norm = (2.0f32 * 1.0).sqrt();
         assert_eq!(s, [2.0 / norm, 1.0 / norm]);
+    }
+
+    #[test]
+    fn tensor_statistics_equal_the_slice_definitions_bit_for_bit() {
+        // Values spread over many binades, so a different summation order would show.
+        let (rows, cols) = (37, 48);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let u = ((i as u64 * 2654435761) % 1000003) as f32 / 1000003.0 - 0.5;
+                u * 10f32.powi((i % 7) as i32 - 3)
+            })
+            .collect();
+        let t = Tensor::from_vec(values.clone(), (rows, cols), &candle_core::Device::Cpu).unwrap();
+        for block in [None, Some(16), Some(5)] {
+            let want = weight_scale(&values, cols, block.or(Some(cols)));
+            assert_eq!(weight_scale_of(&t, block).unwrap(), want, "block {block:?}");
+        }
+        let got = act_scale_of(&t.abs().unwrap()).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got, act_scale(&values, cols));
     }
 
     #[test]

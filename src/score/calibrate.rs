@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::model::{LayerId, Linear, Tap};
-use crate::quant::{self, awq, fp8, host, Format, WeightStats};
+use crate::quant::{self, awq, fp8, Format, WeightStats};
 
 /// Records max |x| of every layer input in one f32 vector on the device: one kernel per layer,
 /// no host sync until [`AmaxTap::finish`].
@@ -36,33 +36,72 @@ pub fn weight_stats(linears: &[&Linear]) -> Result<Vec<WeightStats>> {
     linears.iter().map(|l| WeightStats::of(l.weight())).collect()
 }
 
-/// AWQ-lite's first pass: per searched layer, the mean |x| per channel of every calibration
-/// batch and the max |x| per channel (the input amax ModelOpt keeps for smoothing).
+/// Per-channel input statistics of every searched layer, gathered on the device with no host
+/// copy: the max |x| per channel (SmoothQuant's per-channel input amax, and the input amax
+/// AWQ-lite keeps for smoothing) and, for AWQ-lite's first pass, the sum over calibration batches
+/// of each batch's mean |x| per channel.
 pub struct AwqCacheTap {
     /// Per layer: `None` for layers not searched.
     pub layers: Vec<Option<AwqCache>>,
+    /// Whether to gather AWQ-lite's activation means too (SmoothQuant needs only the amax).
+    pub act_scales: bool,
+    /// The input of the last layer seen (q, k and v share theirs, as do gate and up).
+    last_input: Option<candle_core::TensorId>,
 }
 
-/// What [`AwqCacheTap`] gathers for one layer.
+/// What [`AwqCacheTap`] gathers for one layer (f32 `[cols]` tensors on the model's device).
 #[derive(Debug, Clone, Default)]
 pub struct AwqCache {
-    pub search: awq::LayerSearch,
-    pub channel_amax: Vec<f32>,
+    channel_amax: Option<Tensor>,
+    act_sum: Option<Tensor>,
+    steps: usize,
+    /// Bytes of the inputs this layer does not share with the layer before it, over all batches:
+    /// what AWQ-lite's search pass keeps for it on the device.
+    pub own_input_bytes: usize,
+}
+
+impl AwqCache {
+    /// The max |x| per input channel (empty if no batch reached the layer).
+    pub fn channel_amax(&self) -> Result<Vec<f32>> {
+        self.channel_amax.as_ref().map_or(Ok(Vec::new()), |t| t.to_vec1::<f32>())
+    }
+
+    /// AWQ-lite's averaged activation scale (`None` if no batch reached the layer).
+    pub fn act_scale(&self) -> Result<Option<Vec<f32>>> {
+        let Some(sum) = &self.act_sum else { return Ok(None) };
+        Ok(Some(sum.to_vec1::<f32>()?.iter().map(|s| s / self.steps.max(1) as f32).collect()))
+    }
+}
+
+impl AwqCacheTap {
+    pub fn new(searched: impl Fn(LayerId) -> bool, num_layers: usize, act_scales: bool) -> Self {
+        let layers = (0..num_layers).map(|id| searched(id).then(AwqCache::default)).collect();
+        AwqCacheTap { layers, act_scales, last_input: None }
+    }
 }
 
 impl Tap for AwqCacheTap {
     fn forward(&mut self, id: LayerId, _linear: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+        let shared = self.last_input.replace(x.id()) == Some(x.id());
         if let Some(cache) = &mut self.layers[id] {
-            let (values, cols) = (host::to_f32_vec(x)?, x.dims().last().copied().unwrap_or(1));
-            cache.search.cache(&values, cols);
-            if cache.channel_amax.is_empty() {
-                cache.channel_amax = vec![0.0; cols];
+            if !shared {
+                cache.own_input_bytes += x.elem_count() * x.dtype().size_in_bytes();
             }
-            for row in values.chunks(cols) {
-                for (m, v) in cache.channel_amax.iter_mut().zip(row) {
-                    *m = m.max(v.abs());
-                }
+            let cols = x.dims().last().copied().unwrap_or(1);
+            let abs_x = x.to_dtype(DType::F32)?.reshape(((), cols))?.abs()?;
+            let amax = abs_x.max(0)?;
+            cache.channel_amax = Some(match &cache.channel_amax {
+                Some(m) => m.maximum(&amax)?,
+                None => amax,
+            });
+            if self.act_scales {
+                let mean = awq::act_scale_of(&abs_x)?;
+                cache.act_sum = Some(match &cache.act_sum {
+                    Some(sum) => (sum + mean)?,
+                    None => mean,
+                });
             }
+            cache.steps += 1;
         }
         Ok(None)
     }
@@ -71,10 +110,12 @@ impl Tap for AwqCacheTap {
 /// AWQ-lite's second pass for one format: per searched layer and α, the summed loss of the
 /// smoothed, weight-quantized layer against the plain one (the plain output flows on).
 ///
-/// The forwards only keep each searched layer's inputs (a clone shares the tensor, so q/k/v keep
-/// one copy); [`AwqSearchTap::search`] then quantizes each layer's smoothed weight once per α and
-/// runs it on every kept input, instead of once per α and sample. The losses are those of
-/// ModelOpt's per-batch loop, summed over samples in the same order.
+/// The forwards only keep each searched layer's inputs on the device (a clone shares the tensor,
+/// so q/k/v keep one copy); [`AwqSearchTap::search`] then quantizes each layer's smoothed weight
+/// once per α and runs it on all kept inputs at once, instead of once per α and sample. The
+/// losses are those of ModelOpt's per-batch loop, summed over samples in the same order. To bound
+/// the memory the kept inputs take, a caller searches the layers in chunks ([`search_chunks`]),
+/// one pass of forwards per chunk.
 ///
 /// Layers ModelOpt does not wrap for the search (the patch embedding, a convolution) keep the
 /// format's quantizers on during this pass: their quantized output flows on, as in ModelOpt,
@@ -103,7 +144,7 @@ impl AwqFormatSearch {
     /// The candidates of a layer from its averaged activation scale and its weight.
     pub fn new(act_scale: &[f32], weight: &Tensor, block: Option<usize>) -> Result<Self> {
         let cols = weight.dim(1)?;
-        let weight_scale = awq::weight_scale(&host::to_f32_vec(weight)?, cols, block);
+        let weight_scale = awq::weight_scale_of(weight, block)?;
         let (mut input_scales, mut weight_scales) = (Vec::new(), Vec::new());
         for alpha in awq::alphas() {
             let s = awq::scale(act_scale, &weight_scale, alpha);
@@ -118,26 +159,70 @@ impl AwqFormatSearch {
         Ok(AwqFormatSearch { weight_scale, input_scales, weight_scales, inputs: Vec::new(), losses })
     }
 
-    /// Per α: the smoothed weight quantized once, then the loss on each kept input (the sample
-    /// order of the forwards); the inputs are released after.
+    /// Per α: the smoothed weight quantized once and run on all kept inputs in one matmul (rows
+    /// concatenated in sample order), then each sample's loss, the mean over its rows as ModelOpt's
+    /// per-batch `mse_loss`; the inputs are released after. The losses stay on the device until
+    /// the layer is done, then are summed on the host in the order of ModelOpt's loop.
     fn search(&mut self, format: &dyn Format, linear: &Linear) -> Result<()> {
-        let plain: Vec<Tensor> = self.inputs.iter().map(|x| linear.forward(x)).collect::<Result<_>>()?;
-        for a in 0..self.losses.len() {
-            let ws = linear.weight().broadcast_mul(&self.weight_scales[a])?;
-            let wq = format.quantize_weight(&ws, &WeightStats::of(&ws)?)?;
-            for (x, plain) in self.inputs.iter().zip(&plain) {
-                let xs = x.broadcast_mul(&self.input_scales[a])?;
-                let out = linear.forward_with(&xs, &wq)?;
-                let loss = (out - plain)?.to_dtype(DType::F32)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
-                self.losses[a] += loss;
+        if self.inputs.is_empty() {
+            return Ok(());
+        }
+        let cols = linear.weight().dim(1)?;
+        let rows: Vec<usize> = self.inputs.iter().map(|x| x.elem_count() / cols).collect();
+        let flat: Vec<Tensor> = self.inputs.drain(..).map(|x| x.reshape(((), cols))).collect::<Result<_>>()?;
+        let x = Tensor::cat(&flat, 0)?;
+        drop(flat);
+        let plain = linear.forward(&x)?;
+        // Every α's smoothed-weight amax in one device sync (the weight quantizer recalibrates it).
+        let smoothed = |a: usize| linear.weight().broadcast_mul(&self.weight_scales[a]);
+        let amax: Vec<Tensor> = (0..self.losses.len()).map(|a| fp8::amax(&smoothed(a)?)).collect::<Result<_>>()?;
+        let amax = Tensor::stack(&amax, 0)?.to_vec1::<f32>()?;
+        let mut losses = Vec::with_capacity(self.losses.len() * rows.len());
+        for (a, &amax) in amax.iter().enumerate() {
+            let wq = format.quantize_weight(&smoothed(a)?, &WeightStats { amax })?;
+            let out = linear.forward_with(&x.broadcast_mul(&self.input_scales[a])?, &wq)?;
+            let squared = (out - &plain)?.to_dtype(DType::F32)?.sqr()?;
+            let mut first = 0;
+            for &n in &rows {
+                losses.push(squared.narrow(0, first, n)?.mean_all()?);
+                first += n;
             }
         }
-        self.inputs.clear();
+        let losses = Tensor::stack(&losses, 0)?.to_vec1::<f32>()?;
+        for (total, per_sample) in self.losses.iter_mut().zip(losses.chunks(rows.len())) {
+            for loss in per_sample {
+                *total += loss;
+            }
+        }
         Ok(())
     }
 }
 
-impl AwqSearchTap<'_> {
+/// Splits the layers into consecutive chunks whose kept inputs (`own_input_bytes[id]`, 0 for a
+/// layer that shares its predecessor's input) stay within `budget` bytes, so that AWQ-lite's
+/// search pass can run once per chunk. A chunk holds at least one layer with inputs of its own,
+/// whatever its size, and a layer sharing its predecessor's input stays in its chunk.
+pub fn search_chunks(own_input_bytes: &[usize], budget: usize) -> Vec<std::ops::Range<LayerId>> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (id, &b) in own_input_bytes.iter().enumerate() {
+        if b > 0 && bytes > 0 && bytes + b > budget {
+            chunks.push(start..id);
+            (start, bytes) = (id, 0);
+        }
+        bytes += b;
+    }
+    if start < own_input_bytes.len() {
+        chunks.push(start..own_input_bytes.len());
+    }
+    chunks
+}
+
+impl<'a> AwqSearchTap<'a> {
+    pub fn new(format: &'a dyn Format, searches: Vec<Option<AwqFormatSearch>>, quantized: Vec<Option<f32>>) -> Self {
+        AwqSearchTap { format, searches, quantized }
+    }
+
     /// Runs every layer's search on the inputs the forwards kept (`linear(id)`: the model's layer).
     pub fn search<'m>(&mut self, linear: impl Fn(LayerId) -> &'m Linear) -> Result<()> {
         for (id, search) in self.searches.iter_mut().enumerate() {
@@ -160,5 +245,21 @@ impl Tap for AwqSearchTap<'_> {
             search.inputs.push(x.clone());
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::search_chunks;
+
+    #[test]
+    fn search_chunks_stay_within_the_budget_and_keep_shared_inputs_together() {
+        // Layers 1 and 2 share layer 0's input; layer 5 is not searched.
+        let bytes = [40, 0, 0, 30, 50, 0, 20, 90];
+        assert_eq!(search_chunks(&bytes, 100), [0..4, 4..7, 7..8]);
+        // A layer over the budget gets a chunk of its own; everything fits in one big budget.
+        assert_eq!(search_chunks(&bytes, 10), [0..3, 3..4, 4..6, 6..7, 7..8]);
+        assert_eq!(search_chunks(&bytes, 1000), [0..8]);
+        assert_eq!(search_chunks(&[], 10), Vec::<std::ops::Range<usize>>::new());
     }
 }

@@ -4,7 +4,7 @@
 //! sample give every layer's ∂L/∂Y; `Y_q` is computed in the backward, right where ∂L/∂Y arrives,
 //! so nothing extra is kept from the forward.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 use crate::model::{LayerId, Linear, Tap};
 use crate::quant::{self, Format, WeightStats};
@@ -23,21 +23,33 @@ pub struct LayerQuant<'a> {
     pub cached_weights: Option<Vec<Vec<Tensor>>>,
 }
 
-/// A layer's calibration in one format, on the device: the smoothing `x · input`,
-/// `W · weight` (per input channel, in the layer's dtype; `None` without smoothing) and the
-/// input amax.
+/// A layer's calibration in one format, on the device: the smoothing, if any, and the input
+/// amax.
 pub struct FormatCalibration {
-    pub smoothing: Option<(Tensor, Tensor)>,
+    pub smoothing: Option<Smoothing>,
     pub input_amax: f32,
 }
 
+/// `x · input`, `W · weight` (per input channel, in the layer's dtype), and the statistics of
+/// the smoothed weight, whose amax the weight quantizer is recalibrated on (computed once here,
+/// not per sample: it would cost a device sync per layer and sample).
+pub struct Smoothing {
+    pub input: Tensor,
+    pub weight: Tensor,
+    pub weight_stats: WeightStats,
+}
+
 impl FormatCalibration {
-    /// From the artifact's record, for a layer of `dtype` on `device`.
-    pub fn new(c: &crate::artifact::scores::FormatCalibration, dtype: DType, device: &Device) -> Result<Self> {
-        let vector = |v: &[f32]| Tensor::new(v, &Device::Cpu)?.to_dtype(dtype)?.to_device(device);
+    /// From the artifact's record, for the layer whose weight is `weight`.
+    pub fn new(c: &crate::artifact::scores::FormatCalibration, weight: &Tensor) -> Result<Self> {
+        let vector = |v: &[f32]| Tensor::new(v, &Device::Cpu)?.to_dtype(weight.dtype())?.to_device(weight.device());
         let smoothing = match c.input_scale.is_empty() {
             true => None,
-            false => Some((vector(&c.input_scale)?, vector(&c.weight_scale)?)),
+            false => {
+                let w = vector(&c.weight_scale)?;
+                let weight_stats = WeightStats::of(&weight.broadcast_mul(&w)?)?;
+                Some(Smoothing { input: vector(&c.input_scale)?, weight: w, weight_stats })
+            }
         };
         Ok(FormatCalibration { smoothing, input_amax: c.input_amax as f32 })
     }
@@ -60,15 +72,12 @@ impl LayerQuant<'_> {
         let format = self.formats[f].as_ref();
         match self.format_calibration(id, f).and_then(|c| c.smoothing.as_ref()) {
             // The weight quantizer's amax is recalibrated on the smoothed weight.
-            Some((_, w)) => {
-                let smoothed = linear.weight().broadcast_mul(w)?;
-                quant::format::quantize_weight_as(
-                    format,
-                    &smoothed,
-                    &WeightStats::of(&smoothed)?,
-                    linear.checkpoint_shape(),
-                )
-            }
+            Some(s) => quant::format::quantize_weight_as(
+                format,
+                &linear.weight().broadcast_mul(&s.weight)?,
+                &s.weight_stats,
+                linear.checkpoint_shape(),
+            ),
             None => quant::format::quantize_weight_as(
                 format,
                 linear.weight(),
@@ -88,8 +97,8 @@ impl LayerQuant<'_> {
     /// the layer themselves).
     pub fn quantized_operands(&self, id: LayerId, f: usize, linear: &Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let xq = match self.format_calibration(id, f) {
-            Some(FormatCalibration { smoothing: Some((input, _)), input_amax }) => {
-                self.formats[f].quantize_input(&x.broadcast_mul(input)?, *input_amax)?
+            Some(FormatCalibration { smoothing: Some(s), input_amax }) => {
+                self.formats[f].quantize_input(&x.broadcast_mul(&s.input)?, *input_amax)?
             }
             Some(FormatCalibration { smoothing: None, input_amax }) => {
                 self.formats[f].quantize_input(x, *input_amax)?

@@ -86,6 +86,8 @@ pub struct Timings {
     pub hash_model: f64,
     pub load_model: f64,
     pub calibration: f64,
+    /// The part of `calibration` spent in the formats' own calibrations (AWQ-lite, SmoothQuant).
+    pub calibration_formats: f64,
     pub scoring: f64,
     pub write: f64,
     pub total: f64,
@@ -453,7 +455,7 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
         Some(s) => s,
         None => {
             let mut fresh = Artifact::new(TOOL, provenance.clone(), skeleton);
-            calibrate(&model, &inputs, &plan, &mut fresh.payload, reporter)?;
+            timings.calibration_formats = calibrate(&model, &inputs, &plan, &mut fresh.payload, reporter)?;
             if let Some(p) = &state_path {
                 artifact::write(Location::File(p.clone()), &fresh)?;
             }
@@ -469,12 +471,11 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
         .payload
         .layers
         .iter()
-        .map(|l| {
+        .enumerate()
+        .map(|(id, l)| {
             l.format_calibration
                 .iter()
-                .map(|c| {
-                    c.as_ref().map(|c| gradient::FormatCalibration::new(c, model.dtype(), model.device())).transpose()
-                })
+                .map(|c| c.as_ref().map(|c| gradient::FormatCalibration::new(c, model.linear(id).weight())).transpose())
                 .collect::<candle_core::Result<Vec<_>>>()
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
@@ -581,14 +582,15 @@ fn finish(run: &Artifact<Scores>, state: Option<&Path>, output: &Location) -> Re
     Ok(())
 }
 
-/// Max calibration over the calibration samples; fills `input_amax` and `weight_amax`.
+/// Max calibration over the calibration samples; fills `input_amax` and `weight_amax`, then the
+/// formats' own calibrations. Returns the seconds those took.
 fn calibrate(
     model: &Qwen3VL,
     inputs: &ModelInputs,
     plan: &Plan,
     scores: &mut Scores,
     reporter: &Reporter,
-) -> Result<()> {
+) -> Result<f64> {
     let num_layers = model.layers().len();
     let mut tap = calibrate::AmaxTap::new(num_layers, model.device())?;
     let bar = reporter.bar(plan.calibration.len() as u64, "calibrating");
@@ -599,6 +601,7 @@ fn calibrate(
         layer.weight_amax = quant::WeightStats::of(model.linear(id).weight())?.amax as f64;
     }
     // Formats with their own calibration: a record per layer and format (None for the others).
+    let started = std::time::Instant::now();
     let mut records = vec![vec![None; scores.formats.len()]; num_layers];
     if plan.formats.iter().any(|f| matches!(f.calibration(), Calibration::AwqLite { .. })) {
         awq_lite(model, inputs, plan, &mut records, reporter)?;
@@ -611,7 +614,7 @@ fn calibrate(
             layer.format_calibration = record;
         }
     }
-    Ok(())
+    Ok(started.elapsed().as_secs_f64())
 }
 
 /// The weight dtype's rounding of an f32 value (ModelOpt casts smoothing scales and amax to it).
@@ -639,16 +642,19 @@ fn smooth_quant(
     use crate::artifact::scores::FormatCalibration;
     use crate::model::LayerKind;
     let num_layers = model.layers().len();
-    let mut cache = calibrate::AwqCacheTap {
-        layers: (0..num_layers).map(|id| (!plan.skip[id]).then(calibrate::AwqCache::default)).collect(),
-    };
+    let mut cache = calibrate::AwqCacheTap::new(|id| !plan.skip[id], num_layers, false);
     let bar = reporter.bar(plan.calibration.len() as u64, "SmoothQuant: per-channel input amax");
     calibration_forwards(model, inputs, &plan.calibration, &mut cache, bar)?;
+    let channel_amax: Vec<Vec<f32>> = cache
+        .layers
+        .iter()
+        .map(|c| c.as_ref().map_or(Ok(Vec::new()), |c| c.channel_amax()))
+        .collect::<candle_core::Result<_>>()?;
     let round = dtype_rounding(model.dtype());
     for (f, format) in plan.formats.iter().enumerate() {
         let Calibration::SmoothQuant { alpha } = format.calibration() else { continue };
         for id in (0..num_layers).filter(|&id| !plan.skip[id]) {
-            let channel_amax = cache.layers[id].as_ref().map(|c| c.channel_amax.as_slice()).unwrap_or(&[]);
+            let channel_amax = channel_amax[id].as_slice();
             if model.layers()[id].kind != LayerKind::Linear || channel_amax.is_empty() {
                 records[id][f] = Some(FormatCalibration::max(scores.layers[id].input_amax));
                 continue;
@@ -713,29 +719,48 @@ fn awq_lite(
     let samples = &plan.calibration[..(plan.calibration.len() / 4).max(1).min(plan.calibration.len())];
     let is_linear = |id: usize| model.layers()[id].kind == LayerKind::Linear;
 
-    let mut cache = calibrate::AwqCacheTap {
-        layers: (0..num_layers).map(|id| (!plan.skip[id]).then(calibrate::AwqCache::default)).collect(),
+    // Phase times for `-v` (the device synchronized at each boundary, so queued work is counted
+    // where it was queued).
+    let mut phases: Vec<(String, f64)> = Vec::new();
+    let mut search_split: Vec<String> = Vec::new();
+    let mut last = std::time::Instant::now();
+    let mut phase = |name: String| -> Result<()> {
+        model.device().synchronize()?;
+        phases.push((name, last.elapsed().as_secs_f64()));
+        last = std::time::Instant::now();
+        Ok(())
     };
+    let mut cache = calibrate::AwqCacheTap::new(|id| !plan.skip[id], num_layers, true);
     let bar = reporter.bar(samples.len() as u64, "AWQ-lite: activation scales");
     calibration_forwards(model, inputs, samples, &mut cache, bar)?;
-    let input_amax: Vec<f32> = cache
+    phase("statistics pass".into())?;
+    let channel_amax: Vec<Vec<f32>> = cache
         .layers
         .iter()
-        .map(|c| c.as_ref().map_or(0.0, |c| c.channel_amax.iter().fold(0f32, |m, &v| m.max(v))))
-        .collect();
-    let act_scales: Vec<Option<Vec<f32>>> = (0..num_layers)
-        .map(|id| {
-            let c = cache.layers[id].as_ref().filter(|c| c.search.cache_steps > 0 && is_linear(id))?;
-            let act = c.search.act_scale();
-            // ModelOpt disables AWQ for a layer whose scales hold a NaN.
-            (!act.iter().any(|v| v.is_nan())).then_some(act)
-        })
-        .collect();
+        .map(|c| c.as_ref().map_or(Ok(Vec::new()), |c| c.channel_amax()))
+        .collect::<candle_core::Result<_>>()?;
+    let input_amax: Vec<f32> = channel_amax.iter().map(|c| c.iter().fold(0f32, |m, &v| m.max(v))).collect();
+    let mut act_scales: Vec<Option<Vec<f32>>> = Vec::with_capacity(num_layers);
+    for (id, c) in cache.layers.iter().enumerate() {
+        let act = match c {
+            Some(c) if is_linear(id) => c.act_scale()?,
+            _ => None,
+        };
+        // ModelOpt disables AWQ for a layer whose scales hold a NaN.
+        act_scales.push(act.filter(|act| !act.iter().any(|v| v.is_nan())));
+    }
+
+    // The search pass keeps every searched layer's inputs on the device; in chunks of layers
+    // whose inputs take at most a quarter of the weights' bytes (one pass of forwards each), so
+    // the peak stays near a plain forward's whatever the number of samples.
+    let own_input_bytes: Vec<usize> = cache.layers.iter().map(|c| c.as_ref().map_or(0, |c| c.own_input_bytes)).collect();
+    let weight_bytes: usize = (0..num_layers).map(|id| model.linear(id).weight()).map(|w| w.elem_count() * w.dtype().size_in_bytes()).sum();
+    let chunks = calibrate::search_chunks(&own_input_bytes, (weight_bytes / 4).max(512 << 20));
 
     let round = dtype_rounding(model.dtype());
     for (f, format) in plan.formats.iter().enumerate() {
         let Calibration::AwqLite { block } = format.calibration() else { continue };
-        let searches = (0..num_layers)
+        let mut searches = (0..num_layers)
             .map(|id| {
                 act_scales[id]
                     .as_ref()
@@ -743,16 +768,39 @@ fn awq_lite(
                     .transpose()
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let quantized =
+        let quantized: Vec<Option<f32>> =
             (0..num_layers).map(|id| (!plan.skip[id] && !is_linear(id)).then_some(input_amax[id])).collect();
-        let mut search = calibrate::AwqSearchTap { format: format.as_ref(), searches, quantized };
-        let bar = reporter.bar(samples.len() as u64, &format!("AWQ-lite: searching α for {}", format.name()));
-        calibration_forwards(model, inputs, samples, &mut search, bar)?;
-        search.search(|id| model.linear(id))?;
+        phase(format!("{} candidates", format.name()))?;
+        let (mut passes, mut forwards_s, mut losses_s) = (0, 0.0, 0.0);
+        for chunk in &chunks {
+            if !chunk.clone().any(|id| searches[id].is_some()) {
+                continue;
+            }
+            passes += 1;
+            let clock = std::time::Instant::now();
+            let in_chunk = (0..num_layers).map(|id| if chunk.contains(&id) { searches[id].take() } else { None });
+            let mut search = calibrate::AwqSearchTap::new(format.as_ref(), in_chunk.collect(), quantized.clone());
+            let what = format!("AWQ-lite: searching α for {} (layers {}–{})", format.name(), chunk.start, chunk.end - 1);
+            calibration_forwards(model, inputs, samples, &mut search, reporter.bar(samples.len() as u64, &what))?;
+            model.device().synchronize()?;
+            forwards_s += clock.elapsed().as_secs_f64();
+            let clock = std::time::Instant::now();
+            search.search(|id| model.linear(id))?;
+            for id in chunk.clone() {
+                searches[id] = search.searches[id].take();
+            }
+            model.device().synchronize()?;
+            losses_s += clock.elapsed().as_secs_f64();
+        }
+        phase(format!("{} search", format.name()))?;
+        search_split.push(format!(
+            "{} search: {passes} pass(es) of forwards {forwards_s:.2} s, α losses {losses_s:.2} s",
+            format.name()
+        ));
 
         for id in (0..num_layers).filter(|&id| !plan.skip[id]) {
             let plain = FormatCalibration::max(input_amax[id] as f64);
-            let (Some(s), Some(act)) = (&search.searches[id], &act_scales[id]) else {
+            let (Some(s), Some(act)) = (&searches[id], &act_scales[id]) else {
                 records[id][f] = Some(plain);
                 continue;
             };
@@ -763,8 +811,7 @@ fn awq_lite(
             let best = quant::awq::scale(act, &s.weight_scale, alpha);
             let chosen = quant::awq::Smoothing::new(alpha, &best, &round);
             // ModelOpt: (per-channel amax · pre_quant_scale in f32).amax(), cast to the dtype.
-            let channel_amax = &cache.layers[id].as_ref().expect("searched layers were cached").channel_amax;
-            let amax = round(channel_amax.iter().zip(&best).fold(0f32, |m, (a, s)| m.max(a * (1.0 / s))));
+            let amax = round(channel_amax[id].iter().zip(&best).fold(0f32, |m, (a, s)| m.max(a * (1.0 / s))));
             records[id][f] = Some(FormatCalibration {
                 method: "awq_lite".into(),
                 alpha: Some(alpha as f64),
@@ -773,6 +820,11 @@ fn awq_lite(
                 input_amax: amax as f64,
             });
         }
+    }
+    let phases: Vec<String> = phases.iter().map(|(name, s)| format!("{name} {s:.2} s")).collect();
+    reporter.detail(format!("AWQ-lite on {} samples: {}", samples.len(), phases.join(", ")));
+    for split in search_split {
+        reporter.detail(split);
     }
     Ok(())
 }
