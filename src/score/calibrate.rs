@@ -159,36 +159,42 @@ impl AwqFormatSearch {
         Ok(AwqFormatSearch { weight_scale, input_scales, weight_scales, inputs: Vec::new(), losses })
     }
 
-    /// Per α: the smoothed weight quantized once and run on all kept inputs in one matmul (rows
-    /// concatenated in sample order), then each sample's loss, the mean over its rows as ModelOpt's
-    /// per-batch `mse_loss`; the inputs are released after. The losses stay on the device until
-    /// the layer is done, then are summed on the host in the order of ModelOpt's loop.
+    /// Per α: the smoothed weight quantized once and run on the kept inputs in one matmul per group
+    /// of samples (rows concatenated in sample order; [`SEARCH_GROUP_BYTES`] bounds a group), then
+    /// each sample's loss, the mean over its rows as ModelOpt's per-batch `mse_loss`; the inputs
+    /// are released after. The losses stay on the device until the layer is done, then are summed
+    /// on the host in the order of ModelOpt's loop.
     fn search(&mut self, format: &dyn Format, linear: &Linear) -> Result<()> {
         if self.inputs.is_empty() {
             return Ok(());
         }
-        let cols = linear.weight().dim(1)?;
+        let (out_features, cols) = linear.weight().dims2()?;
         let rows: Vec<usize> = self.inputs.iter().map(|x| x.elem_count() / cols).collect();
+        let groups = sample_groups(&rows, out_features * DType::F32.size_in_bytes(), SEARCH_GROUP_BYTES);
         let flat: Vec<Tensor> = self.inputs.drain(..).map(|x| x.reshape(((), cols))).collect::<Result<_>>()?;
-        let x = Tensor::cat(&flat, 0)?;
+        let batches: Vec<Tensor> = groups.iter().map(|g| Tensor::cat(&flat[g.clone()], 0)).collect::<Result<_>>()?;
         drop(flat);
-        let plain = linear.forward(&x)?;
+        // The unquantized outputs are kept when they fit in one group, else recomputed per α.
+        let plain = if groups.len() == 1 { Some(linear.forward(&batches[0])?) } else { None };
         // Every α's smoothed-weight amax in one device sync (the weight quantizer recalibrates it).
         let smoothed = |a: usize| linear.weight().broadcast_mul(&self.weight_scales[a]);
         let amax: Vec<Tensor> = (0..self.losses.len()).map(|a| fp8::amax(&smoothed(a)?)).collect::<Result<_>>()?;
         let amax = Tensor::stack(&amax, 0)?.to_vec1::<f32>()?;
-        let mut losses = Vec::with_capacity(self.losses.len() * rows.len());
+        let mut losses = Vec::with_capacity(self.losses.len() * groups.len());
         for (a, &amax) in amax.iter().enumerate() {
             let wq = format.quantize_weight(&smoothed(a)?, &WeightStats { amax })?;
-            let out = linear.forward_with(&x.broadcast_mul(&self.input_scales[a])?, &wq)?;
-            let squared = (out - &plain)?.to_dtype(DType::F32)?.sqr()?;
-            let mut first = 0;
-            for &n in &rows {
-                losses.push(squared.narrow(0, first, n)?.mean_all()?);
-                first += n;
+            for (x, group) in batches.iter().zip(&groups) {
+                let out = linear.forward_with(&x.broadcast_mul(&self.input_scales[a])?, &wq)?;
+                let squared = match &plain {
+                    Some(plain) => (out - plain)?,
+                    None => (out - linear.forward(x)?)?,
+                }
+                .to_dtype(DType::F32)?
+                .sqr()?;
+                losses.push(per_sample_means(&squared, &rows[group.clone()])?);
             }
         }
-        let losses = Tensor::stack(&losses, 0)?.to_vec1::<f32>()?;
+        let losses = Tensor::cat(&losses, 0)?.to_vec1::<f32>()?;
         for (total, per_sample) in self.losses.iter_mut().zip(losses.chunks(rows.len())) {
             for loss in per_sample {
                 *total += loss;
@@ -196,6 +202,48 @@ impl AwqFormatSearch {
         }
         Ok(())
     }
+}
+
+/// The most bytes one group of AWQ-lite's search may take for its f32 squared errors: all of a
+/// layer's samples go in one matmul, except for very wide outputs (the lm_head's 151,936 columns
+/// would take gigabytes for 8 samples at once).
+pub const SEARCH_GROUP_BYTES: usize = 256 << 20;
+
+/// Consecutive groups of samples (`rows[i]` rows each, `row_bytes` per row) of at most `budget`
+/// bytes, each holding at least one sample.
+fn sample_groups(rows: &[usize], row_bytes: usize, budget: usize) -> Vec<std::ops::Range<usize>> {
+    let mut groups = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, &n) in rows.iter().enumerate() {
+        if i > start && bytes + n * row_bytes > budget {
+            groups.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += n * row_bytes;
+    }
+    if start < rows.len() {
+        groups.push(start..rows.len());
+    }
+    groups
+}
+
+/// The mean of each sample's rows of `squared` (`rows[i]` rows for sample i, in order), as an f32
+/// vector on its device. On the CPU each mean is `mean_all` of the sample's rows, in order, as a
+/// per-sample loop would sum them; on a GPU the rows are summed first in one kernel (a reduction
+/// of everything to one value runs on a single thread block there), then each sample's row sums.
+fn per_sample_means(squared: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    let cols = squared.dim(1)?;
+    let row_sums = if squared.device().is_cpu() { None } else { Some(squared.sum(1)?) };
+    let mut means = Vec::with_capacity(rows.len());
+    let mut first = 0;
+    for &n in rows {
+        means.push(match &row_sums {
+            None => squared.narrow(0, first, n)?.mean_all()?,
+            Some(sums) => (sums.narrow(0, first, n)?.sum_all()? / (n * cols) as f64)?,
+        });
+        first += n;
+    }
+    Tensor::stack(&means, 0)
 }
 
 /// Splits the layers into consecutive chunks whose kept inputs (`own_input_bytes[id]`, 0 for a
@@ -250,7 +298,14 @@ impl Tap for AwqSearchTap<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::search_chunks;
+    use super::{sample_groups, search_chunks};
+
+    #[test]
+    fn sample_groups_stay_within_the_budget_with_at_least_one_sample() {
+        assert_eq!(sample_groups(&[10, 10, 10], 4, 1000), [0..3]);
+        assert_eq!(sample_groups(&[10, 10, 10], 4, 80), [0..2, 2..3]);
+        assert_eq!(sample_groups(&[10, 30, 10], 4, 80), [0..1, 1..2, 2..3]);
+    }
 
     #[test]
     fn search_chunks_stay_within_the_budget_and_keep_shared_inputs_together() {
