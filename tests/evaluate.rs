@@ -121,14 +121,16 @@ fn as_scored_recipes_reproduce_modelopt_fake_quant_losses() {
         enabled.sort_unstable();
         quantized.sort_unstable();
         assert_eq!(quantized, enabled, "{which}: the recipe as scored is ModelOpt's set of modules");
+        let mut off = Vec::new();
         for (k, loss) in losses(chosen).iter().enumerate() {
             let mo = r["fake_quant_loss_per_sample"][k].as_f64().unwrap();
             let rel = (loss - mo).abs() / mo;
             eprintln!("{which} as scored, sample {k}: loss {loss:.7}, ModelOpt fake quant {mo:.7} ({rel:.1e})");
-            if which == "text" {
-                assert!(rel <= 1e-5, "{which} sample {k}: {loss} vs ModelOpt fake quant {mo}");
+            if which == "text" && rel > 1e-5 {
+                off.push(format!("sample {k}: {loss} vs ModelOpt fake quant {mo} ({rel:.1e})"));
             }
         }
+        assert!(off.is_empty(), "{which}: more than 1e-5 relative from ModelOpt on {}", off.join("; "));
     }
 }
 
