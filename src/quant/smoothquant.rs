@@ -31,6 +31,12 @@ pub fn weight_channel_amax(weight: &[f32], cols: usize) -> Vec<f32> {
     amax
 }
 
+/// [`weight_channel_amax`] of a weight tensor, reduced on its own device (a max does not depend
+/// on the order it is taken in, so every device gives the slice version's values).
+pub fn weight_channel_amax_of(weight: &candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
+    weight.to_dtype(candle_core::DType::F32)?.abs()?.max(0)?.to_vec1::<f32>()
+}
+
 /// The pre-quant scale `p` of a layer from its per-channel input amax and weight amax (the
 /// latter in the weight dtype's values), ModelOpt's arithmetic: both powers in f32 (exact for
 /// α = 1: `w^0 = 1`, `a^1 = a`), the mask, the clamp.
@@ -52,6 +58,13 @@ pub fn pre_quant_scale(act_amax: &[f32], weight_amax: &[f32], alpha: f32) -> Vec
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tensor_weight_channel_amax_equals_the_slice_version() {
+        let values: Vec<f32> = (0..7 * 5).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+        let t = candle_core::Tensor::from_vec(values.clone(), (7, 5), &candle_core::Device::Cpu).unwrap();
+        assert_eq!(super::weight_channel_amax_of(&t).unwrap(), super::weight_channel_amax(&values, 5));
+    }
+
     use super::*;
 
     #[test]

@@ -660,8 +660,7 @@ fn smooth_quant(
                 continue;
             }
             let weight = model.linear(id).weight();
-            let cols = weight.dim(1)?;
-            let weight_amax = quant::smoothquant::weight_channel_amax(&quant::host::to_f32_vec(weight)?, cols);
+            let weight_amax = quant::smoothquant::weight_channel_amax_of(weight)?;
             let p = quant::smoothquant::pre_quant_scale(channel_amax, &weight_amax, alpha);
             // ModelOpt: (per-channel amax in the dtype · pre_quant_scale in f32).amax(), cast to the dtype.
             let amax = round(channel_amax.iter().zip(&p).fold(0f32, |m, (&a, &p)| m.max(round(a) * p)));
