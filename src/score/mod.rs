@@ -752,8 +752,10 @@ fn awq_lite(
     // The search pass keeps every searched layer's inputs on the device; in chunks of layers
     // whose inputs take at most a quarter of the weights' bytes (one pass of forwards each), so
     // the peak stays near a plain forward's whatever the number of samples.
-    let own_input_bytes: Vec<usize> = cache.layers.iter().map(|c| c.as_ref().map_or(0, |c| c.own_input_bytes)).collect();
-    let weight_bytes: usize = (0..num_layers).map(|id| model.linear(id).weight()).map(|w| w.elem_count() * w.dtype().size_in_bytes()).sum();
+    let own_input_bytes: Vec<usize> =
+        cache.layers.iter().map(|c| c.as_ref().map_or(0, |c| c.own_input_bytes)).collect();
+    let weight_bytes: usize =
+        (0..num_layers).map(|id| model.linear(id).weight()).map(|w| w.elem_count() * w.dtype().size_in_bytes()).sum();
     let chunks = calibrate::search_chunks(&own_input_bytes, (weight_bytes / 4).max(512 << 20));
 
     let round = dtype_rounding(model.dtype());
@@ -779,7 +781,8 @@ fn awq_lite(
             let clock = std::time::Instant::now();
             let in_chunk = (0..num_layers).map(|id| if chunk.contains(&id) { searches[id].take() } else { None });
             let mut search = calibrate::AwqSearchTap::new(format.as_ref(), in_chunk.collect(), quantized.clone());
-            let what = format!("AWQ-lite: searching α for {} (layers {}–{})", format.name(), chunk.start, chunk.end - 1);
+            let what =
+                format!("AWQ-lite: searching α for {} (layers {}–{})", format.name(), chunk.start, chunk.end - 1);
             calibration_forwards(model, inputs, samples, &mut search, reporter.bar(samples.len() as u64, &what))?;
             model.device().synchronize()?;
             forwards_s += clock.elapsed().as_secs_f64();
