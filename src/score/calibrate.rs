@@ -176,9 +176,13 @@ impl AwqFormatSearch {
         drop(flat);
         // The unquantized outputs are kept when they fit in one group, else recomputed per α.
         let plain = if groups.len() == 1 { Some(linear.forward(&batches[0])?) } else { None };
-        // Every α's smoothed-weight amax in one device sync (the weight quantizer recalibrates it).
+        // Every α's smoothed-weight amax (the weight quantizer recalibrates it) in one device sync,
+        // from the column maxima: with s > 0 and rounding monotone, max |round(W·s)| over a column
+        // is round(max |W| · s), so this equals fp8::amax of the smoothed weight bit for bit.
         let smoothed = |a: usize| linear.weight().broadcast_mul(&self.weight_scales[a]);
-        let amax: Vec<Tensor> = (0..self.losses.len()).map(|a| fp8::amax(&smoothed(a)?)).collect::<Result<_>>()?;
+        let column_amax = linear.weight().abs()?.max(0)?;
+        let amax: Vec<Tensor> =
+            self.weight_scales.iter().map(|s| smoothed_weight_amax(&column_amax, s)).collect::<Result<_>>()?;
         let amax = Tensor::stack(&amax, 0)?.to_vec1::<f32>()?;
         let mut losses = Vec::with_capacity(self.losses.len() * groups.len());
         for (a, &amax) in amax.iter().enumerate() {
@@ -202,6 +206,12 @@ impl AwqFormatSearch {
         }
         Ok(())
     }
+}
+
+/// `fp8::amax` of a weight smoothed by the positive per-column `scale` (both in the weight's
+/// dtype), from the weight's column maxima `column_amax = max_r |W[r, c]|`: an f32 scalar.
+fn smoothed_weight_amax(column_amax: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    (column_amax * scale)?.max(0)?.to_dtype(DType::F32)
 }
 
 /// The most bytes one group of AWQ-lite's search may take for its f32 squared errors: all of a
@@ -299,6 +309,28 @@ impl Tap for AwqSearchTap<'_> {
 #[cfg(test)]
 mod tests {
     use super::{sample_groups, search_chunks};
+
+    #[test]
+    fn smoothed_weight_amax_from_column_maxima_equals_the_amax_of_the_smoothed_weight() {
+        use candle_core::{DType, Device, Tensor};
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for seed in 0..4u64 {
+                let values = |n: usize, scale: f32| -> Vec<f32> {
+                    (0..n)
+                        .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000003) as f32 / 1000003.0 - 0.3) * scale)
+                        .collect()
+                };
+                let w =
+                    Tensor::from_vec(values(37 * 24, 3.0), (37, 24), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                let s: Vec<f32> = values(24, 1.0).iter().map(|v| v.abs() * 40.0 + 1e-4).collect();
+                let s = Tensor::from_vec(s, 24, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                let full = crate::quant::fp8::amax(&w.broadcast_mul(&s).unwrap()).unwrap().to_scalar::<f32>().unwrap();
+                let column_amax = w.abs().unwrap().max(0).unwrap();
+                let from_columns = super::smoothed_weight_amax(&column_amax, &s).unwrap().to_scalar::<f32>().unwrap();
+                assert_eq!(from_columns, full, "{dtype:?} seed {seed}");
+            }
+        }
+    }
 
     #[test]
     fn sample_groups_stay_within_the_budget_with_at_least_one_sample() {
