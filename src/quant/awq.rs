@@ -49,18 +49,6 @@ pub fn weight_scale(weight: &[f32], cols: usize, block: Option<usize>) -> Vec<f3
     sum.iter().map(|s| s / rows as f32).collect()
 }
 
-/// Mean |x| per channel of one batch `[tokens, cols]`.
-pub fn act_scale(x: &[f32], cols: usize) -> Vec<f32> {
-    let tokens = (x.len() / cols).max(1);
-    let mut sum = vec![0f32; cols];
-    for row in x.chunks(cols) {
-        for (s, v) in sum.iter_mut().zip(row) {
-            *s += v.abs();
-        }
-    }
-    sum.iter().map(|s| s / tokens as f32).collect()
-}
-
 /// [`weight_scale`] of a weight tensor `[rows, cols]`, computed on its own device in f32: the
 /// same elementwise arithmetic, the sum over rows in row order (candle's CPU reduction adds rows
 /// in order, as the slice version does), so on the CPU the two agree bit for bit. A last block
@@ -77,8 +65,9 @@ pub fn weight_scale_of(weight: &Tensor, block: Option<usize>) -> Result<Vec<f32>
     Ok(sum.iter().map(|s| s / rows as f32).collect())
 }
 
-/// [`act_scale`] of one batch `|x|` given as f32 `[tokens, cols]`, on its own device (no host
-/// copy; the CPU result equals the slice version's bit for bit).
+/// AWQ's activation scale of one batch, the mean |x| per channel, from `|x|` given as f32
+/// `[tokens, cols]`, on its own device (no host copy; on the CPU it equals the definition in the
+/// tests, a sum over tokens in order, bit for bit).
 pub fn act_scale_of(abs_x: &Tensor) -> Result<Tensor> {
     let tokens = abs_x.dim(0)?.max(1);
     abs_x.sum(0)?.broadcast_div(&Tensor::new(tokens as f32, abs_x.device())?)
@@ -143,6 +132,18 @@ impl Smoothing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The definition: mean |x| per channel of one batch `[tokens, cols]`, tokens summed in order.
+    fn act_scale(x: &[f32], cols: usize) -> Vec<f32> {
+        let tokens = (x.len() / cols).max(1);
+        let mut sum = vec![0f32; cols];
+        for row in x.chunks(cols) {
+            for (s, v) in sum.iter_mut().zip(row) {
+                *s += v.abs();
+            }
+        }
+        sum.iter().map(|s| s / tokens as f32).collect()
+    }
 
     #[test]
     fn alpha_grid_is_torch_arange_in_f32() {

@@ -20,19 +20,9 @@ pub use super::awq::Smoothing;
 /// ModelOpt's default migration strength for `INT8_SMOOTHQUANT_CFG`.
 pub const DEFAULT_ALPHA: f32 = 1.0;
 
-/// `max |W[r, c]|` over rows `r` of a row-major `[rows, cols]` weight: `|W|.amax(dim=0)`.
-pub fn weight_channel_amax(weight: &[f32], cols: usize) -> Vec<f32> {
-    let mut amax = vec![0f32; cols];
-    for row in weight.chunks(cols) {
-        for (m, v) in amax.iter_mut().zip(row) {
-            *m = m.max(v.abs());
-        }
-    }
-    amax
-}
-
-/// [`weight_channel_amax`] of a weight tensor, reduced on its own device (a max does not depend
-/// on the order it is taken in, so every device gives the slice version's values).
+/// `max |W[r, c]|` over rows `r` of a `[rows, cols]` weight tensor, `|W|.amax(dim=0)`, in f32,
+/// reduced on the weight's own device (a max does not depend on the order it is taken in, so
+/// every device gives the same values).
 pub fn weight_channel_amax_of(weight: &candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
     weight.to_dtype(candle_core::DType::F32)?.abs()?.max(0)?.to_vec1::<f32>()
 }
@@ -58,14 +48,25 @@ pub fn pre_quant_scale(act_amax: &[f32], weight_amax: &[f32], alpha: f32) -> Vec
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// The definition, on a row-major `[rows, cols]` slice.
+    fn weight_channel_amax(weight: &[f32], cols: usize) -> Vec<f32> {
+        let mut amax = vec![0f32; cols];
+        for row in weight.chunks(cols) {
+            for (m, v) in amax.iter_mut().zip(row) {
+                *m = m.max(v.abs());
+            }
+        }
+        amax
+    }
+
     #[test]
     fn tensor_weight_channel_amax_equals_the_slice_version() {
         let values: Vec<f32> = (0..7 * 5).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
         let t = candle_core::Tensor::from_vec(values.clone(), (7, 5), &candle_core::Device::Cpu).unwrap();
-        assert_eq!(super::weight_channel_amax_of(&t).unwrap(), super::weight_channel_amax(&values, 5));
+        assert_eq!(weight_channel_amax_of(&t).unwrap(), weight_channel_amax(&values, 5));
     }
-
-    use super::*;
 
     #[test]
     fn alpha_one_gives_the_reciprocal_input_amax_clamped() {
