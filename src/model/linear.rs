@@ -1,6 +1,23 @@
 //! The quantizable affine layer: `y = x Wᵀ + b`.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor, D};
+
+/// The longest inner dimension candle's CPU matmul (the gemm crate) sums in one block. Longer
+/// ones it splits into blocks sized from the CPU's L1 cache (gemm-common `kernel_params`: at
+/// least 512 terms, 512 on a 32 KiB 8-way L1, 768 on a 48 KiB 12-way one), so the rounding of an
+/// f32 product then depends on the machine.
+const GEMM_MIN_BLOCK: usize = 512;
+
+/// `a · b` (candle `matmul` shapes) with the same bits on every x86-64 machine with FMA: an f32
+/// product on the CPU whose inner dimension is longer than [`GEMM_MIN_BLOCK`] (the patch
+/// embedding's 1536, attention over long sequences) is accumulated in f64 and rounded once.
+/// Other products, dtypes and devices: candle's `matmul`.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.device().is_cpu() && a.dtype() == DType::F32 && a.dim(D::Minus1)? > GEMM_MIN_BLOCK {
+        return a.to_dtype(DType::F64)?.matmul(&b.to_dtype(DType::F64)?)?.to_dtype(DType::F32);
+    }
+    a.matmul(b)
+}
 
 /// A Linear layer (weight `[out, in]`, optional bias `[out]`), in the model's compute dtype.
 #[derive(Debug, Clone)]
@@ -42,7 +59,7 @@ impl Linear {
 
     /// `x Ŵᵀ + b` with a substitute weight of the same shape (e.g. fake-quantized).
     pub fn forward_with(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&weight.t()?)?;
+        let y = matmul(x, &weight.t()?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -21,6 +21,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::ops::{self, acc_dtype, AttnSpec, LayerNorm, LnStats, RmsNorm};
+use crate::model::linear::matmul;
 
 // ---------------------------------------------------------------------------------------------
 // Scalar plumbing of the CPU paths
@@ -613,7 +614,7 @@ pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) ->
         let q_c = query_chunk(q, g, q0, n)?;
         let s = q_c.matmul(&k.narrow(1, 0, kl)?.t()?)?; // [Hkv, G·n, kl]
         let (p, lse) = softmax_lse(&s, spec.scale, ScoreRows { n, q0, causal })?;
-        let o = p.matmul(&v.narrow(1, 0, kl)?)?; // [Hkv, G·n, d]
+        let o = matmul(&p, &v.narrow(1, 0, kl)?)?; // [Hkv, G·n, d]
         if n == l {
             return Ok((o.reshape((h, l, d))?, lse.reshape((h, l))?));
         }

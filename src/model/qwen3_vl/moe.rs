@@ -12,6 +12,7 @@ use candle_core::{bail, Result, Tensor};
 use super::config::MoeShape;
 use super::fused;
 use super::ops::acc_dtype;
+use crate::model::linear::matmul;
 use crate::quant::{Format, WeightStats};
 
 /// HF `Qwen3VLMoeTextSparseMoeBlock`: router and experts of one decoder layer.
@@ -194,7 +195,7 @@ impl SparseMoeBlock {
     /// HF `Qwen3VLMoeTextTopKRouter`: softmax in the accumulation dtype, top-k, renormalise.
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
         let (dt, acc) = (x.dtype(), acc_dtype(x.dtype()));
-        let logits = x.matmul(&self.gate.t()?)?;
+        let logits = matmul(x, &self.gate.t()?)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(acc)?)?;
         // Stable descending sort: equal probabilities keep the lower expert first.
         let ids = probs.arg_sort_last_dim(false)?.narrow(1, 0, self.shape.top_k)?.contiguous()?;
@@ -213,7 +214,7 @@ impl SparseMoeBlock {
         let mut outs = Vec::with_capacity(dispatch.groups.len());
         let mut gate_up = Vec::new();
         for (&(e, _, _), (g, u, act)) in dispatch.groups.iter().zip(self.swiglu_groups(&xs, &dispatch)?) {
-            outs.push(act.matmul(&self.down_proj.get(e)?)?); // [n, H]
+            outs.push(matmul(&act, &self.down_proj.get(e)?)?); // [n, H]
             if save {
                 gate_up.push((g, u));
             }
@@ -240,7 +241,7 @@ impl SparseMoeBlock {
         let i = self.shape.intermediate;
         let mut out = Vec::with_capacity(dispatch.groups.len());
         for &(e, start, n) in &dispatch.groups {
-            let gu = xs.narrow(0, start, n)?.matmul(&self.gate_up_proj.get(e)?)?; // [n, 2I]
+            let gu = matmul(&xs.narrow(0, start, n)?, &self.gate_up_proj.get(e)?)?; // [n, 2I]
             let (g, u) = (gu.narrow(1, 0, i)?.contiguous()?, gu.narrow(1, i, i)?.contiguous()?);
             let act = fused::swiglu(&g, &u)?;
             out.push((g, u, act));
@@ -291,10 +292,10 @@ impl SparseMoeBlock {
         for &(e, start, n) in &dispatch.groups {
             let weight = |w: &Tensor, amax: f32| format.quantize_weight(w, &WeightStats { amax });
             let gate_up = weight(&self.gate_up_proj.get(e)?, amax.gate_up_weight[e])?;
-            let gu = xs.narrow(0, start, n)?.matmul(&gate_up)?; // [n, 2I]
+            let gu = matmul(&xs.narrow(0, start, n)?, &gate_up)?; // [n, 2I]
             let act = fused::swiglu(&gu.narrow(1, 0, i)?.contiguous()?, &gu.narrow(1, i, i)?.contiguous()?)?;
             let down = weight(&self.down_proj.get(e)?, amax.down_weight[e])?;
-            outs.push(format.quantize_input(&act, amax.down_input)?.matmul(&down)?);
+            outs.push(matmul(&format.quantize_input(&act, amax.down_input)?, &down)?);
             // [n, H]
         }
         let row_weights = routing.weights.flatten_all()?.index_select(&dispatch.pair_of_row, 0)?;

@@ -8,9 +8,11 @@
 //!
 //! Reductions and the derivative formulas run in the *accumulation dtype* (`acc`: F32, or F64 for
 //! an F64 model), like HF which upcasts norms, softmax and the loss to f32. Matmuls run in the
-//! model dtype.
+//! model dtype ([`matmul`]: f32 products over more than 512 terms accumulated in f64 on the CPU).
 
 use candle_core::{DType, Device, Result, Tensor, D};
+
+use crate::model::linear::matmul;
 
 /// Accumulation dtype for reductions: f64 for an f64 model, f32 otherwise.
 pub fn acc_dtype(dt: DType) -> DType {
@@ -295,7 +297,7 @@ pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) ->
         let p = e.broadcast_div(&z)?;
         let lse = (m + z.log()?)?;
         // 3. P·V in the model dtype: [Hkv, G·n, kl] x [Hkv, kl, d]
-        let o = p.to_dtype(dt)?.matmul(&v_c)?;
+        let o = matmul(&p.to_dtype(dt)?, &v_c)?;
         outs.push(o.reshape((hkv, spec.groups, n, d))?);
         lses.push(lse.reshape((hkv, spec.groups, n))?);
         q0 += n;
