@@ -5,11 +5,18 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::{DType, Device, Tensor};
 use qsens::artifact;
 use qsens::artifact::evaluation::{Evaluation, RecipeResult};
+use qsens::artifact::inputs::ModelInputs;
 use qsens::artifact::manifest::Manifest;
+use qsens::model::qwen3_vl::{ForwardOptions, Keep, LogitsMode, Qwen3VL};
+use qsens::model::{LayerId, LayerKind, Linear, Tap};
+use qsens::quant::served::{self, RecipeLayer};
+use qsens::quant::{fp8, WeightStats};
 use serde_json::Value;
 
 use common::pipeline::{ok, run, s, Pipeline};
@@ -98,10 +105,13 @@ fn unquantized_loss_is_hf_and_a_checkpoint_measures_as_its_manifest() {
 /// Issue 11, acceptance 1: ModelOpt's fake-quant loss of the export recipes (HF's loss with
 /// exactly those modules fake-quantized, calibrated on the same 4 samples), run as scored
 /// (`--as-scored`: every module ModelOpt quantized, the Conv3d patch embedding included, which a
-/// checkpoint serves 16-bit). `text` is asserted within 1e-5 relative. `all` is printed, not
-/// asserted: its 19 vision layers put an E4M3 rounding of vision activations (which agree with
-/// torch's to ~1e-7, not bit for bit) on this random-weight model's path, and one activation
-/// crossing a rounding boundary moves its loss by ~1e-4 (docs/quantize.md).
+/// checkpoint serves 16-bit). `text` is asserted within 1e-5 relative on every sample, where a
+/// sample may first have one activation rounded the other way: one that lies within
+/// [`TIE_BAND`] of an E4M3 rounding tie, where two correct f32 implementations (ours, torch's)
+/// round differently depending on their summation order — which on the CPU depends on the
+/// machine (gemm splits sums over more than 512 terms, the patch embedding's 1536, by L1 cache
+/// size). On this random-weight model one such rounding moves a loss by ~1e-4 (docs/quantize.md).
+/// `all` is printed, not asserted: its 19 vision layers put many such roundings on the path.
 #[test]
 fn as_scored_recipes_reproduce_modelopt_fake_quant_losses() {
     let fx = fixtures_or_skip!();
@@ -127,10 +137,132 @@ fn as_scored_recipes_reproduce_modelopt_fake_quant_losses() {
             let rel = (loss - mo).abs() / mo;
             eprintln!("{which} as scored, sample {k}: loss {loss:.7}, ModelOpt fake quant {mo:.7} ({rel:.1e})");
             if which == "text" && rel > 1e-5 {
-                off.push(format!("sample {k}: {loss} vs ModelOpt fake quant {mo} ({rel:.1e})"));
+                off.push((k, *loss, mo));
             }
         }
-        assert!(off.is_empty(), "{which}: more than 1e-5 relative from ModelOpt on {}", off.join("; "));
+        if off.is_empty() {
+            continue;
+        }
+        let probe = TieProbe::new(&fx, st, &manifest);
+        let unexplained: Vec<String> =
+            off.iter().filter_map(|&(k, loss, mo)| probe.explain(k, loss, mo).err()).collect();
+        assert!(unexplained.is_empty(), "{which}: more than 1e-5 relative from ModelOpt: {}", unexplained.join("; "));
+    }
+}
+
+/// How close (relative) to an E4M3 rounding tie an activation must be for two correct f32
+/// implementations to round it differently: qsens' activations agree with torch's to ~1e-7, and
+/// to 7.7e-7 after the patch embedding (tests/model_reference.rs).
+const TIE_BAND: f32 = 1e-6;
+
+/// Relative distance of `t` (an activation divided by its scale) from the nearest tie between
+/// two E4M3 values, and whether `|t|` lies below it; `None` where it saturates or is 0.
+fn e4m3_tie(t: f32) -> Option<(f32, bool)> {
+    let a = t.abs();
+    if a == 0.0 || a >= 448.0 {
+        return None;
+    }
+    // E4M3 spacing: 2^-9 below 2^-6 (subnormals), else 2^(e-3) for a in [2^e, 2^(e+1)).
+    let step = if a < 1.0 / 64.0 { 1.0 / 512.0 } else { 2f64.powi(a.log2().floor() as i32 - 3) };
+    let tie = ((a as f64 / step).floor() + 0.5) * step;
+    Some((((a as f64 - tie).abs() / a as f64) as f32, (a as f64) < tie))
+}
+
+/// The `text` recipe as scored, computed in the test with a tap of its own: the chosen layers'
+/// inputs quantized with the library's FP8 op at their static scale, weights as the binary
+/// dequantizes them; it lists the activations within [`TIE_BAND`] of a tie and can move one
+/// of them (at every layer reading the same input: q/k/v, gate/up) across it.
+struct TieProbe {
+    model: Qwen3VL,
+    inputs: ModelInputs,
+    /// Per quantized layer: its input site (the fused layer, shared by shards), input scale and
+    /// dequantized weight.
+    layers: HashMap<LayerId, (String, f32, Tensor)>,
+}
+
+struct TieTap<'a> {
+    layers: &'a HashMap<LayerId, (String, f32, Tensor)>,
+    flip: Option<(String, usize)>,
+    /// (site, element, relative distance to the tie), each once.
+    near: Vec<(String, usize, f32)>,
+}
+
+impl Tap for TieTap<'_> {
+    fn forward(&mut self, id: LayerId, linear: &Linear, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let Some((site, scale, weight)) = self.layers.get(&id) else { return Ok(None) };
+        let mut v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        for (i, x) in v.iter_mut().enumerate() {
+            let Some((d, below)) = e4m3_tie(*x / scale) else { continue };
+            if d < TIE_BAND && !self.near.iter().any(|(s, j, _)| s == site && *j == i) {
+                self.near.push((site.clone(), i, d));
+            }
+            if self.flip.as_ref().is_some_and(|(s, j)| s == site && *j == i) {
+                *x *= if below { 1.0 + 2.0 * TIE_BAND } else { 1.0 - 2.0 * TIE_BAND };
+            }
+        }
+        let xq = fp8::fake_quant_with_scale(&Tensor::from_vec(v, x.shape(), x.device())?, *scale)?;
+        linear.forward_with(&xq, weight).map(Some)
+    }
+}
+
+impl TieProbe {
+    fn new(fx: &Path, st: &Pipeline, manifest: &Path) -> Self {
+        let model = Qwen3VL::load(&fx.join("qwen3-vl-tiny"), DType::F32, &Device::Cpu).unwrap();
+        let inputs = artifact::read::<ModelInputs>(st.inputs.as_path()).unwrap().payload;
+        let m = artifact::read::<Manifest>(manifest).unwrap().payload;
+        let recipe: Vec<RecipeLayer> = m
+            .layers
+            .iter()
+            .filter(|l| l.chosen == "FP8")
+            .map(|l| {
+                let id = model.layer_id(&l.name).unwrap();
+                let weight_amax = WeightStats::of(model.linear(id).weight()).unwrap().amax;
+                let (name, format) = (l.name.clone(), "FP8".to_string());
+                RecipeLayer { name, kind: LayerKind::Linear, format, input_amax: l.input_amax as f32, weight_amax }
+            })
+            .collect();
+        let plan = served::plan_as_scored(&recipe).unwrap();
+        let mut layers = HashMap::new();
+        for l in &plan.layers {
+            let id = model.layer_id(&l.name).unwrap();
+            let weight = served::dequantized_weight(model.linear(id).weight(), l.format, l.weight_scale).unwrap();
+            let site = served::fused_layer_of(&l.name).unwrap_or_else(|| l.name.clone());
+            layers.insert(id, (site, l.input_scale.unwrap(), weight));
+        }
+        TieProbe { model, inputs, layers }
+    }
+
+    /// Sample `k`'s loss with `flip` moved across its tie, and the activations found near a tie.
+    fn loss(&self, k: usize, flip: Option<(String, usize)>) -> (f64, Vec<(String, usize, f32)>) {
+        let input = qsens::score::model_input(&self.inputs.samples[k], &self.inputs).unwrap();
+        let mut tap = TieTap { layers: &self.layers, flip, near: Vec::new() };
+        let opts = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Nothing, trace: false };
+        let loss = self.model.forward(&input, &mut tap, &opts).unwrap().loss.unwrap() as f64;
+        (loss, tap.near)
+    }
+
+    /// Ok when sample `k`'s gap to ModelOpt's `mo` closes to 1e-5 with one activation near a tie
+    /// rounded the other way; `measured` is the binary's loss, which the probe must reproduce.
+    fn explain(&self, k: usize, measured: f64, mo: f64) -> Result<(), String> {
+        let (loss, mut near) = self.loss(k, None);
+        assert!((loss - measured).abs() <= 1e-6 * measured, "sample {k}: probe {loss} vs evaluate {measured}");
+        near.sort_by(|a, b| a.2.total_cmp(&b.2));
+        let mut tried = Vec::new();
+        for (site, i, d) in near {
+            let (flipped, _) = self.loss(k, Some((site.clone(), i)));
+            let rel = (flipped - mo).abs() / mo;
+            eprintln!("  sample {k}: {site} input element {i} ({d:.1e} from a tie) rounded the other way: {flipped:.7} ({rel:.1e})");
+            if rel <= 1e-5 {
+                return Ok(());
+            }
+            tried.push(format!("{site}[{i}] {flipped:.7}"));
+        }
+        Err(format!(
+            "sample {k}: {measured} vs ModelOpt fake quant {mo} ({:.1e}), and no activation within {TIE_BAND:.0e} of a \
+             tie closes it (tried: {})",
+            (measured - mo).abs() / mo,
+            if tried.is_empty() { "none near".to_string() } else { tried.join(", ") }
+        ))
     }
 }
 
