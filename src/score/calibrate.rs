@@ -333,6 +333,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // a list of one group, not the range's values
     fn sample_groups_stay_within_the_budget_with_at_least_one_sample() {
         assert_eq!(sample_groups(&[10, 10, 10], 4, 1000), [0..3]);
         assert_eq!(sample_groups(&[10, 10, 10], 4, 80), [0..2, 2..3]);
@@ -340,6 +341,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // a list of one chunk, not the range's values
     fn search_chunks_stay_within_the_budget_and_keep_shared_inputs_together() {
         // Layers 1 and 2 share layer 0's input; layer 5 is not searched.
         let bytes = [40, 0, 0, 30, 50, 0, 20, 90];
