@@ -1,5 +1,5 @@
 //! CUDA launches of the fused kernels (`kernels/{attention,norm,act}.cu`, feature `cuda`). The
-//! CPU paths of `fused.rs` compute the same arithmetic and are the reference; shapes and dtypes are
+//! CPU paths of `fused/` compute the same arithmetic and are the reference; shapes and dtypes are
 //! checked there before these run. Outputs are fresh allocations, every element written by the
 //! kernel (the self-test poisons them first to prove it).
 
@@ -101,7 +101,7 @@ macro_rules! launch {
         let mut b = stream.launch_builder(&f);
         $( b.arg($arg); )*
         // SAFETY: the arguments match the kernel's parameter list (kernels/*.cu) in order and type;
-        // pointers cover the ranges the kernel reads/writes (checked by the callers in fused.rs).
+        // pointers cover the ranges the kernel reads/writes (checked by the callers in fused/).
         unsafe { b.launch($cfg) }.w()?;
         drop(b);
         done($dev, $name)?;
@@ -619,7 +619,7 @@ fn rms_norm_backward_t<T: Ty>(
         b.arg(&rows_i);
         b.arg(&dd_i);
         // SAFETY: arguments match rms_bwd_* (x, rstd, w, dy, dy2|null, dy3|null, res|null, dx, rows, dd);
-        // fused.rs checked 1 ≤ dy.len() ≤ 3.
+        // fused/norm.rs checked 1 ≤ dy.len() ≤ 3.
         unsafe { b.launch(cfg) }.w()?;
     }
     done(&dev, &name)?;

@@ -4,7 +4,7 @@
 //! These are the op-chain implementations (one candle op per step); the model runs the fused
 //! equivalents of the hot ones ([`super::fused`]), which keep these as their test reference and
 //! as the fallback where no fused kernel exists. The norms' `forward`/`backward` are fused and
-//! live in `fused.rs` beside the kernels they call: this module depends on nothing fused.
+//! live in `fused/norm.rs` beside the kernels they call: this module depends on nothing fused.
 //!
 //! Reductions and the derivative formulas run in the *accumulation dtype* (`acc`: F32, or F64 for
 //! an F64 model), like HF which upcasts norms, softmax and the loss to f32. Matmuls run in the
