@@ -26,6 +26,7 @@
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor, D};
 use rayon::prelude::*;
 
+use crate::model::linear::matmul;
 use crate::model::qwen3_vl::Qwen3VL;
 use crate::model::{LayerId, Linear, Tap};
 
@@ -158,7 +159,8 @@ impl KlBase {
 
     fn kl_sum_linear_sliced(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, width: usize) -> Result<Tensor> {
         let logits = |w: &Tensor, bias: Option<&Tensor>| -> Result<Tensor> {
-            let y = x.matmul(&w.t()?)?;
+            // Rounded as the model's Linear forward rounds the base logits.
+            let y = matmul(x, &w.t()?)?;
             let y = match bias {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
