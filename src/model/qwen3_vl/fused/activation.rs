@@ -13,7 +13,7 @@ macro_rules! binary_api {
             if !fusable($a) {
                 return $chain($a, $b);
             }
-            on_cuda!($a, crate::model::qwen3_vl::fused_cuda::$name($a, $b));
+            on_cuda!($a, fused_cuda::$name($a, $b));
             cpu_dtype!($a.dtype(), stringify!($name), $cpu($a, $b))
         }
     };
@@ -90,7 +90,7 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dm: &Tensor) -> Result<(Tenso
     if !fusable(gate) {
         return ops::swiglu_backward(gate, up, dm);
     }
-    on_cuda!(gate, crate::model::qwen3_vl::fused_cuda::swiglu_backward(gate, up, dm));
+    on_cuda!(gate, fused_cuda::swiglu_backward(gate, up, dm));
     cpu_dtype!(gate.dtype(), "swiglu_backward", swiglu_backward_cpu(gate, up, dm))
 }
 

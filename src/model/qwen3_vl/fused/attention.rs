@@ -2,6 +2,7 @@
 //! and backward chunked over query rows around them (the matmuls in candle).
 
 use super::*;
+use crate::model::linear::matmul;
 
 // ---------------------------------------------------------------------------------------------
 // Attention softmax
@@ -18,8 +19,8 @@ pub struct ScoreRows {
 
 impl ScoreRows {
     #[cfg(feature = "cuda")]
-    fn for_kernel(self) -> crate::model::qwen3_vl::fused_cuda::MaskRows {
-        crate::model::qwen3_vl::fused_cuda::MaskRows { n: self.n, q0: self.q0, causal: self.causal }
+    fn for_kernel(self) -> fused_cuda::MaskRows {
+        fused_cuda::MaskRows { n: self.n, q0: self.q0, causal: self.causal }
     }
 
     /// Keys visible to flat row `r` of `k`.
@@ -66,7 +67,7 @@ pub fn softmax_lse(s: &Tensor, scale: f64, rows: ScoreRows) -> Result<(Tensor, T
     if !fusable(s) {
         return softmax_lse_chain(s, scale, rows);
     }
-    on_cuda!(s, crate::model::qwen3_vl::fused_cuda::softmax_lse(s, scale, rows.for_kernel()));
+    on_cuda!(s, fused_cuda::softmax_lse(s, scale, rows.for_kernel()));
     cpu_dtype!(s.dtype(), "softmax_lse", softmax_lse_cpu(s, scale, rows))
 }
 
@@ -149,7 +150,7 @@ pub fn softmax_backward(
     if !fusable(s) {
         return softmax_backward_chain(s, dp, lse, delta, scale, rows);
     }
-    on_cuda!(s, crate::model::qwen3_vl::fused_cuda::softmax_backward(s, dp, lse, delta, scale, rows.for_kernel()));
+    on_cuda!(s, fused_cuda::softmax_backward(s, dp, lse, delta, scale, rows.for_kernel()));
     cpu_dtype!(s.dtype(), "softmax_backward", softmax_backward_cpu(s, dp, lse, delta, scale, rows))
 }
 
@@ -215,7 +216,7 @@ pub fn row_dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !fusable(a) {
         return row_dot_chain(a, b);
     }
-    on_cuda!(a, crate::model::qwen3_vl::fused_cuda::row_dot(a, b));
+    on_cuda!(a, fused_cuda::row_dot(a, b));
     cpu_dtype!(a.dtype(), "row_dot", row_dot_cpu(a, b))
 }
 
@@ -251,7 +252,7 @@ pub fn attention_bwd_prep(dattn: &Tensor, attn: &Tensor, heads: usize) -> Result
     if !fusable(dattn) {
         return attention_bwd_prep_chain(dattn, attn, heads);
     }
-    on_cuda!(dattn, crate::model::qwen3_vl::fused_cuda::attention_bwd_prep(dattn, attn, heads));
+    on_cuda!(dattn, fused_cuda::attention_bwd_prep(dattn, attn, heads));
     cpu_dtype!(dattn.dtype(), "attention_bwd_prep", attention_bwd_prep_cpu(dattn, attn, heads))
 }
 

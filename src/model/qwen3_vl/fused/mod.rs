@@ -27,7 +27,9 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::ops::{self, acc_dtype, AttnSpec, LayerNorm, LnStats, RmsNorm};
-use crate::model::linear::matmul;
+
+#[cfg(feature = "cuda")]
+use super::fused_cuda;
 
 // ---------------------------------------------------------------------------------------------
 // Scalar plumbing of the CPU paths
@@ -279,7 +281,7 @@ fn stat_shape(t: &Tensor) -> Vec<usize> {
 /// (`QSENS_FUSED_DEBUG=1` in the environment turns both on for a whole run.)
 pub fn set_debug(poison: bool, sync_check: bool) {
     #[cfg(feature = "cuda")]
-    crate::model::qwen3_vl::fused_cuda::set_debug(poison, sync_check);
+    fused_cuda::set_debug(poison, sync_check);
     #[cfg(not(feature = "cuda"))]
     let _ = (poison, sync_check);
 }

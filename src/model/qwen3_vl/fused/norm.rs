@@ -21,7 +21,7 @@ pub fn rms_norm(x: &Tensor, res: Option<&Tensor>, w: &Tensor, eps: f64) -> Resul
     if !fusable(x) {
         return rms_norm_chain(x, res, w, eps);
     }
-    on_cuda!(x, crate::model::qwen3_vl::fused_cuda::rms_norm(x, res, w, eps));
+    on_cuda!(x, fused_cuda::rms_norm(x, res, w, eps));
     cpu_dtype!(x.dtype(), "rms_norm", rms_norm_cpu(x, res, w, eps))
 }
 
@@ -113,7 +113,7 @@ pub fn rms_norm_backward(
     if !fusable(x) {
         return rms_norm_backward_chain(x, rstd, w, dy, res);
     }
-    on_cuda!(x, crate::model::qwen3_vl::fused_cuda::rms_norm_backward(x, rstd, w, dy, res));
+    on_cuda!(x, fused_cuda::rms_norm_backward(x, rstd, w, dy, res));
     cpu_dtype!(x.dtype(), "rms_norm_backward", rms_norm_backward_cpu(x, rstd, w, dy, res))
 }
 
@@ -202,7 +202,7 @@ pub fn layer_norm(
     if !fusable(x) {
         return layer_norm_chain(x, res, w, b, eps);
     }
-    on_cuda!(x, crate::model::qwen3_vl::fused_cuda::layer_norm(x, res, w, b, eps));
+    on_cuda!(x, fused_cuda::layer_norm(x, res, w, b, eps));
     cpu_dtype!(x.dtype(), "layer_norm", layer_norm_cpu(x, res, w, b, eps))
 }
 
@@ -284,7 +284,7 @@ pub fn layer_norm_backward(
     if !fusable(x) {
         return layer_norm_backward_chain(x, mean, rstd, w, dy, res);
     }
-    on_cuda!(x, crate::model::qwen3_vl::fused_cuda::layer_norm_backward(x, mean, rstd, w, dy, res));
+    on_cuda!(x, fused_cuda::layer_norm_backward(x, mean, rstd, w, dy, res));
     cpu_dtype!(x.dtype(), "layer_norm_backward", layer_norm_backward_cpu(x, mean, rstd, w, dy, res))
 }
 

@@ -36,7 +36,7 @@ pub fn qk_norm_rope(
     if !fusable(x) {
         return qk_norm_rope_chain(x, w, cos, sin, heads, eps);
     }
-    on_cuda!(x, crate::model::qwen3_vl::fused_cuda::qk_norm_rope(x, w, cos, sin, heads, eps));
+    on_cuda!(x, fused_cuda::qk_norm_rope(x, w, cos, sin, heads, eps));
     cpu_dtype!(x.dtype(), "qk_norm_rope", qk_norm_rope_cpu(x, w, cos, sin, heads, eps))
 }
 
@@ -121,7 +121,7 @@ pub fn qk_norm_rope_backward(
     if !fusable(x) {
         return qk_norm_rope_backward_chain(g, x, rstd, w, cos, sin);
     }
-    on_cuda!(x, crate::model::qwen3_vl::fused_cuda::qk_norm_rope_backward(g, x, rstd, w, cos, sin));
+    on_cuda!(x, fused_cuda::qk_norm_rope_backward(g, x, rstd, w, cos, sin));
     cpu_dtype!(x.dtype(), "qk_norm_rope_backward", qk_norm_rope_backward_cpu(g, x, rstd, w, cos, sin))
 }
 
@@ -211,7 +211,7 @@ pub fn vision_qkv_rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -
     if !fusable(qkv) {
         return vision_qkv_rope_chain(qkv, cos, sin, heads);
     }
-    on_cuda!(qkv, crate::model::qwen3_vl::fused_cuda::vision_qkv_rope(qkv, cos, sin, heads));
+    on_cuda!(qkv, fused_cuda::vision_qkv_rope(qkv, cos, sin, heads));
     cpu_dtype!(qkv.dtype(), "vision_qkv_rope", vision_qkv_rope_cpu(qkv, cos, sin, heads))
 }
 
@@ -265,7 +265,7 @@ pub fn vision_qkv_rope_backward(dq: &Tensor, dk: &Tensor, dv: &Tensor, cos: &Ten
     if !fusable(dq) {
         return vision_qkv_rope_backward_chain(dq, dk, dv, cos, sin);
     }
-    on_cuda!(dq, crate::model::qwen3_vl::fused_cuda::vision_qkv_rope_backward(dq, dk, dv, cos, sin));
+    on_cuda!(dq, fused_cuda::vision_qkv_rope_backward(dq, dk, dv, cos, sin));
     cpu_dtype!(dq.dtype(), "vision_qkv_rope_backward", vision_qkv_rope_backward_cpu(dq, dk, dv, cos, sin))
 }
 
