@@ -114,7 +114,7 @@ impl Tap for AwqCacheTap {
 /// so q/k/v keep one copy); [`AwqSearchTap::search`] then quantizes each layer's smoothed weight
 /// once per α and runs it on all kept inputs at once, instead of once per α and sample. The
 /// losses are those of ModelOpt's per-batch loop, summed over samples in the same order. To bound
-/// the memory the kept inputs take, a caller searches the layers in chunks ([`search_chunks`]),
+/// the memory the kept inputs take, a caller searches the layers in chunks ([`budget_chunks`]),
 /// one pass of forwards per chunk.
 ///
 /// Layers ModelOpt does not wrap for the search (the patch embedding, a convolution) keep the
@@ -170,7 +170,9 @@ impl AwqFormatSearch {
         }
         let (out_features, cols) = linear.weight().dims2()?;
         let rows: Vec<usize> = self.inputs.iter().map(|x| x.elem_count() / cols).collect();
-        let groups = sample_groups(&rows, out_features * DType::F32.size_in_bytes(), SEARCH_GROUP_BYTES);
+        let row_bytes = out_features * DType::F32.size_in_bytes();
+        let sample_bytes: Vec<usize> = rows.iter().map(|n| n * row_bytes).collect();
+        let groups = budget_chunks(&sample_bytes, SEARCH_GROUP_BYTES);
         let flat: Vec<Tensor> = self.inputs.drain(..).map(|x| x.reshape(((), cols))).collect::<Result<_>>()?;
         let batches: Vec<Tensor> = groups.iter().map(|g| Tensor::cat(&flat[g.clone()], 0)).collect::<Result<_>>()?;
         drop(flat);
@@ -219,24 +221,6 @@ fn smoothed_weight_amax(column_amax: &Tensor, scale: &Tensor) -> Result<Tensor> 
 /// would take gigabytes for 8 samples at once).
 pub const SEARCH_GROUP_BYTES: usize = 256 << 20;
 
-/// Consecutive groups of samples (`rows[i]` rows each, `row_bytes` per row) of at most `budget`
-/// bytes, each holding at least one sample.
-fn sample_groups(rows: &[usize], row_bytes: usize, budget: usize) -> Vec<std::ops::Range<usize>> {
-    let mut groups = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, &n) in rows.iter().enumerate() {
-        if i > start && bytes + n * row_bytes > budget {
-            groups.push(start..i);
-            (start, bytes) = (i, 0);
-        }
-        bytes += n * row_bytes;
-    }
-    if start < rows.len() {
-        groups.push(start..rows.len());
-    }
-    groups
-}
-
 /// The mean of each sample's rows of `squared` (`rows[i]` rows for sample i, in order), as an f32
 /// vector on its device. On the CPU each mean is `mean_all` of the sample's rows, in order, as a
 /// per-sample loop would sum them; on a GPU the rows are summed first in one kernel (a reduction
@@ -256,22 +240,23 @@ fn per_sample_means(squared: &Tensor, rows: &[usize]) -> Result<Tensor> {
     Tensor::stack(&means, 0)
 }
 
-/// Splits the layers into consecutive chunks whose kept inputs (`own_input_bytes[id]`, 0 for a
-/// layer that shares its predecessor's input) stay within `budget` bytes, so that AWQ-lite's
-/// search pass can run once per chunk. A chunk holds at least one layer with inputs of its own,
-/// whatever its size, and a layer sharing its predecessor's input stays in its chunk.
-pub fn search_chunks(own_input_bytes: &[usize], budget: usize) -> Vec<std::ops::Range<LayerId>> {
+/// Splits items of `item_bytes[i]` bytes into consecutive chunks of at most `budget` bytes. A
+/// chunk holds at least one item with bytes, whatever its size, and an item of 0 bytes stays in
+/// its predecessor's chunk. Used for the layers of AWQ-lite's search pass (their kept inputs, 0
+/// for a layer sharing its predecessor's input: one pass of forwards per chunk) and for the
+/// samples of one layer's search ([`SEARCH_GROUP_BYTES`]: one matmul per chunk).
+pub fn budget_chunks(item_bytes: &[usize], budget: usize) -> Vec<std::ops::Range<usize>> {
     let mut chunks = Vec::new();
     let (mut start, mut bytes) = (0, 0);
-    for (id, &b) in own_input_bytes.iter().enumerate() {
+    for (i, &b) in item_bytes.iter().enumerate() {
         if b > 0 && bytes > 0 && bytes + b > budget {
-            chunks.push(start..id);
-            (start, bytes) = (id, 0);
+            chunks.push(start..i);
+            (start, bytes) = (i, 0);
         }
         bytes += b;
     }
-    if start < own_input_bytes.len() {
-        chunks.push(start..own_input_bytes.len());
+    if start < item_bytes.len() {
+        chunks.push(start..item_bytes.len());
     }
     chunks
 }
@@ -308,7 +293,7 @@ impl Tap for AwqSearchTap<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{sample_groups, search_chunks};
+    use super::budget_chunks;
 
     #[test]
     fn smoothed_weight_amax_from_column_maxima_equals_the_amax_of_the_smoothed_weight() {
@@ -335,9 +320,10 @@ mod tests {
     #[test]
     #[allow(clippy::single_range_in_vec_init)] // a list of one group, not the range's values
     fn sample_groups_stay_within_the_budget_with_at_least_one_sample() {
-        assert_eq!(sample_groups(&[10, 10, 10], 4, 1000), [0..3]);
-        assert_eq!(sample_groups(&[10, 10, 10], 4, 80), [0..2, 2..3]);
-        assert_eq!(sample_groups(&[10, 30, 10], 4, 80), [0..1, 1..2, 2..3]);
+        // Samples of 10, 10, 10 (then 10, 30, 10) rows of 4 bytes.
+        assert_eq!(budget_chunks(&[40, 40, 40], 1000), [0..3]);
+        assert_eq!(budget_chunks(&[40, 40, 40], 80), [0..2, 2..3]);
+        assert_eq!(budget_chunks(&[40, 120, 40], 80), [0..1, 1..2, 2..3]);
     }
 
     #[test]
@@ -345,10 +331,10 @@ mod tests {
     fn search_chunks_stay_within_the_budget_and_keep_shared_inputs_together() {
         // Layers 1 and 2 share layer 0's input; layer 5 is not searched.
         let bytes = [40, 0, 0, 30, 50, 0, 20, 90];
-        assert_eq!(search_chunks(&bytes, 100), [0..4, 4..7, 7..8]);
+        assert_eq!(budget_chunks(&bytes, 100), [0..4, 4..7, 7..8]);
         // A layer over the budget gets a chunk of its own; everything fits in one big budget.
-        assert_eq!(search_chunks(&bytes, 10), [0..3, 3..4, 4..6, 6..7, 7..8]);
-        assert_eq!(search_chunks(&bytes, 1000), [0..8]);
-        assert_eq!(search_chunks(&[], 10), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(budget_chunks(&bytes, 10), [0..3, 3..4, 4..6, 6..7, 7..8]);
+        assert_eq!(budget_chunks(&bytes, 1000), [0..8]);
+        assert_eq!(budget_chunks(&[], 10), Vec::<std::ops::Range<usize>>::new());
     }
 }

@@ -756,7 +756,7 @@ fn awq_lite(
         cache.layers.iter().map(|c| c.as_ref().map_or(0, |c| c.own_input_bytes)).collect();
     let weight_bytes: usize =
         (0..num_layers).map(|id| model.linear(id).weight()).map(|w| w.elem_count() * w.dtype().size_in_bytes()).sum();
-    let chunks = calibrate::search_chunks(&own_input_bytes, (weight_bytes / 4).max(512 << 20));
+    let chunks = calibrate::budget_chunks(&own_input_bytes, (weight_bytes / 4).max(512 << 20));
 
     let round = dtype_rounding(model.dtype());
     for (f, format) in plan.formats.iter().enumerate() {
