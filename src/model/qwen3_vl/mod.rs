@@ -714,6 +714,9 @@ impl Qwen3VL {
                 }
                 self.inner.forward(id, linear, x)
             }
+            fn moe_forward(&mut self, block: &SparseMoeBlock, x: &Tensor) -> Result<Option<Tensor>> {
+                self.inner.moe_forward(block, x)
+            }
         }
         let (Some(prev), Some(s)) = (fwd.resume.as_ref(), fwd.sample.as_ref()) else {
             bail!("forward_from_hidden needs a Forward made with Keep::Resume")
