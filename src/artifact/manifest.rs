@@ -177,6 +177,9 @@ pub struct LayerEntry {
     pub rank: Option<usize>,
     pub ci: Option<[f64; 2]>,
     pub rank_interval: Option<[usize; 2]>,
+    /// Kind `experts` only: each expert's calibration, as in the scores artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts: Option<crate::artifact::scores::ExpertsCalibration>,
 }
 
 /// Minimum objective as a function of the effective-bits budget, from the same scores.

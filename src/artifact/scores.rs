@@ -77,15 +77,17 @@ pub struct LayerScores {
     pub group: String,
     /// `vision`, `text` or `lm_head`.
     pub tower: String,
-    /// `linear` or `patch_embed`.
+    /// `linear`, `patch_embed` or `experts` (all routed experts of one sparse MoE layer).
     pub kind: String,
-    /// Weight shape `[out_features, in_features]` (the patch embed's input is the flattened patch).
+    /// Weight shape `[out_features, in_features]` (the patch embed's input is the flattened patch;
+    /// `experts`: `[experts, weights per expert]`).
     pub shape: [u64; 2],
     /// Weight parameters (the cost unit).
     pub params: u64,
-    /// Calibrated input amax (max |x| over the calibration samples, quantization off).
+    /// Calibrated input amax (max |x| over the calibration samples, quantization off; `experts`:
+    /// gate_up_proj's, shared by all experts).
     pub input_amax: f64,
-    /// Weight amax (max |W|).
+    /// Weight amax (max |W|; `experts`: the largest expert's, each expert's is in `experts`).
     pub weight_amax: f64,
     /// Per format (same order as `Scores::formats`), per scored sample: this layer's score
     /// contribution. Empty for methods that only score whole groups (`kl_div`).
@@ -94,6 +96,29 @@ pub struct LayerScores {
     /// the shared max calibration above). Empty, and not written, when no format has one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub format_calibration: Vec<Option<FormatCalibration>>,
+    /// Kind `experts` only: the calibration of each expert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts: Option<ExpertsCalibration>,
+}
+
+/// The calibration of one sparse MoE layer's routed experts, as ModelOpt 0.47 calibrates the fused
+/// experts (`_QuantFusedExperts`): one input amax per projection shared by all experts, one weight
+/// amax per expert and projection (gate and up share one), every expert given its weight amax
+/// whether or not a calibration token reached it. The router is never quantized.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertsCalibration {
+    pub num_experts: usize,
+    /// Experts per token (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// down_proj's input amax: over routed (token, expert) pairs, before the mixing weight.
+    pub down_input_amax: f64,
+    /// Per expert: the fused gate_up_proj's weight amax.
+    pub gate_up_weight_amax: Vec<f64>,
+    /// Per expert: down_proj's weight amax.
+    pub down_weight_amax: Vec<f64>,
+    /// Per expert: (token, expert) pairs the calibration samples routed to it (0: never reached,
+    /// so its quantized weights were never exercised by calibration or scoring).
+    pub tokens_routed: Vec<u64>,
 }
 
 /// A layer's calibration for one format with its own calibration pass (the AWQ formats, which
@@ -147,6 +172,34 @@ pub struct GroupScores {
     pub disabled: bool,
     /// Left out of the budget (`--exclude-cost`): its cost weight is 0.
     pub cost_excluded: bool,
+    /// The weight of its costs in the budget when not 1: ModelOpt's `active_moe` cost model
+    /// weighs a sparse layer's experts by top_k / experts (`score-layers --cost-model active_moe`).
+    /// `costs` stay unweighted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_weight: Option<CostWeight>,
+}
+
+/// An exact cost weight, `numerator / denominator` (both > 0), so budgets stay exact integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CostWeight {
+    pub numerator: u64,
+    pub denominator: u64,
+}
+
+impl CostWeight {
+    /// `numerator / denominator` in lowest terms.
+    pub fn new(numerator: u64, denominator: u64) -> Self {
+        let (mut a, mut b) = (numerator, denominator);
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        let g = a.max(1);
+        CostWeight { numerator: numerator / g, denominator: denominator / g }
+    }
+
+    pub fn value(self) -> f64 {
+        self.numerator as f64 / self.denominator as f64
+    }
 }
 
 impl Payload for Scores {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use qsens::artifact::Location;
 use qsens::cli::{run_main, CommonArgs};
-use qsens::score::{self, Method, ScoreOptions};
+use qsens::score::{self, CostModel, Method, ScoreOptions};
 
 /// Scores how sensitive every quantizable layer is to each quantization format, as ModelOpt's
 /// auto_quantize does (gradient or kl_div method), and writes a `qsens.scores` artifact.
@@ -44,6 +44,10 @@ struct Args {
     /// bits, MXFP8 8.25, ...) instead of ModelOpt's effective bits (INT4 4, MXFP8 8).
     #[arg(long)]
     true_cost: bool,
+    /// How a group's cost counts in the budget: `weight` (every weight, ModelOpt's default) or
+    /// `active_moe` (a sparse layer's experts weigh top_k / experts, the weights one token reads).
+    #[arg(long, value_enum, default_value_t = CostModel::Weight)]
+    cost_model: CostModel,
     /// Keep groups matching this fnmatch pattern unquantized (still counted in the budget).
     #[arg(long, value_name = "GLOB")]
     disable: Vec<String>,
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
             dtype: score::parse_dtype(&args.dtype)?,
             formats: args.formats.clone(),
             true_cost: args.true_cost,
+            cost_model: args.cost_model,
             disable: args.disable.clone(),
             exclude_cost: args.exclude_cost.clone(),
             group_rules: (!args.group_rules.is_empty()).then(|| args.group_rules.clone()),

@@ -331,6 +331,7 @@ fn scores_of(m: &Manifest) -> Scores {
                 weight_amax: l.weight_amax,
                 per_sample: Vec::new(),
                 format_calibration: Vec::new(),
+                experts: None,
             })
             .collect(),
         groups: m
@@ -345,6 +346,7 @@ fn scores_of(m: &Manifest) -> Scores {
                 per_sample: Vec::new(),
                 disabled: g.disabled,
                 cost_excluded: g.cost_excluded,
+                cost_weight: None,
             })
             .collect(),
     }
@@ -364,6 +366,12 @@ fn plan_of(
         problem.groups.iter().zip(choice).map(|(g, &f)| (g.name.as_str(), problem.format_name(f))).collect();
     let mut layers = Vec::with_capacity(m.layers.len());
     for l in &m.layers {
+        ensure!(
+            l.kind != "experts",
+            "layer {} is a sparse layer's routed experts: evaluate does not measure recipes of mixture-of-experts \
+             models yet",
+            l.name
+        );
         let Some(id) = model.layer_id(&l.name) else { bail!("the model has no layer `{}`", l.name) };
         layers.push(RecipeLayer {
             name: l.name.clone(),

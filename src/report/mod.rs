@@ -9,6 +9,7 @@
 //! failure writes nothing. The template context is documented in `docs/manifest.md`.
 
 pub mod evaluation;
+pub mod experts;
 pub mod svg;
 
 use std::path::{Path, PathBuf};
@@ -613,6 +614,11 @@ pub fn render_with_evaluation(
         svgs.push((section.plot_file, section.plot));
         section.context
     });
+    let experts_context = experts::section(m, stem).map(|section| {
+        plots.insert("experts", minijinja::context! { file => &section.plot_file, title => experts::PLOT_TITLE });
+        svgs.push((section.plot_file, section.plot));
+        section.context
+    });
 
     let s = &m.summary;
     let fp = &m.frontier;
@@ -696,6 +702,7 @@ pub fn render_with_evaluation(
         confidence => Value::from_serialize(&m.confidence),
         source => Value::from_serialize(&m.scores_source),
         evaluation => evaluation_context,
+        experts => experts_context,
     };
     let mut env = environment();
     env.add_template_owned(template_name.to_string(), template.to_string()).map_err(one_line)?;

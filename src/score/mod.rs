@@ -9,6 +9,7 @@
 //!    bootstrapped downstream.
 
 pub mod calibrate;
+pub mod experts;
 pub mod gradient;
 pub mod kl;
 pub mod state;
@@ -19,13 +20,14 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::artifact::inputs::{ModelInputs, SampleInputs};
-use crate::artifact::scores::{FormatInfo, LayerScores, ModelSummary, SampleSummary, Scores};
+use crate::artifact::scores::{CostWeight, FormatInfo, LayerScores, ModelSummary, SampleSummary, Scores};
 use crate::artifact::{self, Artifact, Location, Provenance};
 use crate::cli::Reporter;
 use crate::model::qwen3_vl::{ForwardOptions, Input, Keep, LogitsMode, Qwen3VL};
 use crate::model::{LayerId, Linear, NoTap};
 use crate::quant::{self, format_by_name, Calibration, Format, GroupingRules, NamePatterns, NONE, NONE_BITS};
 
+use crate::model::qwen3_vl::moe::ExpertsAmax;
 use gradient::{GradientTap, LayerQuant};
 
 pub const TOOL: &str = "score-layers";
@@ -49,6 +51,17 @@ impl Method {
     }
 }
 
+/// How a group's cost counts in the budget (ModelOpt's `cost_model`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CostModel {
+    /// Every weight counts (ModelOpt's default).
+    #[default]
+    Weight,
+    /// A sparse layer's experts weigh top_k / experts: the weights one token reads.
+    #[value(name = "active_moe")]
+    ActiveMoe,
+}
+
 /// Everything `score-layers` needs.
 #[derive(Debug, Clone)]
 pub struct ScoreOptions {
@@ -61,6 +74,7 @@ pub struct ScoreOptions {
     pub formats: Vec<String>,
     /// Costs count the scales' storage ([`Format::true_bits`]) instead of ModelOpt's bits.
     pub true_cost: bool,
+    pub cost_model: CostModel,
     pub disable: Vec<String>,
     pub exclude_cost: Vec<String>,
     /// Grouping regexes; `None` = ModelOpt's defaults.
@@ -228,6 +242,8 @@ struct Plan {
     /// Samples this run scores (indices into the inputs).
     to_score: Vec<usize>,
     calibration: Vec<usize>,
+    /// The sparse MoE layers' experts (empty for a dense model), after the Linear layers.
+    experts: Vec<experts::ExpertsSlot>,
 }
 
 fn plan(opts: &ScoreOptions, model: &Qwen3VL, inputs: &ModelInputs) -> Result<(Plan, Scores)> {
@@ -304,8 +320,48 @@ fn plan(opts: &ScoreOptions, model: &Qwen3VL, inputs: &ModelInputs) -> Result<(P
             weight_amax: 0.0,
             per_sample: if per_layer { vec![Vec::new(); format_info.len()] } else { Vec::new() },
             format_calibration: Vec::new(),
+            experts: None,
         })
-        .collect();
+        .collect::<Vec<_>>();
+    // Each sparse layer's experts: one more layer entry and one group, as ModelOpt groups them.
+    let mut layer_scores = layer_scores;
+    let mut expert_slots = Vec::new();
+    for (layer, block) in experts::blocks(model) {
+        let name = experts::experts_name(layer);
+        let first = format!("model.language_model.layers.{layer}.self_attn.q_proj");
+        let resume_from = model.layer_id(&first).with_context(|| format!("sparse layer {layer} has no '{first}'"))?;
+        let params = block.expert_params();
+        let shape = block.shape();
+        let members = vec![name.clone()];
+        let disabled = disable.matches_group(&name, &[name.as_str()]);
+        let cost_excluded = exclude_cost.matches_group(&name, &[name.as_str()]);
+        let costs = format_info.iter().map(|f| params as f64 * f.effective_bits / 16.0).collect();
+        expert_slots.push(experts::ExpertsSlot {
+            layer,
+            entry: layer_scores.len(),
+            group: group_scores.len(),
+            resume_from,
+            disabled,
+        });
+        layer_scores.push(LayerScores {
+            name: name.clone(),
+            group: name.clone(),
+            tower: "text".into(),
+            kind: "experts".into(),
+            shape: [shape.experts as u64, params / shape.experts as u64],
+            params,
+            input_amax: 0.0,
+            weight_amax: 0.0,
+            per_sample: if per_layer { vec![Vec::new(); format_info.len()] } else { Vec::new() },
+            format_calibration: Vec::new(),
+            experts: None,
+        });
+        let mut group = state::empty_group(name, members, params, costs, disabled, cost_excluded);
+        if opts.cost_model == CostModel::ActiveMoe {
+            group.cost_weight = Some(CostWeight::new(shape.top_k as u64, shape.experts as u64));
+        }
+        group_scores.push(group);
+    }
 
     let n = inputs.samples.len();
     ensure!(n > 0, "the inputs contain no samples (empty calibration set)");
@@ -335,7 +391,7 @@ fn plan(opts: &ScoreOptions, model: &Qwen3VL, inputs: &ModelInputs) -> Result<(P
         layers: layer_scores,
         groups: group_scores,
     };
-    Ok((Plan { formats, group_members, skip, to_score, calibration }, scores))
+    Ok((Plan { formats, group_members, skip, to_score, calibration, experts: expert_slots }, scores))
 }
 
 pub fn dtype_name(dtype: DType) -> &'static str {
@@ -379,6 +435,9 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
     if opts.true_cost {
         provenance.param("cost", "true-cost");
     }
+    if opts.cost_model == CostModel::ActiveMoe {
+        provenance.param("cost_model", "active_moe");
+    }
     if let Some(n) = opts.calib_samples {
         provenance.param("calib_samples", n);
     }
@@ -392,14 +451,18 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
     let device = parse_device(&opts.device)?;
     let model = Qwen3VL::load(&opts.model_dir, opts.dtype, &device)
         .with_context(|| format!("loading model from {}", opts.model_dir.display()))?;
-    // The experts score correctly in the library (model::qwen3_vl::moe) but the scores artifact,
-    // search and report do not carry them yet: refuse rather than leave most weights out.
+    // The experts are calibrated as ModelOpt calibrates them for max-calibrated formats; its AWQ
+    // and SmoothQuant passes over fused experts are not reproduced.
     if model.config().is_moe() {
-        bail!(
-            "{}: mixture-of-experts checkpoints (qwen3_vl_moe) are not scored yet: their experts would be \
-             left out of the scores and the budget (issue 15)",
-            opts.model_dir.display()
-        );
+        if let Some(f) =
+            opts.formats.iter().find(|f| format_by_name(f).is_ok_and(|f| f.calibration() != Calibration::Max))
+        {
+            bail!(
+                "{}: format '{f}' calibrates with AWQ or SmoothQuant, which qsens does not run on the routed experts \
+                 of a mixture-of-experts checkpoint yet; score it with max-calibrated formats (FP8, NVFP4, INT8, MXFP8, ...)",
+                opts.model_dir.display()
+            );
+        }
     }
     validate_inputs(&inputs, &model, opts.method).with_context(|| format!("{}", opts.inputs))?;
     let (plan, skeleton) = plan(opts, &model, &inputs)?;
@@ -491,6 +554,11 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
         let linears: Vec<&Linear> = (0..model.layers().len()).map(|i| model.linear(i)).collect();
         quant.cache_weights(&linears)?;
     }
+    let experts_amax = plan
+        .experts
+        .iter()
+        .map(|s| Ok((s.layer, experts::amax_of(&run.payload.layers[s.entry])?, !s.disabled)))
+        .collect::<Result<Vec<_>>>()?;
 
     let pending: Vec<usize> =
         plan.to_score.iter().copied().filter(|i| !run.payload.samples.iter().any(|s| s.index == *i)).collect();
@@ -513,12 +581,12 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
         };
         match opts.method {
             Method::Gradient => {
-                let (loss, values) = score_gradient(&model, &input, &quant)
+                let (loss, values) = score_gradient(&model, &input, &quant, &experts_amax)
                     .with_context(|| format!("scoring sample {} ({})", index, sample.id))?;
                 state::push_sample(&mut run.payload, summary_of(Some(loss)), Some(&values), None);
             }
             Method::KlDiv => {
-                let (loss, values) = score_kl(&model, &input, &quant, &plan, &run.payload)
+                let (loss, values) = score_kl(&model, &input, &quant, &plan, &experts_amax, &run.payload)
                     .with_context(|| format!("scoring sample {} ({})", index, sample.id))?;
                 state::push_sample(&mut run.payload, summary_of(loss), None, Some(&values));
             }
@@ -593,16 +661,27 @@ fn calibrate(
 ) -> Result<f64> {
     let num_layers = model.layers().len();
     let mut tap = calibrate::AmaxTap::new(num_layers, model.device())?;
+    // Every expert gets its weight amax before any token is seen, as in ModelOpt.
+    let blocks = experts::blocks(model);
+    let amax = blocks.iter().map(|(l, b)| Ok((*l, b.weight_amax()?))).collect::<Result<Vec<_>>>()?;
+    let mut with_experts = experts::CalibrationTap { inner: &mut tap, amax };
     let bar = reporter.bar(plan.calibration.len() as u64, "calibrating");
-    calibration_forwards(model, inputs, &plan.calibration, &mut tap, bar)?;
+    calibration_forwards(model, inputs, &plan.calibration, &mut with_experts, bar)?;
+    let experts_amax = with_experts.amax;
     let input_amax = tap.finish()?;
-    for (id, layer) in scores.layers.iter_mut().enumerate() {
+    for (id, layer) in scores.layers.iter_mut().take(num_layers).enumerate() {
         layer.input_amax = input_amax[id] as f64;
         layer.weight_amax = quant::WeightStats::of(model.linear(id).weight())?.amax as f64;
     }
+    for (slot, ((_, block), (_, amax))) in plan.experts.iter().zip(blocks.iter().zip(&experts_amax)) {
+        let entry = &mut scores.layers[slot.entry];
+        entry.input_amax = amax.gate_up_input as f64;
+        entry.weight_amax = amax.gate_up_weight.iter().chain(&amax.down_weight).fold(0.0f32, |a, &b| a.max(b)) as f64;
+        entry.experts = Some(experts::record(block, amax));
+    }
     // Formats with their own calibration: a record per layer and format (None for the others).
     let started = std::time::Instant::now();
-    let mut records = vec![vec![None; scores.formats.len()]; num_layers];
+    let mut records = vec![vec![None; scores.formats.len()]; scores.layers.len()];
     if plan.formats.iter().any(|f| matches!(f.calibration(), Calibration::AwqLite { .. })) {
         awq_lite(model, inputs, plan, &mut records, reporter)?;
     }
@@ -831,14 +910,37 @@ fn awq_lite(
     Ok(())
 }
 
-/// One sample, gradient method: `(loss, [layer][format] contributions)`.
-fn score_gradient(model: &Qwen3VL, input: &Input, quant: &LayerQuant) -> Result<(f32, Vec<Vec<f64>>)> {
+/// Per sparse layer: (decoder layer, its experts' calibration, whether its group is scored).
+type ExpertsAmaxes = [(usize, ExpertsAmax, bool)];
+
+/// One sample, gradient method: `(loss, [layer][format] contributions)`, the experts' entries
+/// after the Linear layers'.
+fn score_gradient(
+    model: &Qwen3VL,
+    input: &Input,
+    quant: &LayerQuant,
+    experts_amax: &ExpertsAmaxes,
+) -> Result<(f32, Vec<Vec<f64>>)> {
     let opts = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Backward, trace: false };
     let fwd = model.forward(input, &mut NoTap, &opts)?;
     let loss = fwd.loss.context("the sample has no label tokens, so there is no loss to differentiate")?;
     let mut tap = GradientTap::new(quant, model.layers().len());
-    model.backward(&fwd, &mut tap)?;
+    let mut with_experts = experts::GradientTap {
+        inner: &mut tap,
+        formats: quant.formats,
+        amax: experts_amax,
+        scores: vec![Vec::new(); experts_amax.len()],
+    };
+    model.backward(&fwd, &mut with_experts)?;
+    let expert_scores = with_experts.scores;
     let mut values = tap.finish()?;
+    for per_format in expert_scores {
+        let mut v = vec![0.0; quant.formats.len()];
+        for (f, t) in per_format.iter().enumerate() {
+            v[f] = t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        values.push(v);
+    }
     for v in &mut values {
         v.push(0.0); // NONE
     }
@@ -851,6 +953,7 @@ fn score_kl(
     input: &Input,
     quant: &LayerQuant,
     plan: &Plan,
+    experts_amax: &ExpertsAmaxes,
     scores: &Scores,
 ) -> Result<(Option<f32>, Vec<Vec<f64>>)> {
     let opts = ForwardOptions { logits: LogitsMode::All, keep: Keep::Resume, trace: false };
@@ -861,12 +964,22 @@ fn score_kl(
     for (g, group) in scores.groups.iter().enumerate() {
         let mut per_format = vec![0.0; plan.formats.len() + 1];
         if !group.disabled {
-            let members = &plan.group_members[g];
             let mut kls = Vec::with_capacity(plan.formats.len());
-            for f in 0..plan.formats.len() {
-                let mut tap = kl::GroupQuantTap { quant, members, format: f };
-                let hidden = model.forward_from_hidden(&base, members[0], &mut tap)?;
-                kls.push(kl::head_kl(model, quant, members, f, &kl_base, &hidden)?);
+            if let Some(k) = plan.experts.iter().position(|s| s.group == g) {
+                // A sparse layer's experts, alone fake-quantized: resume at its decoder layer.
+                let (layer, amax, _) = &experts_amax[k];
+                for format in &plan.formats {
+                    let mut tap = experts::QuantizeExpertsTap { layer: *layer, format: format.as_ref(), amax };
+                    let hidden = model.forward_from_hidden(&base, plan.experts[k].resume_from, &mut tap)?;
+                    kls.push(kl::head_kl(model, quant, &[], 0, &kl_base, &hidden)?);
+                }
+            } else {
+                let members = &plan.group_members[g];
+                for f in 0..plan.formats.len() {
+                    let mut tap = kl::GroupQuantTap { quant, members, format: f };
+                    let hidden = model.forward_from_hidden(&base, members[0], &mut tap)?;
+                    kls.push(kl::head_kl(model, quant, members, f, &kl_base, &hidden)?);
+                }
             }
             let kls = Tensor::stack(&kls, 0)?.to_vec1::<f64>()?;
             per_format[..kls.len()].copy_from_slice(&kls);

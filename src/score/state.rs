@@ -284,6 +284,7 @@ pub fn empty_group(
         per_sample: vec![Vec::new(); num_formats],
         disabled,
         cost_excluded,
+        cost_weight: None,
     }
 }
 

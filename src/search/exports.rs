@@ -133,6 +133,21 @@ pub fn modelopt(layers: &[LayerChoice]) -> Result<Value, String> {
     for l in layers.iter().filter(|l| !is_none(l.format)) {
         let (weight, input) = modelopt_attributes(l.format)
             .ok_or_else(|| format!("ModelOpt export: no ModelOpt config for format '{}'", l.format))?;
+        if naming::experts_layer(l.name).is_some() {
+            // ModelOpt's fused experts (`_QuantFusedExperts`): an input quantizer per projection
+            // and a list of per-expert weight quantizers, which its name matching reaches as
+            // `<proj>_weight_quantizer` (as `get_auto_quantize_config` writes them).
+            for proj in ["gate_up_proj", "down_proj"] {
+                let input_name = format!("{}.{proj}_input_quantizer", l.name);
+                quant_cfg.push(match &input {
+                    Some(attrs) => json!({"quantizer_name": input_name, "enable": true, "cfg": attrs}),
+                    None => json!({"quantizer_name": input_name, "enable": false}),
+                });
+                let weight_name = format!("{}.{proj}_weight_quantizer", l.name);
+                quant_cfg.push(json!({"quantizer_name": weight_name, "enable": true, "cfg": weight}));
+            }
+            continue;
+        }
         match input {
             Some(attrs) => quant_cfg
                 .push(json!({"quantizer_name": format!("{}.input_quantizer", l.name), "enable": true, "cfg": attrs})),
@@ -147,17 +162,23 @@ pub fn modelopt(layers: &[LayerChoice]) -> Result<Value, String> {
 
 /// compressed-tensors `quantization_config`; `Err` names a format without a mapping.
 pub fn compressed_tensors(layers: &[LayerChoice]) -> Result<Value, String> {
-    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
     let mut ignore = Vec::new();
     for l in layers {
+        // A sparse layer's experts are per-expert Linear modules to llm-compressor and vLLM
+        // (`mlp.experts.<e>.{gate,up,down}_proj`): one anchored pattern names them all.
+        let target = match naming::experts_layer(l.name) {
+            Some(_) => format!(r"re:^{}\.\d+\.(gate|up|down)_proj$", l.name.replace('.', r"\.")),
+            None => l.name.to_string(),
+        };
         if is_none(l.format) {
-            ignore.push(l.name);
+            ignore.push(target);
             continue;
         }
         let key = normalize_format_name(l.format);
         match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, targets)) => targets.push(l.name),
-            None => groups.push((key, vec![l.name])),
+            Some((_, targets)) => targets.push(target),
+            None => groups.push((key, vec![target])),
         }
     }
     let mut config_groups = serde_json::Map::new();
@@ -210,7 +231,7 @@ pub fn llama_cpp(layers: &[LayerChoice]) -> Result<LlamaCppExport, String> {
     let mut unmapped = Vec::new();
     let mut used: Vec<String> = Vec::new();
     for l in layers {
-        let Some(gguf) = naming::gguf_name(l.name) else {
+        let Some(gguf_names) = naming::gguf_names(l.name) else {
             unmapped.push(l.name.to_string());
             continue;
         };
@@ -220,7 +241,9 @@ pub fn llama_cpp(layers: &[LayerChoice]) -> Result<LlamaCppExport, String> {
         if !used.contains(&key) {
             used.push(key);
         }
-        tensor_types.push(format!("{}={ty}", anchored(&gguf)));
+        for gguf in gguf_names {
+            tensor_types.push(format!("{}={ty}", anchored(&gguf)));
+        }
     }
     // The token embedding is not searched: keep it unquantized.
     tensor_types.push(format!("{}=bf16", anchored("token_embd.weight")));

@@ -207,7 +207,7 @@ pub fn build_manifest(
             params: g.params,
             disabled: g.disabled,
             cost_excluded: g.cost_excluded,
-            cost_weight: if g.cost_excluded { 0.0 } else { 1.0 },
+            cost_weight: g.cost_weight,
             scores: g.scores.clone(),
             costs: g.costs.clone(),
             score_ci: ci.map(|c| c.per_format.clone()),
@@ -254,6 +254,7 @@ pub fn build_manifest(
             rank: layer_ranks.as_ref().map(|r| r[i]),
             ci: ci.map(|c| c.per_format[reference]),
             rank_interval: ci.map(|c| c.rank),
+            experts: l.experts.clone(),
         });
     }
 

@@ -77,6 +77,24 @@ pub fn group_series(members: &[String]) -> String {
 /// GGUF tensor name of a text-model weight (`blk.{i}.attn_q.weight`, `output.weight`), or
 /// `None` where llama.cpp's text model file has none (the vision tower goes to the mmproj file).
 pub fn gguf_name(name: &str) -> Option<String> {
+    gguf_names(name).and_then(|names| (names.len() == 1).then(|| names[0].clone()))
+}
+
+/// The GGUF tensor names of a layer: one for a Linear, three for a sparse layer's experts
+/// (llama.cpp stores each projection of all experts as one 3-D tensor, `blk.N.ffn_*_exps`).
+pub fn gguf_names(name: &str) -> Option<Vec<String>> {
+    if let Some(block) = experts_layer(name) {
+        return Some(["gate", "up", "down"].iter().map(|p| format!("blk.{block}.ffn_{p}_exps.weight")).collect());
+    }
+    gguf_linear_name(name).map(|n| vec![n])
+}
+
+/// The decoder layer of a sparse layer's experts module (`model.language_model.layers.N.mlp.experts`).
+pub fn experts_layer(name: &str) -> Option<usize> {
+    name.strip_prefix("model.language_model.layers.")?.strip_suffix(".mlp.experts")?.parse().ok()
+}
+
+fn gguf_linear_name(name: &str) -> Option<String> {
     let c = classify(name);
     match c.tower {
         "lm_head" => Some("output.weight".into()),

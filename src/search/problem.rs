@@ -28,6 +28,8 @@ pub struct GroupSpec {
     pub params: u64,
     pub disabled: bool,
     pub cost_excluded: bool,
+    /// The weight of its costs in the budget: 0 when cost-excluded, else 1 or the artifact's.
+    pub cost_weight: f64,
     /// Per format (monotone scores, unweighted costs), from the artifact.
     pub scores: Vec<f64>,
     pub costs: Vec<f64>,
@@ -44,10 +46,12 @@ pub struct Problem {
     mckp: Mckp,
     /// `k` of the cost scale `2^k`.
     shift: u32,
-    /// Σ params of the groups that count (cost weight 1).
+    /// Σ weighted params of the groups that count, each weight scaled by `weight_scale`.
     counted_params: u128,
     /// Σ weighted NONE cost in units (`counted_params × 16 × 2^k`).
     denominator: u128,
+    /// The common denominator of the cost weights: weights are `w × weight_scale` integers.
+    weight_scale: u128,
 }
 
 /// A chosen format per group and what it achieves.
@@ -221,6 +225,30 @@ impl Problem {
         }
         let none_units = scaled_floor(1, 16.0, shift)?;
 
+        // Cost weights as integers over their least common denominator, so that the budget stays
+        // exact with fractional (active_moe) weights.
+        let gcd = |mut a: u128, mut b: u128| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        let mut weight_scale = 1u128;
+        for g in &scores.groups {
+            if let Some(w) = g.cost_weight {
+                ensure!(
+                    w.numerator > 0 && w.denominator > 0,
+                    "group '{}': cost weight {}/{} is not positive",
+                    g.name,
+                    w.numerator,
+                    w.denominator
+                );
+                let d = w.denominator as u128;
+                weight_scale = (weight_scale / gcd(weight_scale, d))
+                    .checked_mul(d)
+                    .context("the cost weights' common denominator overflows")?;
+            }
+        }
         let mut groups = Vec::with_capacity(scores.groups.len());
         let mut allowed = Vec::with_capacity(scores.groups.len());
         let mut classes = Vec::with_capacity(scores.groups.len());
@@ -235,7 +263,11 @@ impl Problem {
             let disabled = g.disabled | matches(g, &disable, &mut used_disable);
             let cost_excluded = g.cost_excluded | matches(g, &exclude, &mut used_exclude);
             let formats: Vec<usize> = if disabled { vec![none] } else { (0..nf).collect() };
-            let weight = u128::from(!cost_excluded);
+            let weight = match (cost_excluded, g.cost_weight) {
+                (true, _) => 0,
+                (false, None) => weight_scale,
+                (false, Some(w)) => w.numerator as u128 * (weight_scale / w.denominator as u128),
+            };
             counted_params = counted_params.checked_add(weight * g.params as u128).ok_or_else(overflow)?;
             all_params = all_params.checked_add(g.params).ok_or_else(overflow)?;
             let items: Vec<Item> = formats
@@ -255,6 +287,7 @@ impl Problem {
                 params: g.params,
                 disabled,
                 cost_excluded,
+                cost_weight: weight as f64 / weight_scale as f64,
                 scores: g.scores.clone(),
                 costs: g.costs.clone(),
             });
@@ -277,6 +310,7 @@ impl Problem {
             shift,
             counted_params,
             denominator: counted_params.checked_mul(none_units).ok_or_else(overflow)?,
+            weight_scale,
         })
     }
 
@@ -308,7 +342,7 @@ impl Problem {
 
     /// A cost in units expressed in the artifact's cost unit (params × bits / 16).
     pub fn cost_of_units(&self, units: u128) -> f64 {
-        units as f64 / (16u128 << self.shift) as f64
+        units as f64 / (16u128 << self.shift) as f64 / self.weight_scale as f64
     }
 
     /// Σ weighted NONE cost in the artifact's unit (ModelOpt's `cost_denominator`).
@@ -407,6 +441,67 @@ pub fn normalize_format_name(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fractional cost weights (active_moe) against a brute force over every choice, in f64:
+    /// the denominator, the effective bits and cost of each choice, and the optimum per budget.
+    #[test]
+    fn fractional_cost_weights_match_a_brute_force() {
+        use crate::artifact::scores::CostWeight;
+        let spec = crate::search::synthetic::SyntheticSpec {
+            vision_blocks: 1,
+            deepstack: 0,
+            text_layers: 1,
+            formats: 2,
+            samples: 2,
+            seed: 3,
+            ragged: false,
+        };
+        let mut scores = crate::search::synthetic::scores(&spec);
+        let weights: Vec<Option<CostWeight>> = (0..scores.groups.len())
+            .map(|g| match g % 3 {
+                0 => Some(CostWeight::new(8, 128)),
+                1 => Some(CostWeight::new(3, 6)),
+                _ => None,
+            })
+            .collect();
+        for (g, w) in scores.groups.iter_mut().zip(&weights) {
+            g.cost_weight = *w;
+        }
+        let p = Problem::from_scores(&scores, &Overrides::default()).unwrap();
+        let w = |g: usize| weights[g].map_or(1.0, |w| w.value());
+        let nf = scores.formats.len();
+        let denominator: f64 = scores.groups.iter().enumerate().map(|(g, x)| w(g) * x.costs[nf - 1]).sum();
+        assert_eq!(p.cost_denominator(), denominator);
+        let n = scores.groups.len();
+        assert!(nf.pow(n as u32) <= 1 << 16, "brute force stays small");
+        let all: Vec<Vec<usize>> = (0..nf.pow(n as u32))
+            .map(|mut k| {
+                (0..n)
+                    .map(|_| {
+                        let f = k % nf;
+                        k /= nf;
+                        f
+                    })
+                    .collect()
+            })
+            .collect();
+        let cost = |c: &[usize]| c.iter().enumerate().map(|(g, &f)| w(g) * scores.groups[g].costs[f]).sum::<f64>();
+        for c in all.iter().step_by(7) {
+            let e = p.evaluate(c).unwrap();
+            assert!((e.cost - cost(c)).abs() <= 1e-9 * cost(c), "{c:?}");
+            assert!((e.effective_bits - 16.0 * cost(c) / denominator).abs() < 1e-12);
+        }
+        for bits in [8.2, 9.0, 11.5, 14.0] {
+            let best = all
+                .iter()
+                .filter(|c| 16.0 * cost(c) / denominator <= bits + 1e-12)
+                .map(|c| p.evaluate(c).unwrap().objective)
+                .fold(f64::INFINITY, f64::min);
+            let r = p.solve(bits, &Limits::default()).unwrap();
+            assert!(r.effective_bits <= bits, "{bits}");
+            assert!((r.objective - best).abs() <= 1e-12 * best.max(1e-300), "{bits}: {} vs {best}", r.objective);
+        }
+    }
 
     #[test]
     fn dyadic_and_scaled_floor_are_exact() {

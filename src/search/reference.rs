@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::naming;
 use super::problem::{normalize_format_name, Problem};
 use super::solver::Limits;
-use crate::artifact::scores::{FormatInfo, GroupScores, LayerScores, ModelSummary, SampleSummary, Scores};
+use crate::artifact::scores::{CostWeight, FormatInfo, GroupScores, LayerScores, ModelSummary, SampleSummary, Scores};
 
 /// Our optimum and a reference recipe at one budget.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,6 +160,7 @@ impl ModelOptRun {
                     weight_amax: 0.0,
                     per_sample: Vec::new(),
                     format_calibration: Vec::new(),
+                    experts: None,
                 });
             }
             if g.cost_weight != 0.0 {
@@ -180,6 +181,7 @@ impl ModelOptRun {
                 per_sample: g.scores.iter().map(|&s| vec![s]).collect(),
                 disabled: false,
                 cost_excluded: g.cost_weight == 0.0,
+                cost_weight: cost_weight_of(g.cost_weight)?,
             });
         }
         Ok(Scores {
@@ -205,4 +207,17 @@ impl ModelOptRun {
             groups,
         })
     }
+}
+
+/// ModelOpt's cost weight of a group as an exact fraction: `None` for 1 (and 0, which is
+/// `cost_excluded`); `active_moe`'s top_k / experts otherwise.
+fn cost_weight_of(w: f64) -> Result<Option<CostWeight>> {
+    if w == 0.0 || w == 1.0 {
+        return Ok(None);
+    }
+    ensure!(w.is_finite() && w > 0.0, "cost weight {w} is not a positive number");
+    let den = (1..=1u64 << 16)
+        .find(|&d| ((w * d as f64).round() - w * d as f64).abs() < 1e-9 * d as f64)
+        .with_context(|| format!("cost weight {w} is no fraction with a denominator up to 65536"))?;
+    Ok(Some(CostWeight::new((w * den as f64).round() as u64, den)))
 }

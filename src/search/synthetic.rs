@@ -162,6 +162,7 @@ pub fn scores(spec: &SyntheticSpec) -> Scores {
                 weight_amax: rng.random_range(0.05..2.0),
                 per_sample,
                 format_calibration: Vec::new(),
+                experts: None,
             });
         }
         let mut scores: Vec<f64> = g_ps.iter().map(|row| row.iter().sum()).collect();
@@ -177,6 +178,7 @@ pub fn scores(spec: &SyntheticSpec) -> Scores {
             per_sample: g_ps,
             disabled: false,
             cost_excluded: false,
+            cost_weight: None,
         });
     }
     Scores {
