@@ -1102,11 +1102,11 @@ fn score_layers_and_search_on_the_moe_checkpoint() {
     }
 }
 
-/// `quantize` and `evaluate` do not handle quantized experts yet: a recipe with FP8 experts is
-/// refused with one line naming the layer and the way out, and that way out (`search --disable
-/// '*mlp.experts'`) gives a checkpoint whose experts are the input's bytes.
+/// `evaluate` does not measure MoE recipes yet, and quantized experts are written in the modelopt
+/// layout only: both refused with one line naming the manifest and the layer. A recipe with every
+/// expert 16-bit keeps the released fused tensors, byte for byte.
 #[test]
-fn quantize_and_evaluate_refuse_quantized_experts() {
+fn evaluate_and_compressed_tensors_refuse_quantized_experts() {
     let fx = fixtures_or_skip!();
     let tmp = tempfile::tempdir().unwrap();
     let inputs = moe_inputs(&fx, tmp.path());
@@ -1134,8 +1134,8 @@ fn quantize_and_evaluate_refuse_quantized_experts() {
     let out = tmp.path().join("ckpt");
     refused(
         env!("CARGO_BIN_EXE_quantize"),
-        &["--model", s(&model), "--manifest", s(&with_experts), "-o", s(&out)],
-        &["fp8-experts.json", "model.language_model.layers.0.mlp.experts", "--disable '*mlp.experts'"],
+        &["--model", s(&model), "--manifest", s(&with_experts), "--layout", "compressed-tensors", "-o", s(&out)],
+        &["fp8-experts.json", "model.language_model.layers.0.mlp.experts", "--layout modelopt"],
     );
     assert!(!out.exists(), "nothing written");
     refused(
@@ -1153,12 +1153,129 @@ fn quantize_and_evaluate_refuse_quantized_experts() {
             let name = format!("model.language_model.layers.{i}.{t}");
             let (a, b) = (&before[&name], &after[&name]);
             assert_eq!((a.dtype(), a.dims()), (b.dtype(), b.dims()), "{name}");
-            assert_eq!(
-                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                "{name}"
-            );
+            let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
+            assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap(), "{name}");
         }
+    }
+}
+
+/// `quantize` of the two recipes ModelOpt exported (`modelopt_moe/export_fp8_{text,all}`, both
+/// with layer 2's experts in FP8) against that export: the same tensor names, dtypes and shapes
+/// (every sparse layer per expert), every FP8 code equal, scales within 1e-6 relative (our
+/// calibration's last bits), the unquantized experts the transposed slices of the released fused
+/// tensors (computed here with candle), every other tensor the input's, the same
+/// `hf_quant_config.json` and `quantization_config` apart from the producer.
+#[test]
+fn quantize_writes_fp8_experts_as_modelopt_exports_them() {
+    let fx = fixtures_or_skip!();
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = moe_inputs(&fx, tmp.path());
+    let model = fx.join(MOE_TINY);
+    let scores = tmp.path().join("scores.msgpack");
+    run_ok(env!("CARGO_BIN_EXE_score-layers"), &["-q", "--model", s(&model), "--inputs", s(&inputs), "-o", s(&scores)]);
+    let searched = tmp.path().join("searched.json");
+    run_ok(env!("CARGO_BIN_EXE_search"), &["-q", "--scores", s(&scores), "--effective-bits", "10", "-o", s(&searched)]);
+    let json = |p: &Path| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let without_producer = |mut v: serde_json::Value| {
+        v.as_object_mut().unwrap().remove("producer");
+        v
+    };
+    let input = candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
+    for which in ["text", "all"] {
+        let theirs_dir = fx.join(format!("modelopt_moe/export_fp8_{which}"));
+        let recipe = json(&theirs_dir.join("recipe.json"));
+        let modules: std::collections::HashSet<String> =
+            recipe["enabled_modules"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect();
+        assert!(modules.contains("model.language_model.layers.2.mlp.experts"));
+        let mut m = qsens::artifact::read::<qsens::artifact::manifest::Manifest>(searched.as_path()).unwrap();
+        for g in &mut m.payload.groups {
+            let fp8 = g.members.iter().any(|n| modules.contains(n));
+            g.chosen = if fp8 { "FP8" } else { "NONE" }.into();
+            g.chosen_index = usize::from(!fp8);
+        }
+        for l in &mut m.payload.layers {
+            l.chosen = if modules.contains(&l.name) { "FP8" } else { "NONE" }.into();
+        }
+        let manifest = tmp.path().join(format!("manifest-{which}.json"));
+        qsens::artifact::write(manifest.as_path(), &m).unwrap();
+        let out = tmp.path().join(format!("ckpt-{which}"));
+        let mut args =
+            vec!["-q", "--model", s(&model), "--manifest", s(&manifest), "--layout", "modelopt", "-o", s(&out)];
+        if which == "all" {
+            args.push("--skip-vllm-checks");
+        }
+        run_ok(env!("CARGO_BIN_EXE_quantize"), &args);
+
+        let ours_bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+        let ours = safetensors::SafeTensors::deserialize(&ours_bytes).unwrap();
+        let listing = json(&theirs_dir.join("export_listing.json"));
+        let listing = listing.as_object().unwrap();
+        let mut names: Vec<String> = ours.names().into_iter().map(String::from).collect();
+        names.sort();
+        assert_eq!(names, listing.keys().cloned().collect::<Vec<_>>(), "{which}: tensor names");
+        let theirs_bytes = std::fs::read(theirs_dir.join("quantized_tensors.safetensors")).unwrap();
+        let theirs = safetensors::SafeTensors::deserialize(&theirs_bytes).unwrap();
+        let input_bytes = std::fs::read(model.join("model.safetensors")).unwrap();
+        let input_st = safetensors::SafeTensors::deserialize(&input_bytes).unwrap();
+        let (mut codes, mut split, mut worst) = (0usize, 0usize, 0f64);
+        for name in &names {
+            let t = ours.tensor(name).unwrap();
+            let want_dtype = listing[name]["dtype"].as_str().unwrap();
+            let dtype = match t.dtype() {
+                safetensors::Dtype::F32 => "float32",
+                safetensors::Dtype::F8_E4M3 => "float8_e4m3fn",
+                _ => "other",
+            };
+            assert_eq!(dtype, want_dtype, "{which}: {name} dtype");
+            let shape: Vec<usize> =
+                listing[name]["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            assert_eq!(t.shape(), shape.as_slice(), "{which}: {name} shape");
+            match theirs.tensor(name) {
+                Ok(r) if t.dtype() == safetensors::Dtype::F8_E4M3 => {
+                    codes += t.data().len();
+                    assert_eq!(t.data(), r.data(), "{which}: {name}: FP8 codes");
+                }
+                Ok(r) => {
+                    let f = |v: &safetensors::tensor::TensorView| f32::from_le_bytes(v.data()[..4].try_into().unwrap());
+                    let (a, b) = (f(&t) as f64, f(&r) as f64);
+                    worst = worst.max((a - b).abs() / b.abs());
+                    assert!((a - b).abs() <= 1e-6 * b.abs(), "{which}: {name}: {a:e} vs ModelOpt {b:e}");
+                }
+                Err(_) => match input_st.tensor(name) {
+                    Ok(i) => assert_eq!(t.data(), i.data(), "{which}: {name} differs from the input"),
+                    Err(_) => {
+                        // An unquantized expert: model.language_model.layers.N.mlp.experts.E.P.weight
+                        let parts: Vec<&str> = name.split('.').collect();
+                        let (layer, e, proj) = (parts[3], parts[6].parse::<usize>().unwrap(), parts[7]);
+                        let fused = |t: &str| {
+                            input[&format!("model.language_model.layers.{layer}.mlp.experts.{t}")].get(e).unwrap()
+                        };
+                        let want = match proj {
+                            "gate_proj" => fused("gate_up_proj").narrow(1, 0, 48).unwrap(),
+                            "up_proj" => fused("gate_up_proj").narrow(1, 48, 48).unwrap(),
+                            _ => fused("down_proj"),
+                        };
+                        let want: Vec<f32> = want.t().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                        let got: Vec<f32> =
+                            t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+                        assert_eq!(got, want, "{which}: {name}");
+                        split += 1;
+                    }
+                },
+            }
+        }
+        eprintln!("export_fp8_{which}: {} tensors, {codes} FP8 codes equal, {split} unquantized expert tensors, scales within {worst:.1e}", names.len());
+        assert_eq!(split, 8 * 3, "{which}: layer 0's experts written per expert");
+        assert_eq!(
+            without_producer(json(&out.join("hf_quant_config.json"))),
+            without_producer(json(&theirs_dir.join("hf_quant_config.json"))),
+            "{which}: hf_quant_config.json"
+        );
+        assert_eq!(
+            without_producer(json(&out.join("config.json"))["quantization_config"].clone()),
+            without_producer(json(&theirs_dir.join("config.json"))["quantization_config"].clone()),
+            "{which}: quantization_config"
+        );
     }
 }
 

@@ -7,10 +7,12 @@
 //! every other tensor is copied bit for bit. Which layers end up quantized is
 //! [`crate::quant::served`]'s plan (shared with `evaluate`). Two layouts: ModelOpt's unified HF
 //! format ([`modelopt`], every format) and llm-compressor's compressed-tensors
-//! ([`compressed_tensors`], FP8). Everything is checked before anything is written; tensors are
+//! ([`compressed_tensors`], FP8). A mixture-of-experts model's FP8 experts are written per expert
+//! (`experts`, modelopt layout). Everything is checked before anything is written; tensors are
 //! streamed one at a time into a temporary directory beside the target, renamed at the end.
 
 pub mod compressed_tensors;
+mod experts;
 pub mod modelopt;
 pub mod shards;
 
@@ -90,6 +92,9 @@ enum Source {
     Nvfp4BlockScales { weight: String, weight_scale_2: f32 },
     /// A one-element scale tensor.
     Scale(f32),
+    /// One expert's columns `col0..col0 + cols` of a fused `[E, R, C]` experts tensor, transposed
+    /// (`experts::slice_bytes`): E4M3 with `fp8_scale`, else in the stored dtype.
+    ExpertSlice { tensor: String, expert: usize, col0: usize, cols: usize, fp8_scale: Option<f32> },
 }
 
 /// A checked job: nothing has been written yet.
@@ -171,17 +176,12 @@ fn prepare(args: &QuantizeArgs) -> Result<Job> {
     // The recipe, with each quantized weight's amax taken from the checkpoint itself.
     let mut recipe = Vec::with_capacity(m.layers.len());
     let mut weight_dtypes: HashMap<String, Dtype> = HashMap::new();
+    // A sparse layer's experts are no Linear: written per expert on their own (experts.rs).
+    let split_experts = experts::plan(m, &args.manifest.to_string(), &checkpoint)?;
     for l in &m.layers {
-        // The experts' checkpoint layout for serving (issue 15) is not written yet: say so rather
-        // than look for a `.weight` the fused experts do not have.
-        ensure!(
-            l.kind != "experts" || l.chosen == crate::quant::NONE,
-            "{}: layer {} (a sparse layer's routed experts) is {} in the recipe, and quantize does not write \
-             quantized experts yet; keep them 16-bit (`search --disable '*mlp.experts'`)",
-            args.manifest,
-            l.name,
-            l.chosen
-        );
+        if l.kind == "experts" {
+            continue;
+        }
         let kind = if l.kind == LayerKind::PatchEmbed.as_str() { LayerKind::PatchEmbed } else { LayerKind::Linear };
         let mut weight_amax = l.weight_amax as f32;
         let weight = format!("{}.weight", l.name);
@@ -253,6 +253,25 @@ fn prepare(args: &QuantizeArgs) -> Result<Job> {
         }
         other => other,
     };
+    let fp8_experts: Vec<&str> = split_experts.iter().filter(|s| s.fp8.is_some()).map(|s| s.name.as_str()).collect();
+    if layout != Layout::Modelopt && !fp8_experts.is_empty() {
+        bail!(
+            "{}: the recipe puts the routed experts of {} sparse layers in FP8 ({}), which quantize writes in the modelopt \
+             layout only: use --layout modelopt{}",
+            args.manifest,
+            fp8_experts.len(),
+            abbreviate(&fp8_experts, 3),
+            if vision.is_empty() { "" } else { " and keep the vision tower 16-bit (search --disable 'model.visual.*')" }
+        );
+    }
+    if !split_experts.is_empty() {
+        notes.push(format!(
+            "experts: {} sparse layers written per expert (`mlp.experts.<e>.{{gate,up,down}}_proj`, as ModelOpt's exporter \
+             and vLLM's per-expert MoE loaders name them), {} of them in FP8",
+            split_experts.len(),
+            fp8_experts.len()
+        ));
+    }
     if layout == Layout::CompressedTensors && !only_fp8 {
         let other: Vec<&str> = formats.iter().filter(|f| **f != ServedFormat::Fp8).map(|f| f.quant_algo()).collect();
         bail!(
@@ -312,7 +331,7 @@ fn prepare(args: &QuantizeArgs) -> Result<Job> {
         }
     }
 
-    let (tensors, sources) = output_tensors(&checkpoint, &plan, layout, &weight_dtypes)?;
+    let (tensors, sources) = output_tensors(&checkpoint, &plan, &split_experts, layout, &weight_dtypes)?;
 
     // Provenance rides in the config's `producer`, a key every loader ignores (ModelOpt's own
     // names its exporter there); the safetensors header keeps only `format: pt`, since its
@@ -341,6 +360,7 @@ fn prepare(args: &QuantizeArgs) -> Result<Job> {
                     }
                     None => None,
                 };
+                let format = format.or_else(|| fp8_experts.contains(&l.name.as_str()).then_some(ServedFormat::Fp8));
                 if let Some(f) = format {
                     counted.push((l.name.clone(), f));
                 }
@@ -541,6 +561,7 @@ fn scalar_bytes(dtype: Dtype, value: f32) -> Vec<u8> {
 fn output_tensors(
     checkpoint: &Checkpoint,
     plan: &ServedPlan,
+    split_experts: &[experts::SplitExperts],
     layout: Layout,
     weight_dtypes: &HashMap<String, Dtype>,
 ) -> Result<(Vec<TensorSpec>, Vec<Source>)> {
@@ -552,6 +573,10 @@ fn output_tensors(
             ![".weight_scale", ".weight_scale_2", ".input_scale"].iter().any(|s| name.ends_with(s)),
             "the checkpoint already holds quantization scales (`{name}`)"
         );
+        if let Some(per_expert) = experts::output_tensors(split_experts, name, dtype, shape)? {
+            out.extend(per_expert);
+            continue;
+        }
         let Some(l) = by_weight.get(name) else {
             out.push((TensorSpec { name: name.to_string(), dtype, shape: shape.to_vec() }, Source::Copy));
             continue;
@@ -608,6 +633,14 @@ fn modules_with_quantizers(m: &Manifest, stored: &HashMap<&str, (Dtype, &[usize]
             && stored.contains_key("model.language_model.embed_tokens.weight")
         {
             names.push(embed_tokens.to_string());
+        }
+        // A sparse layer's router: no quantizer in ModelOpt, but its exporter lists it as
+        // unquantized, before the experts, as the module order has it.
+        if l.kind == "experts" {
+            let router = l.name.replace(".mlp.experts", ".mlp.gate");
+            if stored.contains_key(format!("{router}.weight").as_str()) {
+                names.push(router);
+            }
         }
         names.push(l.name.clone());
         if l.kind == LayerKind::PatchEmbed.as_str() && stored.contains_key("model.visual.pos_embed.weight") {
@@ -746,5 +779,14 @@ fn produce<'a>(checkpoint: &'a Checkpoint, spec: &TensorSpec, source: &Source) -
             Bytes::Owned(nvfp4::encode_block_scales(&w, cols, *weight_scale_2))
         }
         Source::Scale(value) => Bytes::Owned(scalar_bytes(spec.dtype, *value)),
+        Source::ExpertSlice { tensor, expert, col0, cols, fp8_scale } => {
+            let t = checkpoint.tensors().into_iter().find(|t| t.0 == tensor);
+            let (_, dtype, shape) = t.with_context(|| format!("`{tensor}` is missing"))?;
+            Bytes::Owned(
+                checkpoint.with_mapped(tensor, |b| {
+                    experts::slice_bytes(b, dtype, shape, *expert, *col0, *cols, *fp8_scale)
+                })??,
+            )
+        }
     })
 }
