@@ -200,6 +200,17 @@ impl CostWeight {
     pub fn value(self) -> f64 {
         self.numerator as f64 / self.denominator as f64
     }
+
+    /// The weight of value `w` (a manifest's or ModelOpt's `cost_weight`): `None` for 1 (and for
+    /// 0, which is `cost_excluded`), else the fraction with the smallest denominator up to 2^16
+    /// that gives `w`; `None` also when there is none.
+    pub fn from_value(w: f64) -> Option<Self> {
+        if w == 0.0 || w == 1.0 || !w.is_finite() || w < 0.0 {
+            return None;
+        }
+        let den = (1..=1u64 << 16).find(|&d| ((w * d as f64).round() - w * d as f64).abs() < 1e-9 * d as f64)?;
+        Some(CostWeight::new((w * den as f64).round() as u64, den))
+    }
 }
 
 impl Payload for Scores {

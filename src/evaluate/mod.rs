@@ -23,8 +23,8 @@ use crate::artifact::evaluation::{
     EvalConfidence, EvalSample, Evaluation, QuantizedLayer, RecipeResult, SampleMetrics,
 };
 use crate::artifact::inputs::ModelInputs;
-use crate::artifact::manifest::Manifest;
-use crate::artifact::scores::{GroupScores, LayerScores, ModelSummary, Scores};
+use crate::artifact::manifest::{LayerEntry, Manifest};
+use crate::artifact::scores::{CostWeight, GroupScores, LayerScores, ModelSummary, Scores};
 use crate::artifact::{self, Artifact, Location, Provenance};
 use crate::cli::Reporter;
 use crate::model::loader::Checkpoint;
@@ -117,10 +117,10 @@ pub fn run(args: &EvaluateArgs, reporter: &Reporter) -> Result<()> {
         let problem = Problem::from_scores(&scores_of(m), &Overrides::default())
             .with_context(|| format!("{loc}: rebuilding its search problem"))?;
         let mut add = |name: String, kind: &str, choice: Vec<usize>| -> Result<()> {
-            let plan = plan_of(m, &problem, &choice, &model, &weight_amax, args.as_scored)
+            let (plan, experts) = plan_of(m, &problem, &choice, &model, &weight_amax, args.as_scored)
                 .with_context(|| format!("{loc}"))?;
-            let tap = ServedTap::from_plan(&plan, &model, &mut cache)?;
-            let mut result = recipe_result(name, kind, loc, m, &problem, &plan)?;
+            let tap = served_tap(&plan, &experts, &model, &mut cache).with_context(|| format!("{loc}"))?;
+            let mut result = recipe_result(name, kind, loc, m, &problem, &plan, &experts)?;
             if kind == "frontier" {
                 // Named by what is served (a kept patch embedding or tied lm_head counts 16-bit).
                 result.name = format!("frontier {:.2} bits", result.effective_bits);
@@ -346,7 +346,7 @@ fn scores_of(m: &Manifest) -> Scores {
                 per_sample: Vec::new(),
                 disabled: g.disabled,
                 cost_excluded: g.cost_excluded,
-                cost_weight: None,
+                cost_weight: CostWeight::from_value(g.cost_weight),
             })
             .collect(),
     }
@@ -354,24 +354,32 @@ fn scores_of(m: &Manifest) -> Scores {
 
 /// The served plan (or, `as_scored`, the plan as scored) of a format choice per group of the
 /// manifest.
-fn plan_of(
-    m: &Manifest,
+fn plan_of<'m>(
+    m: &'m Manifest,
     problem: &Problem,
     choice: &[usize],
     model: &Qwen3VL,
     weight_amax: &[f32],
     as_scored: bool,
-) -> Result<ServedPlan> {
+) -> Result<(ServedPlan, Vec<&'m LayerEntry>)> {
     let group_format: std::collections::HashMap<&str, &str> =
         problem.groups.iter().zip(choice).map(|(g, &f)| (g.name.as_str(), problem.format_name(f))).collect();
     let mut layers = Vec::with_capacity(m.layers.len());
+    let mut experts = Vec::new();
     for l in &m.layers {
-        ensure!(
-            l.kind != "experts",
-            "layer {} is a sparse layer's routed experts: evaluate does not measure recipes of mixture-of-experts \
-             models yet",
-            l.name
-        );
+        if l.kind == "experts" {
+            // A sparse layer's experts are no Linear: served beside the plan (FP8 only, as
+            // `quantize` writes them).
+            match group_format.get(l.group.as_str()).copied().unwrap_or(NONE) {
+                NONE => {}
+                "FP8" => experts.push(l),
+                other => bail!(
+                    "layer {} (a sparse layer's routed experts) is {other}: evaluate serves FP8 experts only",
+                    l.name
+                ),
+            }
+            continue;
+        }
         let Some(id) = model.layer_id(&l.name) else { bail!("the model has no layer `{}`", l.name) };
         layers.push(RecipeLayer {
             name: l.name.clone(),
@@ -381,10 +389,30 @@ fn plan_of(
             weight_amax: weight_amax[id],
         });
     }
-    if as_scored {
-        return served::plan_as_scored(&layers);
+    let plan = if as_scored {
+        served::plan_as_scored(&layers)?
+    } else {
+        served::plan(&layers, model.config().tie_word_embeddings(), false)?
+    };
+    Ok((plan, experts))
+}
+
+/// The tap that serves `plan` and these FP8 experts on the unquantized model.
+fn served_tap(
+    plan: &ServedPlan,
+    experts: &[&LayerEntry],
+    model: &Qwen3VL,
+    cache: &mut DequantizedWeights,
+) -> Result<ServedTap> {
+    let mut tap = ServedTap::from_plan(plan, model, cache)?;
+    for l in experts {
+        let block = crate::search::naming::experts_layer(&l.name)
+            .and_then(|i| model.moe_block(i))
+            .with_context(|| format!("the model has no sparse layer `{}`", l.name))?;
+        let c = l.experts.as_ref().with_context(|| format!("layer {} has no experts calibration", l.name))?;
+        tap.add_fp8_experts(block, l.input_amax as f32, c.down_input_amax as f32, plan.as_scored)?;
     }
-    served::plan(&layers, model.config().tie_word_embeddings(), false)
+    Ok(tap)
 }
 
 /// The recipe's entry, its prediction taken from the layers actually served in FP8 (a tied
@@ -397,11 +425,12 @@ fn recipe_result(
     m: &Manifest,
     problem: &Problem,
     plan: &ServedPlan,
+    experts: &[&LayerEntry],
 ) -> Result<RecipeResult> {
-    let served_choice = served_choice(m, problem, plan);
+    let served_choice = served_choice(m, problem, plan, experts);
     let eval = problem.evaluate(&served_choice)?;
     let groups_quantized = served_choice.iter().filter(|&&f| f != problem.none_index()).count();
-    Ok(empty_result(
+    let mut result = empty_result(
         &name,
         kind,
         Some(loc.to_string()),
@@ -409,19 +438,26 @@ fn recipe_result(
         Some(eval.objective),
         groups_quantized,
         &plan.layers,
-    ))
+    );
+    for l in experts {
+        result.quantized_layers.push(QuantizedLayer { name: l.name.clone(), format: "FP8".into() });
+        result.layers_quantized += 1;
+    }
+    Ok(result)
 }
 
 /// Format index per group of what is served: the format its members are served in, NONE when
 /// none is (or when the problem has no such format: a checkpoint of another recipe).
-fn served_choice(m: &Manifest, problem: &Problem, plan: &ServedPlan) -> Vec<usize> {
+fn served_choice(m: &Manifest, problem: &Problem, plan: &ServedPlan, experts: &[&LayerEntry]) -> Vec<usize> {
     m.groups
         .iter()
         .map(|g| {
+            let fp8_experts = g.members.iter().any(|n| experts.iter().any(|l| l.name == *n));
             g.members
                 .iter()
-                .find_map(|n| plan.get(n))
-                .and_then(|l| problem.format_index(l.format.quant_algo()))
+                .find_map(|n| plan.get(n).map(|l| l.format.quant_algo()))
+                .or(fp8_experts.then_some("FP8"))
+                .and_then(|f| problem.format_index(f))
                 .unwrap_or(problem.none_index())
         })
         .collect()
@@ -471,16 +507,24 @@ fn load_checkpoint(
     device: &candle_core::Device,
     manifest: Option<&(Location, Manifest)>,
 ) -> Result<(Qwen3VL, ServedTap, RecipeResult)> {
+    let ck = Checkpoint::open(dir).with_context(|| format!("opening checkpoint {}", dir.display()))?;
+    // quantize writes quantized experts per expert, a layout the model loader does not read.
+    if let Some((name, _, _)) = ck.tensors().into_iter().find(|(n, _, _)| n.contains(".mlp.experts.0.")) {
+        bail!(
+            "{}: its experts are stored per expert (`{name}`), which evaluate does not read back yet; evaluate the \
+             manifest it was written from instead (the same arithmetic)",
+            dir.display()
+        );
+    }
     let model =
         Qwen3VL::load(dir, args.dtype, device).with_context(|| format!("loading checkpoint {}", dir.display()))?;
-    let ck = Checkpoint::open(dir).with_context(|| format!("opening checkpoint {}", dir.display()))?;
     let (plan, tap) = served::from_checkpoint(&model, &ck).with_context(|| format!("{}", dir.display()))?;
     let name = dir_name(dir);
     let result = match manifest {
         Some((loc, m)) => {
             let problem = Problem::from_scores(&scores_of(m), &Overrides::default())
                 .with_context(|| format!("{loc}: rebuilding its search problem"))?;
-            let mut r = recipe_result(name, "checkpoint", loc, m, &problem, &plan)?;
+            let mut r = recipe_result(name, "checkpoint", loc, m, &problem, &plan, &[])?;
             r.source = Some(dir.display().to_string());
             r
         }

@@ -23,6 +23,7 @@ use candle_core::Tensor;
 
 use super::{fp8, nvfp4};
 use crate::model::loader::Checkpoint;
+use crate::model::qwen3_vl::moe::{ExpertsAmax, Projection, SparseMoeBlock};
 use crate::model::qwen3_vl::Qwen3VL;
 use crate::model::{LayerId, LayerKind, Linear, Tap};
 
@@ -341,6 +342,18 @@ pub struct ServedTap {
     inputs: Vec<Option<InputQuant>>,
     /// Per layer id: the dequantized weight, when the model holds the unquantized one.
     weights: Vec<Option<Tensor>>,
+    /// Sparse layers whose experts are FP8: (decoder layer, how).
+    experts: Vec<(usize, ExpertsQuant)>,
+}
+
+/// A sparse layer's FP8 experts (`quantize`'s `experts` writes them per expert).
+#[derive(Debug, Clone)]
+enum ExpertsQuant {
+    /// As the checkpoint serves them: each expert's weights decoded from its E4M3 codes and its
+    /// own scale (`[E, H, 2I]`, `[E, I, H]`), each projection's input at the layer's static scale.
+    Served { gate_up: Tensor, down: Tensor, gate_up_input: f32, down_input: f32 },
+    /// As scored: ModelOpt's fake quantization with the calibrated amax.
+    AsScored(ExpertsAmax),
 }
 
 impl ServedTap {
@@ -349,7 +362,7 @@ impl ServedTap {
     /// per layer, format and scale, shared through `cache` by every recipe that needs them.
     pub fn from_plan(plan: &ServedPlan, model: &Qwen3VL, cache: &mut DequantizedWeights) -> Result<Self> {
         let n = model.layers().len();
-        let mut tap = ServedTap { inputs: vec![None; n], weights: vec![None; n] };
+        let mut tap = ServedTap { inputs: vec![None; n], weights: vec![None; n], experts: Vec::new() };
         for l in &plan.layers {
             let Some(id) = model.layer_id(&l.name) else { bail!("the model has no layer `{}`", l.name) };
             tap.inputs[id] = InputQuant::of(l.format, l.input_scale);
@@ -378,7 +391,40 @@ impl ServedTap {
     /// only the inputs of the layers with an input quantization are quantized.
     fn from_inputs(inputs: Vec<Option<InputQuant>>) -> Self {
         let n = inputs.len();
-        ServedTap { inputs, weights: vec![None; n] }
+        ServedTap { inputs, weights: vec![None; n], experts: Vec::new() }
+    }
+
+    /// Serves sparse layer `block`'s experts in FP8 with these input amax (gate_up's, down's;
+    /// each expert's weight amax is its own, from the model), as the checkpoint `quantize` writes
+    /// computes them, or, `as_scored`, as ModelOpt's fake quantization does.
+    pub fn add_fp8_experts(
+        &mut self,
+        block: &SparseMoeBlock,
+        gate_up_input_amax: f32,
+        down_input_amax: f32,
+        as_scored: bool,
+    ) -> Result<()> {
+        let mut amax = block.weight_amax()?;
+        (amax.gate_up_input, amax.down_input) = (gate_up_input_amax, down_input_amax);
+        let quant = if as_scored {
+            ExpertsQuant::AsScored(amax)
+        } else {
+            let (gate_up, down) = block.expert_weights();
+            let served = |w: &Tensor, amax: &[f32]| -> Result<Tensor> {
+                let experts = (0..amax.len())
+                    .map(|e| dequantized_weight(&w.get(e)?, ServedFormat::Fp8, ServedFormat::Fp8.weight_scale(amax[e])))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Tensor::stack(&experts, 0)?)
+            };
+            ExpertsQuant::Served {
+                gate_up: served(gate_up, &amax.gate_up_weight)?,
+                down: served(down, &amax.down_weight)?,
+                gate_up_input: fp8::checkpoint_scale(gate_up_input_amax),
+                down_input: fp8::checkpoint_scale(down_input_amax),
+            }
+        };
+        self.experts.push((block.layer(), quant));
+        Ok(())
     }
 
     /// Layers whose inputs are quantized.
@@ -424,6 +470,19 @@ pub fn from_checkpoint(model: &Qwen3VL, ck: &Checkpoint) -> Result<(ServedPlan, 
 }
 
 impl Tap for ServedTap {
+    fn moe_forward(&mut self, block: &SparseMoeBlock, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let Some((_, quant)) = self.experts.iter().find(|(l, _)| *l == block.layer()) else { return Ok(None) };
+        match quant {
+            ExpertsQuant::AsScored(amax) => block.forward_quantized(x, &super::Fp8PerTensor, amax).map(Some),
+            ExpertsQuant::Served { gate_up, down, gate_up_input, down_input } => block
+                .forward_with(x, &|e| gate_up.get(e), &|e| down.get(e), &|t, projection| match projection {
+                    Projection::GateUp => fp8::fake_quant_with_scale(t, *gate_up_input),
+                    Projection::Down => fp8::fake_quant_with_scale(t, *down_input),
+                })
+                .map(Some),
+        }
+    }
+
     fn forward(&mut self, id: LayerId, linear: &Linear, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let input = self.inputs.get(id).copied().flatten();
         let weight = self.weights.get(id).and_then(Option::as_ref);

@@ -212,12 +212,8 @@ impl ModelOptRun {
 /// ModelOpt's cost weight of a group as an exact fraction: `None` for 1 (and 0, which is
 /// `cost_excluded`); `active_moe`'s top_k / experts otherwise.
 fn cost_weight_of(w: f64) -> Result<Option<CostWeight>> {
-    if w == 0.0 || w == 1.0 {
-        return Ok(None);
-    }
-    ensure!(w.is_finite() && w > 0.0, "cost weight {w} is not a positive number");
-    let den = (1..=1u64 << 16)
-        .find(|&d| ((w * d as f64).round() - w * d as f64).abs() < 1e-9 * d as f64)
-        .with_context(|| format!("cost weight {w} is no fraction with a denominator up to 65536"))?;
-    Ok(Some(CostWeight::new((w * den as f64).round() as u64, den)))
+    ensure!(w.is_finite() && w >= 0.0, "cost weight {w} is not a number ≥ 0");
+    let weight = CostWeight::from_value(w);
+    ensure!(weight.is_some() || w == 0.0 || w == 1.0, "cost weight {w} is no fraction with a denominator up to 65536");
+    Ok(weight)
 }

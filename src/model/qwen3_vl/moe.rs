@@ -113,6 +113,13 @@ pub struct ExpertsAmax {
     pub tokens_routed: Vec<u64>,
 }
 
+/// The two projections of an expert, each with its own input quantizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projection {
+    GateUp,
+    Down,
+}
+
 /// What [`SparseMoeBlock::backward`] needs from the forward.
 #[derive(Debug)]
 pub struct MoeSaved {
@@ -249,6 +256,11 @@ impl SparseMoeBlock {
         Ok(out)
     }
 
+    /// The fused expert weights: `gate_up_proj` `[E, H, 2I]` and `down_proj` `[E, I, H]`.
+    pub fn expert_weights(&self) -> (&Tensor, &Tensor) {
+        (&self.gate_up_proj, &self.down_proj)
+    }
+
     /// Weight amax of every expert, as ModelOpt's `weight_only_quantize` gives them before any
     /// token is seen (so an expert no token reaches still has one); input amax 0.
     pub fn weight_amax(&self) -> Result<ExpertsAmax> {
@@ -284,19 +296,37 @@ impl SparseMoeBlock {
     /// each projection's input with the layer's shared input amax, each expert's weights with
     /// their own amax (gate and up together). The router is never quantized: it routes on `x`.
     pub fn forward_quantized(&self, x: &Tensor, format: &dyn Format, amax: &ExpertsAmax) -> Result<Tensor> {
+        let weight = |w: &Tensor, amax: f32| format.quantize_weight(w, &WeightStats { amax });
+        self.forward_with(
+            x,
+            &|e| weight(&self.gate_up_proj.get(e)?, amax.gate_up_weight[e]),
+            &|e| weight(&self.down_proj.get(e)?, amax.down_weight[e]),
+            &|x, projection| match projection {
+                Projection::GateUp => format.quantize_input(x, amax.gate_up_input),
+                Projection::Down => format.quantize_input(x, amax.down_input),
+            },
+        )
+    }
+
+    /// The block's output with expert `e`'s weights `gate_up(e)` `[H, 2I]` and `down(e)` `[I, H]`
+    /// and each projection's input passed through `input` (the routing and the mixing as in
+    /// [`SparseMoeBlock::forward`], the router on the plain `x`).
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        gate_up: &dyn Fn(usize) -> Result<Tensor>,
+        down: &dyn Fn(usize) -> Result<Tensor>,
+        input: &dyn Fn(&Tensor, Projection) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let i = self.shape.intermediate;
         let routing = self.route(x)?;
         let dispatch = Dispatch::new(&routing.ids, self.shape.experts)?;
-        let xs = format.quantize_input(&x.index_select(&dispatch.tokens, 0)?, amax.gate_up_input)?;
+        let xs = input(&x.index_select(&dispatch.tokens, 0)?, Projection::GateUp)?;
         let mut outs = Vec::with_capacity(dispatch.groups.len());
         for &(e, start, n) in &dispatch.groups {
-            let weight = |w: &Tensor, amax: f32| format.quantize_weight(w, &WeightStats { amax });
-            let gate_up = weight(&self.gate_up_proj.get(e)?, amax.gate_up_weight[e])?;
-            let gu = matmul(&xs.narrow(0, start, n)?, &gate_up)?; // [n, 2I]
+            let gu = matmul(&xs.narrow(0, start, n)?, &gate_up(e)?)?; // [n, 2I]
             let act = fused::swiglu(&gu.narrow(1, 0, i)?.contiguous()?, &gu.narrow(1, i, i)?.contiguous()?)?;
-            let down = weight(&self.down_proj.get(e)?, amax.down_weight[e])?;
-            outs.push(matmul(&format.quantize_input(&act, amax.down_input)?, &down)?);
-            // [n, H]
+            outs.push(matmul(&input(&act, Projection::Down)?, &down(e)?)?); // [n, H]
         }
         let row_weights = routing.weights.flatten_all()?.index_select(&dispatch.pair_of_row, 0)?;
         let mixed = Tensor::cat(&outs, 0)?.broadcast_mul(&row_weights.unsqueeze(1)?)?;
