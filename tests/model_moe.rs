@@ -957,6 +957,25 @@ fn fp8_scores(scores: &qsens::artifact::scores::Scores) -> std::collections::BTr
     scores.groups.iter().map(|g| (g.name.clone(), g.scores[0])).collect()
 }
 
+/// The MoE checkpoint's reference inputs, gradient scores and a manifest searched at 10 bits, in
+/// `dir`: (model, inputs, searched manifest).
+fn moe_searched(fx: &Path, dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let inputs = moe_inputs(fx, dir);
+    let model = fx.join(MOE_TINY);
+    let scores = dir.join("scores.msgpack");
+    run_ok(env!("CARGO_BIN_EXE_score-layers"), &["-q", "--model", s(&model), "--inputs", s(&inputs), "-o", s(&scores)]);
+    let searched = dir.join("searched.json");
+    run_ok(env!("CARGO_BIN_EXE_search"), &["-q", "--scores", s(&scores), "--effective-bits", "10", "-o", s(&searched)]);
+    (model, inputs, searched)
+}
+
+/// The modules ModelOpt quantized in `modelopt_moe/export_fp8_<which>` (its `recipe.json`).
+fn export_modules(fx: &Path, which: &str) -> std::collections::HashSet<String> {
+    let path = fx.join(format!("modelopt_moe/export_fp8_{which}/recipe.json"));
+    let recipe: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    recipe["enabled_modules"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect()
+}
+
 /// `score-layers` on the MoE checkpoint, end to end through the binaries, against ModelOpt 0.47:
 /// the 30 groups (each sparse layer's experts one group of kind `experts`), every expert's amax
 /// within 1e-6 relative and the tokens routed to it, gradient and kl_div scores within the issue's
@@ -1164,12 +1183,7 @@ fn compressed_tensors_refuses_quantized_experts() {
 fn quantize_writes_fp8_experts_as_modelopt_exports_them() {
     let fx = fixtures_or_skip!();
     let tmp = tempfile::tempdir().unwrap();
-    let inputs = moe_inputs(&fx, tmp.path());
-    let model = fx.join(MOE_TINY);
-    let scores = tmp.path().join("scores.msgpack");
-    run_ok(env!("CARGO_BIN_EXE_score-layers"), &["-q", "--model", s(&model), "--inputs", s(&inputs), "-o", s(&scores)]);
-    let searched = tmp.path().join("searched.json");
-    run_ok(env!("CARGO_BIN_EXE_search"), &["-q", "--scores", s(&scores), "--effective-bits", "10", "-o", s(&searched)]);
+    let (model, inputs, searched) = moe_searched(&fx, tmp.path());
     let json = |p: &Path| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
     let without_producer = |mut v: serde_json::Value| {
         v.as_object_mut().unwrap().remove("producer");
@@ -1178,21 +1192,10 @@ fn quantize_writes_fp8_experts_as_modelopt_exports_them() {
     let input = candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
     for which in ["text", "all"] {
         let theirs_dir = fx.join(format!("modelopt_moe/export_fp8_{which}"));
-        let recipe = json(&theirs_dir.join("recipe.json"));
-        let modules: std::collections::HashSet<String> =
-            recipe["enabled_modules"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect();
+        let modules = export_modules(&fx, which);
         assert!(modules.contains("model.language_model.layers.2.mlp.experts"));
-        let mut m = qsens::artifact::read::<qsens::artifact::manifest::Manifest>(searched.as_path()).unwrap();
-        for g in &mut m.payload.groups {
-            let fp8 = g.members.iter().any(|n| modules.contains(n));
-            g.chosen = if fp8 { "FP8" } else { "NONE" }.into();
-            g.chosen_index = usize::from(!fp8);
-        }
-        for l in &mut m.payload.layers {
-            l.chosen = if modules.contains(&l.name) { "FP8" } else { "NONE" }.into();
-        }
         let manifest = tmp.path().join(format!("manifest-{which}.json"));
-        qsens::artifact::write(manifest.as_path(), &m).unwrap();
+        common::pipeline::manifest_with(&searched, &modules, &manifest);
         let out = tmp.path().join(format!("ckpt-{which}"));
         let mut args =
             vec!["-q", "--model", s(&model), "--manifest", s(&manifest), "--layout", "modelopt", "-o", s(&out)];
@@ -1346,16 +1349,10 @@ fn report_shows_routing_and_flags_unreached_experts() {
 fn evaluate_measures_fp8_experts_as_modelopt_fake_quantizes_them() {
     let fx = fixtures_or_skip!();
     let tmp = tempfile::tempdir().unwrap();
-    let inputs = moe_inputs(&fx, tmp.path());
-    let model = fx.join(MOE_TINY);
-    let scores = tmp.path().join("scores.msgpack");
-    run_ok(env!("CARGO_BIN_EXE_score-layers"), &["-q", "--model", s(&model), "--inputs", s(&inputs), "-o", s(&scores)]);
-    let searched = tmp.path().join("searched.json");
-    run_ok(env!("CARGO_BIN_EXE_search"), &["-q", "--scores", s(&scores), "--effective-bits", "10", "-o", s(&searched)]);
+    let (model, inputs, searched) = moe_searched(&fx, tmp.path());
     let json = |p: &Path| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
     let recipe = json(&fx.join("modelopt_moe/export_fp8_text/recipe.json"));
-    let modules: std::collections::HashSet<String> =
-        recipe["enabled_modules"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect();
+    let modules = export_modules(&fx, "text");
     let theirs: Vec<f64> =
         recipe["fake_quant_loss_per_sample"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let unquantized: Vec<f64> = json(&fx.join("modelopt_moe/autoquant_gradient.json"))["unquantized_loss_per_sample"]
@@ -1364,17 +1361,8 @@ fn evaluate_measures_fp8_experts_as_modelopt_fake_quantizes_them() {
         .iter()
         .map(|v| v.as_f64().unwrap())
         .collect();
-    let mut m = qsens::artifact::read::<qsens::artifact::manifest::Manifest>(searched.as_path()).unwrap();
-    for g in &mut m.payload.groups {
-        let fp8 = g.members.iter().any(|n| modules.contains(n));
-        g.chosen = if fp8 { "FP8" } else { "NONE" }.into();
-        g.chosen_index = usize::from(!fp8);
-    }
-    for l in &mut m.payload.layers {
-        l.chosen = if modules.contains(&l.name) { "FP8" } else { "NONE" }.into();
-    }
     let manifest = tmp.path().join("manifest-text.json");
-    qsens::artifact::write(manifest.as_path(), &m).unwrap();
+    common::pipeline::manifest_with(&searched, &modules, &manifest);
     for as_scored in [true, false] {
         let out = tmp.path().join(format!("evaluation-{as_scored}.json"));
         let mut args =

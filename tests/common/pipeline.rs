@@ -85,20 +85,26 @@ pub fn recipe(fx: &Path, which: &str) -> (HashSet<String>, Vec<f64>) {
     (modules, losses)
 }
 
+/// The manifest `searched` (with FP8 as its first format) with `modules` in FP8 and every other
+/// layer NONE, written to `out`.
+pub fn manifest_with(searched: &Path, modules: &HashSet<String>, out: &Path) {
+    let mut m: Artifact<Manifest> = artifact::read(searched).unwrap();
+    for g in &mut m.payload.groups {
+        let fp8 = g.members.iter().any(|n| modules.contains(n));
+        g.chosen = if fp8 { "FP8" } else { "NONE" }.into();
+        g.chosen_index = usize::from(!fp8);
+    }
+    for l in &mut m.payload.layers {
+        l.chosen = if modules.contains(&l.name) { "FP8" } else { "NONE" }.into();
+    }
+    artifact::write(out, &m).unwrap();
+}
+
 impl Pipeline {
     /// The searched manifest with `modules` in FP8 and every other layer NONE, written as `name`.
     pub fn manifest_with(&self, modules: &HashSet<String>, name: &str) -> PathBuf {
-        let mut m: Artifact<Manifest> = artifact::read(self.manifest.as_path()).unwrap();
-        for g in &mut m.payload.groups {
-            let fp8 = g.members.iter().any(|n| modules.contains(n));
-            g.chosen = if fp8 { "FP8" } else { "NONE" }.into();
-            g.chosen_index = usize::from(!fp8);
-        }
-        for l in &mut m.payload.layers {
-            l.chosen = if modules.contains(&l.name) { "FP8" } else { "NONE" }.into();
-        }
         let path = self.dir.path().join(name);
-        artifact::write(path.as_path(), &m).unwrap();
+        manifest_with(&self.manifest, modules, &path);
         path
     }
 
