@@ -7,7 +7,9 @@
 # Environment: OUT (results folder, default $OUT or /tmp/qsens-bench), METHOD (gradient or kl_div,
 # default gradient: both tools score with it; result files carry its name unless it is gradient), MODEL (2b, 4b, 8b or 32b: the
 # architecture, .carry/qwen3-vl-$MODEL-instruct.config.json; default 4b), SKIP_MODELOPT=1, SKIP_CHECKS=1, LONG=1
-# (also score one ~1,000-image-token sample), QSENS_FLAGS (extra score-layers flags).
+# (also score one ~1,000-image-token sample), QSENS_FLAGS (extra score-layers flags), CKPT_ROOT (where the
+# checkpoint is written, default .bench; /dev/shm for 32B and 30B-A3B, which do not fit the disk), SELFTEST=1
+# (run gpu_selftest first). MODEL=30b-a3b is the MoE architecture (qwen3_vl_moe).
 # The timed qsens runs use CUDA_CACHE_DISABLE=1, so they are first calls as on a fresh machine (the
 # binaries carry compiled kernels; docs/cuda.md); scripts/bench_gpu_evaluate.sh compares cold and warm.
 set -uo pipefail
@@ -32,13 +34,20 @@ python3 -c 'import torch, transformers, modelopt; print("torch", torch.__version
 MODEL=${MODEL:-4b}
 METHOD=${METHOD:-gradient}
 TAG=$([ "$METHOD" = gradient ] || echo "$METHOD-")   # file-name prefix, so runs of both methods can share OUT
-log "CUDA correctness on the demo set (vs the CPU run made by pack.sh)"
+if [ -n "${SELFTEST:-}" ]; then
+  log "gpu_selftest (every fused and quantization kernel against the CPU)"
+  $W/bin/gpu_selftest --no-timing > "$OUT/gpu_selftest.txt" 2>&1 || FAILED="$FAILED gpu_selftest"
+  grep -c PASS "$OUT/gpu_selftest.txt" | sed 's/^/PASS lines: /'; grep FAIL "$OUT/gpu_selftest.txt" | head; tail -2 "$OUT/gpu_selftest.txt"
+fi
+log "CUDA correctness on the demo set and the MoE fixture (vs the CPU runs made by pack.sh)"
 [ -d .carry/demo ] || { log "no .carry/demo: skipped"; SKIP_CHECKS=1; }
-for dt in $([ -d .carry/demo ] && echo f32 bf16); do
-  $W/bin/score-layers -q --model .carry/demo/model --inputs .carry/demo/model_inputs.msgpack --device cuda \
-    --dtype $dt -o $W/demo-cuda-$dt.msgpack || { FAILED="$FAILED demo-$dt"; continue; }
-  python3 scripts/bench/same_scores.py --label "demo $dt cuda vs cpu" $W/demo-cuda-$dt.msgpack \
-    .carry/demo/scores-cpu-$dt.msgpack --min-spearman 0.98 | tee -a "$OUT/correctness.txt"
+for set in demo moe; do
+  for dt in $([ -d .carry/$set ] && echo f32 bf16); do
+    $W/bin/score-layers -q --model .carry/$set/model --inputs .carry/$set/model_inputs.msgpack --device cuda \
+      --dtype $dt -o $W/$set-cuda-$dt.msgpack || { FAILED="$FAILED $set-$dt"; continue; }
+    python3 scripts/bench/same_scores.py --label "$set $dt cuda vs cpu" $W/$set-cuda-$dt.msgpack \
+      .carry/$set/scores-cpu-$dt.msgpack --min-spearman 0.98 | tee -a "$OUT/correctness.txt" || FAILED="$FAILED $set-$dt-scores"
+  done
 done
 
 if [ -z "${SKIP_CHECKS:-}" ]; then
@@ -50,8 +59,9 @@ if [ -z "${SKIP_CHECKS:-}" ]; then
 fi
 
 log "checkpoint"
-python3 scripts/bench/make_checkpoint.py --config .carry/qwen3-vl-$MODEL-instruct.config.json --out $W/qwen3-vl-$MODEL || exit 1
-CKPT=$W/qwen3-vl-$MODEL
+CKPT=${CKPT_ROOT:-$W}/qwen3-vl-$MODEL
+df -h "$(dirname $CKPT)" | tail -1
+python3 scripts/bench/make_checkpoint.py --config .carry/qwen3-vl-$MODEL-instruct.config.json --out $CKPT || exit 1
 cat $CKPT/*.safetensors > /dev/null   # page cache: both tools load from memory
 
 for N in $SIZES; do

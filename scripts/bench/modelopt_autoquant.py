@@ -45,6 +45,28 @@ def batches(path, device):
     return out
 
 
+def check_released_experts(model, path):
+    """For a MoE checkpoint: the loaded layer-0 experts equal the file's released-layout tensors
+    (transformers 5.x transposes [E, H, 2I] → [E, 2I, H] on load; a silent mismatch would make the
+    two tools score different models). Returns what was checked, or None for a dense model."""
+    from safetensors import safe_open
+    index = json.load(open(f"{path}/model.safetensors.index.json"))["weight_map"]
+    name = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    if name not in index:
+        return None
+    with safe_open(f"{path}/{index[name]}", framework="pt", device="cuda") as f:
+        stored = f.get_tensor(name)
+    loaded = dict(model.named_parameters())[name].detach()
+    if loaded.shape != stored.shape:
+        loaded = loaded.transpose(1, 2)
+    if not torch.equal(loaded, stored):
+        raise SystemExit(f"{path}: loaded {name} differs from the file's released-layout tensor")
+    cfg = model.config.get_text_config()
+    return {"checked": name, "in_memory_shape": list(dict(model.named_parameters())[name].shape),
+            "file_shape": list(stored.shape),
+            "experts_implementation_before": getattr(cfg, "_experts_implementation", None)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -73,11 +95,13 @@ def main():
         _get_cuda_module()
     ext_s = time.time() - t0
 
-    from transformers import Qwen3VLForConditionalGeneration
+    # Qwen3VLForConditionalGeneration, or Qwen3VLMoeForConditionalGeneration for qwen3_vl_moe.
+    from transformers import AutoModelForImageTextToText
     t0 = time.time()
-    model = Qwen3VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.bfloat16, device_map="cuda")
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16, device_map="cuda")
     model.eval()
     load_s = time.time() - t0
+    moe = check_released_experts(model, args.model)
     data = batches(args.inputs, "cuda")
     n = len(data)
 
@@ -127,6 +151,10 @@ def main():
         "groups": groups,
         "targets": targets,
         "cost_denominator": state.get("cost_denominator"),
+        **({"moe": moe, "experts_classes": sorted({type(m).__name__ for n, m in model.named_modules()
+                                                   if n.endswith("mlp.experts")}),
+            "experts_implementation_after": getattr(model.config.get_text_config(), "_experts_implementation", None)}
+           if moe else {}),
     }, open(args.out, "w"), indent=1)
     print(f"modelopt: {args.method}, {n} samples, auto_quantize {wall:.1f} s, peak {peak / 2**30:.2f} GiB, load {load_s:.1f} s, "
           f"CUDA extensions {ext_s:.1f} s (not timed)")

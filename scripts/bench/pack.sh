@@ -45,4 +45,22 @@ for dt in f32 bf16; do
   target/release/score-layers -q --model target/demo/model --inputs tmp/demo/model_inputs.msgpack \
     --dtype $dt -o .carry/demo/scores-cpu-$dt.msgpack
 done
+
+# 4. the MoE fixture (rounded to bf16 so it fits the carry limit), its 4 reference samples and CPU
+#    reference runs: bench_gpu.sh checks CUDA against them (MODEL=30b-a3b needs the 30B-A3B config too).
+cp "$SHARED/bench/qwen3-vl-30b-a3b-instruct.config.json" .carry/
+rm -rf .carry/moe && mkdir -p .carry/moe/model
+python3 scripts/bench/to_bf16.py "$SHARED/fixtures/qwen3-vl-moe-tiny/model.safetensors" .carry/moe/model/model.safetensors
+cp "$SHARED/fixtures/qwen3-vl-moe-tiny/config.json" .carry/moe/model/
+MOE_TMP=$(mktemp -d)
+target/release/calib-extract -q --from-coco "$SHARED/fixtures/coco/captions.json" --db "$MOE_TMP/c.db"
+target/release/calib-extract -q --db "$MOE_TMP/c.db" --image-root "$SHARED/fixtures/images" -o "$MOE_TMP/calib.json" \
+  --query 'SELECT sample_id, image_id, file_name, caption, split FROM samples WHERE image_id <= 4'
+target/release/preprocess -q --calibration "$MOE_TMP/calib.json" --model "$SHARED/fixtures/qwen3-vl-moe-tiny" \
+  --min-pixels 65536 --max-pixels 262144 -o .carry/moe/model_inputs.msgpack
+rm -rf "$MOE_TMP"
+for dt in f32 bf16; do
+  target/release/score-layers -q --model .carry/moe/model --inputs .carry/moe/model_inputs.msgpack \
+    --dtype $dt -o .carry/moe/scores-cpu-$dt.msgpack
+done
 du -sh .carry; du -sh .carry/*
