@@ -79,7 +79,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (model_dir, inputs, device, dtype) = (&args[1], &args[2], &args[3], &args[4]);
     let reps: usize = args.get(5).map(|s| s.parse()).transpose()?.unwrap_or(3);
-    let device = qsens::score::parse_device(device)?;
+    let device = qsens::device::parse_device(device)?;
     let dtype = qsens::score::parse_dtype(dtype)?;
     let t = Instant::now();
     let model = Qwen3VL::load(model_dir.as_ref(), dtype, &device)?;

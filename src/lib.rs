@@ -12,12 +12,14 @@
 //! `manifest-to-md --evaluation` sets that beside the prediction.
 //!
 //! Shared homes: [`artifact`] (the schemas), [`model`] (Qwen3-VL forward and backward),
-//! [`quant`] (FP8 numerics, formats, layer grouping), [`cli`] (flags, exit codes, progress), and
-//! [`demo`] (the generated demo set: images, captions and a tiny checkpoint).
+//! [`quant`] (FP8 numerics, formats, layer grouping), [`cli`] (flags, exit codes, progress),
+//! [`device`] (`--device`, GPU memory limit, out-of-memory errors), and [`demo`] (the generated
+//! demo set: images, captions and a tiny checkpoint).
 pub mod artifact;
 pub mod calib;
 pub mod cli;
 pub mod demo;
+pub mod device;
 pub mod evaluate;
 pub mod model;
 pub mod preprocess;

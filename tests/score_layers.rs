@@ -507,6 +507,14 @@ fn errors_exit_2_with_one_line_and_no_output() {
         (vec!["--model", model, "--inputs", inputs, "--device", "cuda", "-o", o], vec!["built without CUDA"]),
         (vec!["--model", model, "--inputs", inputs, "--dtype", "f8", "-o", o], vec!["unsupported dtype 'f8'"]),
         (vec!["--model", model, "--inputs", inputs, "--resume", "-o", "-"], vec!["--resume needs a state file"]),
+        (
+            vec!["--model", model, "--inputs", inputs, "--gpu-memory-limit", "8", "-o", o],
+            vec!["--gpu-memory-limit needs a CUDA device"],
+        ),
+        (
+            vec!["--model", model, "--inputs", inputs, "--gpu-memory-limit", "lots", "-o", o],
+            vec!["invalid size 'lots'"],
+        ),
     ];
     for (args, needles) in cases {
         if cfg!(feature = "cuda") && args.contains(&"cuda") {

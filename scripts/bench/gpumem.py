@@ -28,7 +28,8 @@ def main():
     wall = time.time() - t0
     done.set()
     t.join()
-    json.dump({"cmd": cmd, "rc": rc, "wall_s": wall, "peak_bytes": peak[0] - idle}, open(out, "w"), indent=1)
+    json.dump({"cmd": cmd, "rc": rc, "wall_s": wall, "peak_bytes": peak[0] - idle,
+               "idle_bytes": idle}, open(out, "w"), indent=1)
     print(f"[gpumem] rc={rc} wall {wall:.2f} s, peak GPU memory {(peak[0] - idle) / 2**30:.2f} GiB above idle", flush=True)
     sys.exit(rc)
 

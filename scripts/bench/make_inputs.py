@@ -37,15 +37,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--num", type=int, default=32)
     ap.add_argument("--size", type=int, default=448, help="image side (multiple of 32)")
+    ap.add_argument("--sizes", default=None, help="one image side per sample, comma-separated (replaces --num/--size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
-    side = args.size
-    grid = [1, side // 16, side // 16]
-    n_img = grid[1] * grid[2] // 4
+    sides = [int(x) for x in args.sizes.split(",")] if args.sizes else [args.size] * args.num
     samples = []
-    for k in range(args.num):
+    for k, side in enumerate(sides):
+        grid = [1, side // 16, side // 16]
+        n_img = grid[1] * grid[2] // 4
         before = rng.integers(0, 151643, 12).tolist()
         after = rng.integers(0, 151643, 64).tolist()
         ids = before + [VISION_START] + [IMAGE_PAD] * n_img + [VISION_END] + after
@@ -69,7 +70,8 @@ def main():
         "schema_version": 1,
         "tool": "scripts/bench/make_inputs.py",
         "tool_version": "0",
-        "provenance": {"sources": [], "parameters": {"num": str(args.num), "seed": str(args.seed), "size": str(side)}},
+        "provenance": {"sources": [], "parameters": {"num": str(len(sides)), "seed": str(args.seed),
+                                                   "size": args.sizes or str(args.size)}},
         "payload": {
             "processor": {
                 "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
@@ -83,7 +85,8 @@ def main():
     }
     with open(args.out, "wb") as f:
         f.write(msgpack.packb(artifact, use_bin_type=True))
-    print(f"{args.num} samples of {len(samples[0]['input_ids'])} tokens → {args.out}")
+    lengths = sorted({len(s["input_ids"]) for s in samples})
+    print(f"{len(samples)} samples of {'/'.join(map(str, lengths))} tokens → {args.out}")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,11 @@ struct Args {
     /// Write wall time per phase as JSON to FILE (not part of the artifact).
     #[arg(long, value_name = "FILE")]
     timings: Option<PathBuf>,
+    /// Use at most this much GPU memory (GiB, every process on the card together, as nvidia-smi
+    /// counts it): the rest is held back when the run starts, so a sample that needs more fails
+    /// as on a smaller card — with one line naming it; --resume then continues from it.
+    #[arg(long, value_name = "GIB")]
+    gpu_memory_limit: Option<String>,
     /// Merge shard artifacts into one (instead of scoring).
     #[arg(long, value_name = "SHARD", num_args = 1.., conflicts_with_all = ["model", "inputs", "shard", "resume"])]
     merge: Vec<String>,
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
             resume: args.resume,
             state: args.state.clone(),
             timings: args.timings.clone(),
+            gpu_memory_limit: args.gpu_memory_limit.as_deref().map(qsens::device::parse_gib).transpose()?,
         };
         score::run(&opts, &reporter)
     })

@@ -89,7 +89,7 @@ pub fn run(args: &EvaluateArgs, reporter: &Reporter) -> Result<()> {
     provenance.source("inputs", &args.inputs, artifact::sha256_bytes(&input_bytes));
     artifact::model_provenance(&args.model_dir, &mut provenance)?;
 
-    let device = score::parse_device(&args.device)?;
+    let device = crate::device::parse_device(&args.device)?;
     let model = Qwen3VL::load(&args.model_dir, args.dtype, &device)
         .with_context(|| format!("loading model from {}", args.model_dir.display()))?;
     score::validate_inputs(&inputs, &model, Method::KlDiv).with_context(|| format!("{}", args.inputs))?;

@@ -23,6 +23,7 @@ use crate::artifact::inputs::{ModelInputs, SampleInputs};
 use crate::artifact::scores::{CostWeight, FormatInfo, LayerScores, ModelSummary, SampleSummary, Scores};
 use crate::artifact::{self, Artifact, Location, Provenance};
 use crate::cli::Reporter;
+use crate::device::{parse_device, MemoryLimit, OutOfMemory};
 use crate::model::qwen3_vl::{ForwardOptions, Input, Keep, LogitsMode, Qwen3VL};
 use crate::model::{LayerId, Linear, NoTap};
 use crate::quant::{self, format_by_name, Calibration, Format, GroupingRules, NamePatterns, NONE, NONE_BITS};
@@ -91,6 +92,8 @@ pub struct ScoreOptions {
     pub state: Option<PathBuf>,
     /// Write wall time per phase (JSON) here; kept out of the artifact so it stays deterministic.
     pub timings: Option<PathBuf>,
+    /// The most GPU memory (bytes, all processes together) the run may use ([`MemoryLimit`]).
+    pub gpu_memory_limit: Option<u64>,
 }
 
 /// Wall time per phase of a run, in seconds.
@@ -108,24 +111,6 @@ pub struct Timings {
     pub samples_scored: usize,
     pub device: String,
     pub dtype: String,
-}
-
-/// Parses `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(spec: &str) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal: usize = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse().with_context(|| format!("invalid device '{s}' (expected cuda:N)"))?,
-                None => 0,
-            };
-            if !candle_core::utils::cuda_is_available() {
-                bail!("device '{s}' requested, but this qsens was built without CUDA (rebuild with --features cuda, see docs/cuda.md)");
-            }
-            Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
-        }
-        other => bail!("unknown device '{other}' (expected cpu, cuda or cuda:N)"),
-    }
 }
 
 /// Parses `f32`, `bf16` or `f16`.
@@ -449,6 +434,8 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
     }
 
     let device = parse_device(&opts.device)?;
+    // Held until the run ends; taken before the model loads, so the weights count in the limit.
+    let _limit = opts.gpu_memory_limit.map(|bytes| MemoryLimit::new(&device, bytes)).transpose()?;
     let model = Qwen3VL::load(&opts.model_dir, opts.dtype, &device)
         .with_context(|| format!("loading model from {}", opts.model_dir.display()))?;
     // The experts are calibrated as ModelOpt calibrates them for max-calibrated formats; its AWQ
@@ -579,17 +566,27 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
             num_label_tokens: sample.labels.iter().skip(1).filter(|&&l| l != -100).count(),
             loss: loss.map(f64::from),
         };
-        match opts.method {
-            Method::Gradient => {
-                let (loss, values) = score_gradient(&model, &input, &quant, &experts_amax)
-                    .with_context(|| format!("scoring sample {} ({})", index, sample.id))?;
-                state::push_sample(&mut run.payload, summary_of(Some(loss)), Some(&values), None);
-            }
-            Method::KlDiv => {
-                let (loss, values) = score_kl(&model, &input, &quant, &plan, &experts_amax, &run.payload)
-                    .with_context(|| format!("scoring sample {} ({})", index, sample.id))?;
-                state::push_sample(&mut run.payload, summary_of(loss), None, Some(&values));
-            }
+        let scored = match opts.method {
+            Method::Gradient => score_gradient(&model, &input, &quant, &experts_amax).map(|(loss, values)| {
+                state::push_sample(&mut run.payload, summary_of(Some(loss)), Some(&values), None)
+            }),
+            Method::KlDiv => score_kl(&model, &input, &quant, &plan, &experts_amax, &run.payload)
+                .map(|(loss, values)| state::push_sample(&mut run.payload, summary_of(loss), None, Some(&values))),
+        };
+        if let Err(err) = scored {
+            // Every finished sample is kept, so `--resume` continues from this one.
+            let saved = match &state_path {
+                Some(p) => {
+                    artifact::write(Location::File(p.clone()), &run)?;
+                    format!(
+                        "{} finished samples saved in {} (rerun with --resume to continue)",
+                        run.payload.samples.len(),
+                        p.display()
+                    )
+                }
+                None => "nothing saved (-o -: no state file)".into(),
+            };
+            return Err(sample_failure(err, "scoring", index, sample, &device, &saved));
         }
         if let Some(p) = &state_path {
             if last_save.0.elapsed() >= last_save.1 * 10 {
@@ -769,13 +766,39 @@ fn calibration_forwards(
         let sample = &inputs.samples[index];
         bar.set_message(sample.id.clone());
         let input = model_input(sample, inputs)?;
-        model
-            .forward(&input, tap, &opts)
-            .with_context(|| format!("calibration forward of sample {} ({})", index, sample.id))?;
+        if let Err(err) = model.forward(&input, tap, &opts) {
+            let device = model.device();
+            return Err(sample_failure(
+                err.into(),
+                "calibration forward of",
+                index,
+                sample,
+                device,
+                "nothing saved yet",
+            ));
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
     Ok(())
+}
+
+/// The error of a sample that failed: which sample, how long it is and, for a GPU out-of-memory
+/// fault, how much memory it asked for and what the card had left — in place of the driver's
+/// own words, so the one-line message says what to do.
+fn sample_failure(
+    err: anyhow::Error,
+    stage: &str,
+    index: usize,
+    sample: &SampleInputs,
+    device: &Device,
+    saved: &str,
+) -> anyhow::Error {
+    let which = format!("{stage} sample {index} ({}, {} tokens)", sample.id, sample.input_ids.len());
+    match OutOfMemory::of(&err) {
+        Some(oom) => anyhow::anyhow!("{which}: {}; {saved}", oom.describe(device)),
+        None => err.context(format!("{which}; {saved}")),
+    }
 }
 
 /// AWQ-lite for the formats that use it (`quant::awq`): a pass that gathers activation

@@ -73,20 +73,26 @@ impl std::fmt::Debug for CudaDevice {
     }
 }
 
+/// qsens: a failed allocation names the bytes it asked for, so an out-of-memory error can say
+/// how much was missing (`CUDA allocation of N bytes` is the context's exact wording).
+fn with_alloc_size<T>(err: crate::Error, len: usize) -> crate::Error {
+    err.context(format!("CUDA allocation of {} bytes", len.saturating_mul(std::mem::size_of::<T>())))
+}
+
 impl CudaDevice {
     #[allow(clippy::missing_safety_doc)]
     pub unsafe fn alloc<T: cudarc::driver::DeviceRepr>(
         &self,
         len: usize,
     ) -> Result<cudarc::driver::CudaSlice<T>> {
-        self.stream.alloc::<T>(len).w()
+        self.stream.alloc::<T>(len).w().map_err(|e| with_alloc_size::<T>(e, len))
     }
 
     pub fn alloc_zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         len: usize,
     ) -> Result<cudarc::driver::CudaSlice<T>> {
-        self.stream.alloc_zeros::<T>(len).w()
+        self.stream.alloc_zeros::<T>(len).w().map_err(|e| with_alloc_size::<T>(e, len))
     }
 
     pub fn enable_cuda_graph_htod_cache(&self) -> CudaGraphHtodCacheGuard {
