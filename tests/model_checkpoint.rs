@@ -291,6 +291,37 @@ fn real_4b_config_implies_358_layers() {
     assert!(weights > 3_000_000_000, "{weights}");
 }
 
+/// The released Qwen3-VL-30B-A3B config (`shared/bench/`, released key style): every one of its 48
+/// decoder layers is a sparse block of 128 experts, 8 per token, width 768 (../shared/bench/README.md),
+/// and the Linear layers are the dense ones around them.
+#[test]
+fn real_30b_a3b_config_is_48_sparse_layers_of_128_experts() {
+    let Some(_) = real_4b() else { return };
+    let p = bench_config_path().with_file_name("qwen3-vl-30b-a3b-instruct.config.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let cfg: Config = serde_json::from_str(&text).unwrap();
+    cfg.validate().unwrap();
+    assert!(cfg.is_moe());
+    let t = &cfg.text_config;
+    assert_eq!(
+        (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads),
+        (2048, 48, 32, Some(4))
+    );
+    for i in 0..48 {
+        let shape = cfg.moe_layer(i).unwrap_or_else(|| panic!("layer {i} is not sparse"));
+        assert_eq!((shape.experts, shape.top_k, shape.intermediate, shape.norm_topk_prob), (128, 8, 768, true));
+    }
+    let layers = expected_layers(&cfg);
+    // 1 patch embed + 27·4 vision + 2 merger + 3·2 deepstack + 48·4 attention + lm_head: no dense MLP.
+    assert_eq!(layers.len(), 1 + 108 + 2 + 6 + 192 + 1);
+    let text_mlp = layers.iter().filter(|l| l.name.starts_with("model.language_model.") && l.name.contains(".mlp."));
+    assert_eq!(text_mlp.count(), 0, "a sparse layer listed a dense MLP");
+    let q = layers.iter().find(|l| l.name == "model.language_model.layers.47.self_attn.q_proj").unwrap();
+    assert_eq!((q.in_features, q.out_features), (2048, 4096));
+    let lm = layers.last().unwrap();
+    assert_eq!((lm.name.as_str(), lm.in_features), ("lm_head", 2048));
+}
+
 #[test]
 fn reduced_4b_architecture_sharded_forward_backward() {
     let Some(real) = real_4b() else { return };
