@@ -36,7 +36,6 @@ pub fn memory_info(device: &Device) -> Option<(u64, u64)> {
 /// (`--gpu-memory-limit`): the rest of the card is allocated once, up front, and kept until the
 /// run ends. Allocations beyond the limit then fail as they would on a smaller card.
 pub struct MemoryLimit {
-    pub limit_bytes: u64,
     #[cfg(feature = "cuda")]
     _ballast: candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>,
 }
@@ -62,7 +61,7 @@ impl MemoryLimit {
             // Uninitialised: the bytes are never read, only held.
             let ballast = unsafe { dev.alloc::<u8>(ballast as usize) }
                 .with_context(|| format!("holding back {} of GPU memory for --gpu-memory-limit", gib(ballast)))?;
-            return Ok(MemoryLimit { limit_bytes, _ballast: ballast });
+            return Ok(MemoryLimit { _ballast: ballast });
         }
         unreachable!("memory_info is Some only for a CUDA device ({ballast} bytes to hold back)")
     }
