@@ -67,6 +67,95 @@ impl MemoryLimit {
     }
 }
 
+/// The most device memory the run's tensors held, phase by phase. candle allocates from the
+/// device's default stream-ordered pool (`cuMemAllocAsync`); its high-water mark counts every
+/// tensor, even one that lived for a single kernel, and nothing else (not the CUDA context, not
+/// cuBLAS' workspace), so the phase that sets a run's peak can be told from the others.
+pub struct PoolWatermark {
+    #[cfg(feature = "cuda")]
+    stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    #[cfg(feature = "cuda")]
+    pool: candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool,
+}
+
+impl PoolWatermark {
+    /// `None` on the CPU.
+    pub fn new(device: &Device) -> Result<Option<PoolWatermark>> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = device {
+            use candle_core::cuda_backend::cudarc::driver::sys;
+            let stream = dev.cuda_stream();
+            let ctx = stream.context();
+            ctx.bind_to_thread().context("binding the CUDA context")?;
+            let mut pool = std::ptr::null_mut();
+            // SAFETY: a valid device of a live context; the pool handle is owned by the driver.
+            let rc = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+            ensure!(rc == sys::CUresult::CUDA_SUCCESS, "reading the device's memory pool: {rc:?}");
+            let watermark = PoolWatermark { stream, pool };
+            watermark.restart()?;
+            return Ok(Some(watermark));
+        }
+        let _ = device;
+        Ok(None)
+    }
+
+    /// Bytes in use now.
+    pub fn in_use(&self) -> Result<u64> {
+        #[cfg(feature = "cuda")]
+        {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
+            self.stream.synchronize().context("synchronizing the CUDA stream")?;
+            return self.attribute(CU_MEMPOOL_ATTR_USED_MEM_CURRENT);
+        }
+        #[allow(unreachable_code)]
+        Ok(0)
+    }
+
+    /// `(in use, reserved)`: the most bytes the tensors held, and the most the pool held from
+    /// the driver for them (what `nvidia-smi` sees), since the last call (or since
+    /// [`PoolWatermark::new`]); both counts then restart from now.
+    pub fn take(&self) -> Result<(u64, u64)> {
+        #[cfg(feature = "cuda")]
+        {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute::{
+                CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            };
+            self.stream.synchronize().context("synchronizing the CUDA stream")?;
+            let high =
+                (self.attribute(CU_MEMPOOL_ATTR_USED_MEM_HIGH)?, self.attribute(CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?);
+            self.restart()?;
+            return Ok(high);
+        }
+        #[allow(unreachable_code)]
+        Ok((0, 0))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn attribute(&self, attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute) -> Result<u64> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let mut value = 0u64;
+        // SAFETY: the memory attributes of a pool are cuuint64_t.
+        let rc = unsafe { sys::cuMemPoolGetAttribute(self.pool, attr, (&mut value as *mut u64).cast()) };
+        ensure!(rc == sys::CUresult::CUDA_SUCCESS, "reading the memory pool's {attr:?}: {rc:?}");
+        Ok(value)
+    }
+
+    /// Sets the high-water marks to what is held now (the driver's only allowed reset value is 0,
+    /// which it takes to mean "now").
+    #[cfg(feature = "cuda")]
+    fn restart(&self) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        use sys::CUmemPool_attribute::{CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, CU_MEMPOOL_ATTR_USED_MEM_HIGH};
+        for attr in [CU_MEMPOOL_ATTR_USED_MEM_HIGH, CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH] {
+            let mut zero = 0u64;
+            // SAFETY: as in `attribute`; 0 is the documented reset value.
+            let rc = unsafe { sys::cuMemPoolSetAttribute(self.pool, attr, (&mut zero as *mut u64).cast()) };
+            ensure!(rc == sys::CUresult::CUDA_SUCCESS, "resetting the memory pool's {attr:?}: {rc:?}");
+        }
+        Ok(())
+    }
+}
+
 /// What a GPU out-of-memory fault asked for, when the error is one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutOfMemory {

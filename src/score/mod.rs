@@ -23,7 +23,7 @@ use crate::artifact::inputs::{ModelInputs, SampleInputs};
 use crate::artifact::scores::{CostWeight, FormatInfo, LayerScores, ModelSummary, SampleSummary, Scores};
 use crate::artifact::{self, Artifact, Location, Provenance};
 use crate::cli::Reporter;
-use crate::device::{parse_device, MemoryLimit, OutOfMemory};
+use crate::device::{gib, parse_device, MemoryLimit, OutOfMemory, PoolWatermark};
 use crate::model::qwen3_vl::{ForwardOptions, Input, Keep, LogitsMode, Qwen3VL};
 use crate::model::{LayerId, Linear, NoTap};
 use crate::quant::{self, format_by_name, Calibration, Format, GroupingRules, NamePatterns, NONE, NONE_BITS};
@@ -111,6 +111,22 @@ pub struct Timings {
     pub samples_scored: usize,
     pub device: String,
     pub dtype: String,
+    /// Device memory held by tensors, per phase (CUDA only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_memory: Option<GpuMemory>,
+}
+
+/// Bytes of device memory the run's tensors held ([`PoolWatermark`]): what the loaded model holds,
+/// and per phase the most held at any moment (`[in use, reserved from the driver]`). A
+/// process's total adds its CUDA context and cuBLAS' workspace (about half a GiB).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct GpuMemory {
+    pub model: u64,
+    pub load_model_peak: [u64; 2],
+    pub calibration_peak: [u64; 2],
+    pub scoring_peak: [u64; 2],
+    /// What the first scored sample's forward keeps for its backward (gradient method).
+    pub kept_for_backward: u64,
 }
 
 /// Parses `f32`, `bf16` or `f16`.
@@ -436,6 +452,12 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
     let device = parse_device(&opts.device)?;
     // Held until the run ends; taken before the model loads, so the weights count in the limit.
     let _limit = opts.gpu_memory_limit.map(|bytes| MemoryLimit::new(&device, bytes)).transpose()?;
+    let watermark = PoolWatermark::new(&device)?;
+    let held_before_load = watermark.as_ref().map(|w| w.in_use()).transpose()?.unwrap_or(0);
+    // The ballast of --gpu-memory-limit is not the run's: count from what was held before.
+    let above = |(used, reserved): (u64, u64)| {
+        [used.saturating_sub(held_before_load), reserved.saturating_sub(held_before_load)]
+    };
     let model = Qwen3VL::load(&opts.model_dir, opts.dtype, &device)
         .with_context(|| format!("loading model from {}", opts.model_dir.display()))?;
     // The experts are calibrated as ModelOpt calibrates them for max-calibrated formats; its AWQ
@@ -454,6 +476,11 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
     validate_inputs(&inputs, &model, opts.method).with_context(|| format!("{}", opts.inputs))?;
     let (plan, skeleton) = plan(opts, &model, &inputs)?;
     timings.load_model = lap();
+    if let Some(w) = &watermark {
+        let model = w.in_use()? - held_before_load;
+        let load_model_peak = w.take()?;
+        timings.gpu_memory = Some(GpuMemory { model, load_model_peak: above(load_model_peak), ..Default::default() });
+    }
 
     let state_path = match (&opts.state, &opts.output) {
         (Some(p), _) => Some(p.clone()),
@@ -513,6 +540,9 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
         }
     };
     timings.calibration = lap();
+    if let (Some(w), Some(m)) = (&watermark, &mut timings.gpu_memory) {
+        m.calibration_peak = above(w.take()?);
+    }
 
     let input_amax: Vec<f32> = run.payload.layers.iter().map(|l| l.input_amax as f32).collect();
     let weight_stats: Vec<quant::WeightStats> =
@@ -567,9 +597,16 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
             loss: loss.map(f64::from),
         };
         let scored = match opts.method {
-            Method::Gradient => score_gradient(&model, &input, &quant, &experts_amax).map(|(loss, values)| {
-                state::push_sample(&mut run.payload, summary_of(Some(loss)), Some(&values), None)
-            }),
+            Method::Gradient => {
+                // The first sample's forward is weighed (one stream sync; the others run unsynchronized).
+                let weigh = watermark.as_ref().filter(|_| index == pending[0]);
+                score_gradient(&model, &input, &quant, &experts_amax, weigh).map(|(loss, values, kept)| {
+                    if let (Some(kept), Some(m)) = (kept, &mut timings.gpu_memory) {
+                        m.kept_for_backward = kept.saturating_sub(held_before_load + m.model);
+                    }
+                    state::push_sample(&mut run.payload, summary_of(Some(loss)), Some(&values), None)
+                })
+            }
             Method::KlDiv => score_kl(&model, &input, &quant, &plan, &experts_amax, &run.payload)
                 .map(|(loss, values)| state::push_sample(&mut run.payload, summary_of(loss), None, Some(&values))),
         };
@@ -600,6 +637,18 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
     bar.finish_and_clear();
     timings.scoring = lap();
     timings.samples_scored = pending.len();
+    if let (Some(w), Some(m)) = (&watermark, &mut timings.gpu_memory) {
+        m.scoring_peak = above(w.take()?);
+        let phase = |[used, reserved]: [u64; 2]| format!("{} ({} reserved)", gib(used), gib(reserved));
+        reporter.detail(format!(
+            "GPU memory held by tensors: model {}; peak while loading {}, calibrating {}, scoring {}; the first sample's forward kept {} for its backward",
+            gib(m.model),
+            phase(m.load_model_peak),
+            phase(m.calibration_peak),
+            phase(m.scoring_peak),
+            gib(m.kept_for_backward)
+        ));
+    }
 
     state::recompute_totals(&mut run.payload);
     finish(&run, state_path.as_deref(), &opts.output)?;
@@ -943,9 +992,12 @@ fn score_gradient(
     input: &Input,
     quant: &LayerQuant,
     experts_amax: &ExpertsAmaxes,
-) -> Result<(f32, Vec<Vec<f64>>)> {
+    weigh: Option<&PoolWatermark>,
+) -> Result<(f32, Vec<Vec<f64>>, Option<u64>)> {
     let opts = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Backward, trace: false };
     let fwd = model.forward(input, &mut NoTap, &opts)?;
+    // Bytes in use after the forward: the model and what the forward keeps for the backward.
+    let kept = weigh.map(|w| w.in_use()).transpose()?;
     let loss = fwd.loss.context("the sample has no label tokens, so there is no loss to differentiate")?;
     let mut tap = GradientTap::new(quant, model.layers().len());
     let mut with_experts = experts::GradientTap {
@@ -967,7 +1019,7 @@ fn score_gradient(
     for v in &mut values {
         v.push(0.0); // NONE
     }
-    Ok((loss, values))
+    Ok((loss, values, kept))
 }
 
 /// One sample, kl_div method: `(loss if the sample has labels, [group][format] contributions)`.
