@@ -53,6 +53,12 @@ pub trait Format: Send + Sync + std::fmt::Debug {
     fn input_description(&self) -> String;
     /// Fake-quantized weight, same shape and dtype.
     fn quantize_weight(&self, weight: &Tensor, stats: &WeightStats) -> Result<Tensor>;
+    /// Whether [`Format::quantize_weight`] of a block of whole output rows equals those rows of
+    /// the quantized weight (nothing is computed across rows beyond `stats`), so that a large
+    /// weight can be quantized a slice at a time.
+    fn weight_rows_independent(&self) -> bool {
+        false
+    }
     /// Fake-quantized layer input, given the calibrated per-tensor input amax.
     fn quantize_input(&self, x: &Tensor, input_amax: f32) -> Result<Tensor>;
 }
@@ -105,6 +111,9 @@ impl Format for Fp8PerTensor {
     }
     fn quantize_weight(&self, weight: &Tensor, stats: &WeightStats) -> Result<Tensor> {
         fp8::fake_quant_tensor(weight, stats.amax)
+    }
+    fn weight_rows_independent(&self) -> bool {
+        true // elementwise against the per-tensor amax
     }
     fn quantize_input(&self, x: &Tensor, input_amax: f32) -> Result<Tensor> {
         fp8::fake_quant_tensor(x, input_amax)

@@ -96,16 +96,36 @@ impl LayerQuant<'_> {
     /// The fake-quantized input and weight of layer `id` in format `f` (for callers that apply
     /// the layer themselves).
     pub fn quantized_operands(&self, id: LayerId, f: usize, linear: &Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let xq = match self.format_calibration(id, f) {
+        Ok((self.quantized_input(id, f, x)?, self.weight(id, f, linear)?))
+    }
+
+    /// The fake-quantized input of layer `id` in format `f`.
+    pub fn quantized_input(&self, id: LayerId, f: usize, x: &Tensor) -> Result<Tensor> {
+        match self.format_calibration(id, f) {
             Some(FormatCalibration { smoothing: Some(s), input_amax }) => {
-                self.formats[f].quantize_input(&x.broadcast_mul(&s.input)?, *input_amax)?
+                self.formats[f].quantize_input(&x.broadcast_mul(&s.input)?, *input_amax)
             }
-            Some(FormatCalibration { smoothing: None, input_amax }) => {
-                self.formats[f].quantize_input(x, *input_amax)?
-            }
-            None => self.formats[f].quantize_input(x, self.input_amax[id])?,
-        };
-        Ok((xq, self.weight(id, f, linear)?))
+            Some(FormatCalibration { smoothing: None, input_amax }) => self.formats[f].quantize_input(x, *input_amax),
+            None => self.formats[f].quantize_input(x, self.input_amax[id]),
+        }
+    }
+
+    /// Output rows per slice when layer `id`'s fake-quantized weight in format `f` is large
+    /// enough to be worth making a slice at a time (an `lm_head` is 0.6–1.2 GiB in bf16, made
+    /// while every activation the backward needs is held), `None` to make it whole.
+    fn row_slice(&self, id: LayerId, f: usize, linear: &Linear) -> Option<usize> {
+        let w = linear.weight();
+        let whole = w.elem_count() * w.dtype().size_in_bytes();
+        let (rows, cols) = w.dims2().ok()?;
+        let plain = w.dims() == linear.checkpoint_shape() && self.format_calibration(id, f).is_none();
+        if whole <= WEIGHT_SLICE_BYTES
+            || !plain
+            || self.cached_weights.is_some()
+            || !self.formats[f].weight_rows_independent()
+        {
+            return None;
+        }
+        Some((WEIGHT_SLICE_BYTES / (cols * w.dtype().size_in_bytes())).clamp(1, rows))
     }
 
     /// Fake-quantizes every weight once (CPU runs, where memory is plentiful and the weights
@@ -120,6 +140,9 @@ impl LayerQuant<'_> {
         Ok(())
     }
 }
+
+/// The largest fake-quantized weight the gradient method makes at once (see `row_slice`).
+const WEIGHT_SLICE_BYTES: usize = 64 << 20;
 
 /// Accumulates one sample's gradient scores, `[layer][format]`, as f32 scalars on the device.
 pub struct GradientTap<'a> {
@@ -158,13 +181,79 @@ impl Tap for GradientTap<'_> {
             return Ok(());
         }
         for f in 0..self.quant.formats.len() {
-            let yq = self.quant.quantized_output(id, f, linear, x)?;
-            let s = quant::sensitivity::gradient_score(dy, y, &yq)?;
+            let s = match self.quant.row_slice(id, f, linear) {
+                None => {
+                    let yq = self.quant.quantized_output(id, f, linear, x)?;
+                    quant::sensitivity::gradient_score(dy, y, &yq)?
+                }
+                // The score is a sum over output columns: the same terms, a slice of them at a time
+                Some(slice) => {
+                    let xq = self.quant.quantized_input(id, f, x)?;
+                    let (w, rows) = (linear.weight(), linear.weight().dim(0)?);
+                    let mut total: Option<Tensor> = None;
+                    for start in (0..rows).step_by(slice) {
+                        let n = slice.min(rows - start);
+                        let wq = self.quant.formats[f]
+                            .quantize_weight(&w.narrow(0, start, n)?, &self.quant.weight_stats[id])?;
+                        let mut yq = crate::model::linear::matmul(&xq, &wq.t()?)?;
+                        if let Some(b) = linear.bias() {
+                            yq = yq.broadcast_add(&b.narrow(0, start, n)?)?;
+                        }
+                        let part =
+                            quant::sensitivity::gradient_score(&dy.narrow(1, start, n)?, &y.narrow(1, start, n)?, &yq)?;
+                        total = Some(match total {
+                            Some(t) => (t + part)?,
+                            None => part,
+                        });
+                    }
+                    total.expect("a weight has at least one row")
+                }
+            };
             self.scores[id][f] = Some(match self.scores[id][f].take() {
                 Some(prev) => (prev + s)?,
                 None => s,
             });
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::Fp8PerTensor;
+
+    /// A weight above `WEIGHT_SLICE_BYTES` is scored a slice of rows at a time; the score is
+    /// the one of the whole fake-quantized weight.
+    #[test]
+    fn a_large_weight_scored_in_row_slices_scores_as_the_whole_weight() -> Result<()> {
+        let dev = Device::Cpu;
+        let (rows, cols, tokens) = (4500, 4096, 3); // 70 MiB of f32: two slices of 4,096 and 404 rows
+        let w = Tensor::randn(0f32, 0.05, (rows, cols), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (tokens, cols), &dev)?;
+        let dy = Tensor::randn(0f32, 1e-3, (tokens, rows), &dev)?;
+        let bias = Tensor::randn(0f32, 0.1, rows, &dev)?;
+        let linear = Linear::new(w.clone(), Some(bias));
+        let y = linear.forward(&x)?;
+        let formats: Vec<Box<dyn Format>> = vec![Box::new(Fp8PerTensor)];
+        let input_amax = [quant::fp8::amax(&x)?.to_scalar::<f32>()?];
+        let weight_stats = [WeightStats::of(&w)?];
+        let quant = LayerQuant {
+            formats: &formats,
+            input_amax: &input_amax,
+            weight_stats: &weight_stats,
+            format_calibration: Vec::new(),
+            skip: &[false],
+            cached_weights: None,
+        };
+        assert_eq!(quant.row_slice(0, 0, &linear), Some(4096));
+        let mut tap = GradientTap::new(&quant, 1);
+        tap.backward(0, &linear, &x, &y, &dy)?;
+        let sliced = tap.finish()?[0][0];
+        let whole = quant::sensitivity::gradient_score(&dy, &y, &quant.quantized_output(0, 0, &linear, &x)?)?
+            .to_scalar::<f32>()? as f64;
+        assert!(whole > 0.0);
+        assert!((sliced - whole).abs() <= 1e-6 * whole, "sliced {sliced} whole {whole}");
         Ok(())
     }
 }
