@@ -771,20 +771,20 @@ fn all_groups_gradient_scores_match_modelopt() {
     search_never_loses_to_modelopt(&fx, &model, "autoquant_gradient", &ours);
 }
 
-/// Calibration of the whole MoE model: every Linear's input amax (`AmaxTap`) and weight
-/// statistics, and the experts' amax from the block inputs of the same forwards.
+/// Calibration of the whole MoE model as `score-layers` runs it: every Linear's input amax
+/// (`AmaxTap`) and weight statistics, and the experts' amax gathered inside the same forwards
+/// (`experts::CalibrationTap`), held to the separate pass over the traced block inputs.
 fn calibrate_all(fx: &Path, model: &Qwen3VL) -> (Vec<f32>, Vec<WeightStats>, Vec<ExpertsAmax>) {
     let n = model.layers().len();
     let mut amax_tap = AmaxTap::new(n, &Device::Cpu).unwrap();
-    let mut experts: Vec<_> = MOE_LAYERS.iter().map(|&i| model.moe_block(i).unwrap().weight_amax().unwrap()).collect();
-    let opts = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: true };
+    let blocks = qsens::score::experts::blocks(model);
+    let mut tap = qsens::score::experts::CalibrationTap::new(&mut amax_tap, &blocks, &Device::Cpu).unwrap();
+    let opts = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: false };
     for s in 0..SAMPLES {
-        let fwd = model.forward(&input_from_reference(&reference_moe(fx, s)), &mut amax_tap, &opts).unwrap();
-        for (a, &i) in experts.iter_mut().zip(&MOE_LAYERS) {
-            model.moe_block(i).unwrap().observe(&fwd.trace[&format!("mlp_in_{i}")], a).unwrap();
-        }
+        model.forward(&input_from_reference(&reference_moe(fx, s)), &mut tap, &opts).unwrap();
     }
-    assert_eq!(experts, calibrate_experts(fx, model), "calibrating beside AmaxTap changes nothing");
+    let experts: Vec<ExpertsAmax> = tap.finish().unwrap().into_iter().map(|(_, a)| a).collect();
+    assert_eq!(experts, calibrate_experts(fx, model), "calibrating inside the forward = a separate pass");
     let linears: Vec<&Linear> = (0..n).map(|id| model.linear(id)).collect();
     (amax_tap.finish().unwrap(), weight_stats(&linears).unwrap(), experts)
 }

@@ -101,6 +101,13 @@ pub trait Tap {
         Ok(None)
     }
 
+    /// Inside a sparse MoE block's plain forward, once per expert that received tokens: `act`
+    /// `[n, I]` is the input of expert `expert`'s down_proj for its `n` (token, slot) pairs,
+    /// before the mixing weight (what calibrating down_proj's input quantizer needs).
+    fn moe_expert_input(&mut self, _block: &SparseMoeBlock, _expert: usize, _act: &Tensor) -> Result<()> {
+        Ok(())
+    }
+
     /// Backward of a sparse MoE block (router and fused experts, which are no [`Linear`]):
     /// `x` its input, `y` its plain output, `dy` = ∂loss/∂y, each `[L, hidden]`. Called in the
     /// same reverse order as [`Tap::backward`].

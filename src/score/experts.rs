@@ -11,7 +11,7 @@ use crate::artifact::scores::{ExpertsCalibration, LayerScores};
 use crate::model::qwen3_vl::moe::{ExpertsAmax, SparseMoeBlock};
 use crate::model::qwen3_vl::Qwen3VL;
 use crate::model::{LayerId, Linear, Tap};
-use crate::quant::{sensitivity, Format};
+use crate::quant::{fp8, sensitivity, Format};
 
 /// The HF module name of decoder layer `layer`'s experts (ModelOpt's group and module name).
 pub fn experts_name(layer: usize) -> String {
@@ -74,12 +74,52 @@ pub fn amax_of(entry: &LayerScores) -> Result<ExpertsAmax> {
     })
 }
 
-/// Calibration: passes the Linear layers to `inner` and folds each sparse block's input into its
-/// experts' amax (`SparseMoeBlock::observe`), quantization off.
+/// Calibration: passes the Linear layers to `inner` and folds each sparse block's input (gate_up's
+/// input quantizer) and each expert's down_proj input (down's) into the layer's input amax, inside
+/// the plain forward, quantization off. The amax stay on the device until [`CalibrationTap::finish`].
 pub struct CalibrationTap<'a> {
-    pub inner: &'a mut dyn Tap,
-    /// Per sparse layer, in `blocks` order.
-    pub amax: Vec<(usize, ExpertsAmax)>,
+    inner: &'a mut dyn Tap,
+    /// Decoder layer of each sparse layer, in `blocks` order.
+    layers: Vec<usize>,
+    /// f32 `[2 · sparse layers]`: gate_up's then down's input amax of each sparse layer.
+    input_amax: Tensor,
+    /// Per sparse layer: weight amax and tokens routed (input amax filled in by `finish`).
+    amax: Vec<ExpertsAmax>,
+}
+
+impl<'a> CalibrationTap<'a> {
+    /// Every expert gets its weight amax before any token is seen, as in ModelOpt.
+    pub fn new(
+        inner: &'a mut dyn Tap,
+        blocks: &[(usize, &SparseMoeBlock)],
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        Ok(CalibrationTap {
+            inner,
+            layers: blocks.iter().map(|(l, _)| *l).collect(),
+            input_amax: Tensor::zeros(2 * blocks.len(), candle_core::DType::F32, device)?,
+            amax: blocks.iter().map(|(_, b)| b.weight_amax()).collect::<candle_core::Result<_>>()?,
+        })
+    }
+
+    /// The calibration of every sparse layer, as (decoder layer, amax), in `blocks` order.
+    pub fn finish(self) -> Result<Vec<(usize, ExpertsAmax)>> {
+        let input_amax = self.input_amax.to_vec1::<f32>()?;
+        Ok(self
+            .layers
+            .into_iter()
+            .zip(self.amax)
+            .enumerate()
+            .map(|(slot, (layer, mut amax))| {
+                (amax.gate_up_input, amax.down_input) = (input_amax[2 * slot], input_amax[2 * slot + 1]);
+                (layer, amax)
+            })
+            .collect())
+    }
+
+    fn slot(&self, block: &SparseMoeBlock) -> Option<usize> {
+        self.layers.iter().position(|&l| l == block.layer())
+    }
 }
 
 impl Tap for CalibrationTap<'_> {
@@ -87,10 +127,17 @@ impl Tap for CalibrationTap<'_> {
         self.inner.forward(id, linear, x)
     }
     fn moe_forward(&mut self, block: &SparseMoeBlock, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        if let Some((_, amax)) = self.amax.iter_mut().find(|(l, _)| *l == block.layer()) {
-            block.observe(x, amax)?;
+        if let Some(slot) = self.slot(block) {
+            fp8::update_amax(&self.input_amax, 2 * slot, x)?;
         }
         Ok(None)
+    }
+    fn moe_expert_input(&mut self, block: &SparseMoeBlock, expert: usize, act: &Tensor) -> candle_core::Result<()> {
+        if let Some(slot) = self.slot(block) {
+            fp8::update_amax(&self.input_amax, 2 * slot + 1, act)?;
+            self.amax[slot].tokens_routed[expert] += act.dim(0)? as u64;
+        }
+        Ok(())
     }
 }
 

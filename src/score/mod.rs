@@ -707,13 +707,11 @@ fn calibrate(
 ) -> Result<f64> {
     let num_layers = model.layers().len();
     let mut tap = calibrate::AmaxTap::new(num_layers, model.device())?;
-    // Every expert gets its weight amax before any token is seen, as in ModelOpt.
     let blocks = experts::blocks(model);
-    let amax = blocks.iter().map(|(l, b)| Ok((*l, b.weight_amax()?))).collect::<Result<Vec<_>>>()?;
-    let mut with_experts = experts::CalibrationTap { inner: &mut tap, amax };
+    let mut with_experts = experts::CalibrationTap::new(&mut tap, &blocks, model.device())?;
     let bar = reporter.bar(plan.calibration.len() as u64, "calibrating");
     calibration_forwards(model, inputs, &plan.calibration, &mut with_experts, bar)?;
-    let experts_amax = with_experts.amax;
+    let experts_amax = with_experts.finish()?;
     let input_amax = tap.finish()?;
     for (id, layer) in scores.layers.iter_mut().take(num_layers).enumerate() {
         layer.input_amax = input_amax[id] as f64;

@@ -35,12 +35,12 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 pub use config::{Config, TextConfig, VisionConfig};
 
 use crate::model::loader::Checkpoint;
-use crate::model::{LayerId, LayerInfo, LayerKind, Linear, Tap, Tower};
+use crate::model::{LayerId, LayerInfo, LayerKind, Linear, NoTap, Tap, Tower};
 use moe::SparseMoeBlock;
 use ops::{acc_dtype, cross_entropy, cross_entropy_backward, CausalMask, LayerNorm, RmsNorm};
 use rope::CosSin;
 use text::{DecoderLayer, DecoderLayerSaved, Mlp, TextModel, TextSample};
-use vision::{MergerSaved, PatchMerger, VisionBlock, VisionBlockSaved, VisionModel, VisionSample};
+use vision::{MergerSaved, PatchMerger, VisionBlock, VisionModel, VisionSample};
 
 /// Label value that HF's loss ignores.
 pub const IGNORE_INDEX: i32 = -100;
@@ -214,7 +214,9 @@ struct HeadSaved {
 
 struct BackwardCache {
     patch_y: Option<Tensor>,
-    blocks: Vec<VisionBlockSaved>,
+    /// The input of every vision block: the backward recomputes a block's activations from it
+    /// rather than keeping them all (about 0.9 GiB for one 448×448 image on the 30B-A3B).
+    block_inputs: Vec<Tensor>,
     merger: Option<MergerSaved>,
     deepstack: Vec<Option<MergerSaved>>,
     layers: Vec<DecoderLayerSaved>,
@@ -717,6 +719,9 @@ impl Qwen3VL {
             fn moe_forward(&mut self, block: &SparseMoeBlock, x: &Tensor) -> Result<Option<Tensor>> {
                 self.inner.moe_forward(block, x)
             }
+            fn moe_expert_input(&mut self, block: &SparseMoeBlock, expert: usize, act: &Tensor) -> Result<()> {
+                self.inner.moe_expert_input(block, expert, act)
+            }
         }
         let (Some(prev), Some(s)) = (fwd.resume.as_ref(), fwd.sample.as_ref()) else {
             bail!("forward_from_hidden needs a Forward made with Keep::Resume")
@@ -765,7 +770,7 @@ impl Qwen3VL {
         };
         let mut rc = ResumeCache::default();
         let mut patch_y = None;
-        let mut blocks_saved = Vec::new();
+        let mut block_inputs = Vec::new();
         let mut merger_saved = None;
         let mut ds_saved: Vec<Option<MergerSaved>> = (0..vm.deepstack.len()).map(|_| None).collect();
         // Deepstack features are used only with images.
@@ -800,9 +805,16 @@ impl Qwen3VL {
                     if resume {
                         rc.vision_h.push(hv.clone());
                     }
-                    let (out, sv) = vm.blocks[j].forward(&hv, vs, reg, tap, save)?;
+                    // Kept for the backward: the block's input only (recomputed there with the
+                    // plain layers, so the tap may observe these layers but not replace them).
+                    let out = match save {
+                        true => {
+                            block_inputs.push(hv.clone());
+                            vm.blocks[j].forward(&hv, vs, reg, &mut ObserveOnly(tap), false)?.0
+                        }
+                        false => vm.blocks[j].forward(&hv, vs, reg, tap, false)?.0,
+                    };
                     hv = out;
-                    blocks_saved.extend(sv);
                     rec(format!("vision_block_out_{j}"), &hv);
                     for k in vm.deepstack_after(j) {
                         let (f, ms) = vm.deepstack[k].forward(&hv, reg, tap, save)?;
@@ -901,7 +913,7 @@ impl Qwen3VL {
         let bwd = match (save, final_saved, head) {
             (true, Some((final_in, final_rstd)), Some(head)) => Some(BackwardCache {
                 patch_y,
-                blocks: blocks_saved,
+                block_inputs,
                 merger: merger_saved,
                 deepstack: ds_saved,
                 layers: layers_saved,
@@ -1007,11 +1019,26 @@ impl Qwen3VL {
                 };
                 dv = (dv + vm.deepstack[k].backward(ms, &g, reg, tap)?)?;
             }
-            dv = vm.blocks[j].backward(&b.blocks[j], &dv, vs, reg, tap)?;
+            let (_, saved) = vm.blocks[j].forward(&b.block_inputs[j], vs, reg, &mut NoTap, true)?;
+            let Some(saved) = saved else { bail!("internal: no vision block cache") };
+            dv = vm.blocks[j].backward(&saved, &dv, vs, reg, tap)?;
         }
         let Some(pe_y) = b.patch_y.as_ref() else { bail!("internal: no patch-embed cache") };
         tap.backward(vm.patch_embed, reg.linear(vm.patch_embed), &vs.pixels, pe_y, &dv)?;
         Ok(())
+    }
+}
+
+/// A tap that may observe layers but not replace their outputs: the forward of what the backward
+/// recomputes with the plain layers.
+struct ObserveOnly<'a>(&'a mut dyn Tap);
+
+impl Tap for ObserveOnly<'_> {
+    fn forward(&mut self, id: LayerId, linear: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+        match self.0.forward(id, linear, x)? {
+            None => Ok(None),
+            Some(_) => bail!("Keep::Backward: the tap replaced the output of layer {id}, which the backward recomputes with the plain layer"),
+        }
     }
 }
 

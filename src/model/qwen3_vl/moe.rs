@@ -123,26 +123,21 @@ pub enum Projection {
 /// What [`SparseMoeBlock::backward`] needs from the forward.
 #[derive(Debug)]
 pub struct MoeSaved {
-    /// Block input and plain output `[L, H]`.
-    x: Tensor,
+    /// The block's plain output `[L, H]` (its input is recomputed with the layer's attention).
     out: Tensor,
     routing: Routing,
     dispatch: Dispatch,
     /// Mixing weight of each grouped row `[L·k]`, model dtype.
     row_weights: Tensor,
-    /// Per group (as `dispatch.groups`): the gate and up halves `[n, I]` of `x · gate_up_proj[e]`.
-    gate_up: Vec<(Tensor, Tensor)>,
-    /// Expert outputs before mixing, grouped rows `[L·k, H]`.
-    expert_out: Tensor,
+    /// The gate and up halves of `x · gate_up_proj[e]`, grouped rows `[L·k, I]` each (the expert
+    /// outputs are not kept: the router's gradient is taken through down_proj's input instead).
+    gate: Tensor,
+    up: Tensor,
 }
 
 impl MoeSaved {
     pub fn routing(&self) -> &Routing {
         &self.routing
-    }
-
-    pub fn input(&self) -> &Tensor {
-        &self.x
     }
 
     pub fn output(&self) -> &Tensor {
@@ -213,33 +208,48 @@ impl SparseMoeBlock {
 
     /// `x` `[L, H]` → `(out [L, H], routing, saved for backward when save)`.
     pub fn forward(&self, x: &Tensor, save: bool) -> Result<(Tensor, Routing, Option<MoeSaved>)> {
+        self.forward_observed(x, save, &mut |_, _| Ok(()))
+    }
+
+    /// [`SparseMoeBlock::forward`], where `observe(e, act)` sees the down_proj input `[n, I]` of
+    /// every expert `e` that received tokens (calibration).
+    pub fn forward_observed(
+        &self,
+        x: &Tensor,
+        save: bool,
+        observe: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+    ) -> Result<(Tensor, Routing, Option<MoeSaved>)> {
         let routing = self.route(x)?;
         let dispatch = Dispatch::new(&routing.ids, self.shape.experts)?;
         // 1. Gather: the token of every (token, slot) pair, grouped by expert, [L·k, H]
         let xs = x.index_select(&dispatch.tokens, 0)?;
         // 2. Each expert's SwiGLU on its group, then its down_proj
         let mut outs = Vec::with_capacity(dispatch.groups.len());
-        let mut gate_up = Vec::new();
+        let (mut gates, mut ups) = (Vec::new(), Vec::new());
         for (&(e, _, _), (g, u, act)) in dispatch.groups.iter().zip(self.swiglu_groups(&xs, &dispatch)?) {
+            observe(e, &act)?;
             outs.push(matmul(&act, &self.down_proj.get(e)?)?); // [n, H]
             if save {
-                gate_up.push((g, u));
+                gates.push(g);
+                ups.push(u);
             }
         }
-        let expert_out = Tensor::cat(&outs, 0)?;
         // 3. Mix: weight every row and add it to its token (HF `index_add_`)
         let row_weights = routing.weights.flatten_all()?.index_select(&dispatch.pair_of_row, 0)?;
-        let mixed = expert_out.broadcast_mul(&row_weights.unsqueeze(1)?)?;
+        let mixed = Tensor::cat(&outs, 0)?.broadcast_mul(&row_weights.unsqueeze(1)?)?;
+        drop(outs);
         let out = x.zeros_like()?.index_add(&dispatch.tokens, &mixed, 0)?;
-        let saved = save.then(|| MoeSaved {
-            x: x.clone(),
-            out: out.clone(),
-            routing: routing.clone(),
-            dispatch,
-            row_weights,
-            gate_up,
-            expert_out,
-        });
+        let saved = match save {
+            true => Some(MoeSaved {
+                out: out.clone(),
+                routing: routing.clone(),
+                dispatch,
+                row_weights,
+                gate: Tensor::cat(&gates, 0)?,
+                up: Tensor::cat(&ups, 0)?,
+            }),
+            false => None,
+        };
         Ok((out, routing, saved))
     }
 
@@ -277,7 +287,9 @@ impl SparseMoeBlock {
     }
 
     /// Folds one sample's block input `x` `[L, H]` into the input amax: gate_up sees every token,
-    /// down_proj every routed (token, expert) pair before its mixing weight.
+    /// down_proj every routed (token, expert) pair before its mixing weight. A second pass over
+    /// the experts with a host round trip per expert: `score-layers` calibrates inside the
+    /// forward instead ([`SparseMoeBlock::forward`]'s `observe`); the tests hold it to this.
     pub fn observe(&self, x: &Tensor, amax: &mut ExpertsAmax) -> Result<()> {
         let f32_max =
             |t: &Tensor| -> Result<f32> { t.abs()?.max_all()?.to_dtype(candle_core::DType::F32)?.to_scalar() };
@@ -339,21 +351,31 @@ impl SparseMoeBlock {
         let (dt, acc) = (dout.dtype(), acc_dtype(dout.dtype()));
         let (l, k) = s.routing.ids.dims2()?;
         let d = &s.dispatch;
-        // Experts: dy = w · dout per grouped row [L·k, H], back through down_proj, the SwiGLU and
-        // gate_up_proj
+        // Experts: g = dout[token] · down_proj[e]ᵀ per grouped row [L·k, I], the gradient at
+        // down_proj's input before the mixing weight w
         let dout_rows = dout.index_select(&d.tokens, 0)?;
-        let dy = dout_rows.broadcast_mul(&s.row_weights.unsqueeze(1)?)?;
+        let mut g = Vec::with_capacity(d.groups.len());
+        for &(e, start, n) in &d.groups {
+            g.push(dout_rows.narrow(0, start, n)?.matmul(&self.down_proj.get(e)?.t()?)?);
+            // [n, I]
+        }
+        let g = Tensor::cat(&g, 0)?;
+        drop(dout_rows);
+        // Router: ∂/∂w of a pair = ⟨dout[token], act · down_proj[e]⟩ = ⟨g, act⟩, back to [L, k]
+        let act = fused::swiglu(&s.gate, &s.up)?;
+        let dw_rows = (g.to_dtype(acc)? * act.to_dtype(acc)?)?.sum(1)?;
+        drop(act);
+        let dw = dw_rows.index_select(&d.row_of_pair, 0)?.reshape((l, k))?;
+        // ... and back through the SwiGLU and gate_up_proj with the weight applied
+        let dact = g.broadcast_mul(&s.row_weights.unsqueeze(1)?)?;
+        let (dg, du) = fused::swiglu_backward(&s.gate, &s.up, &dact)?;
+        let dgu = Tensor::cat(&[dg, du], 1)?; // [L·k, 2I]
         let mut dxs = Vec::with_capacity(d.groups.len());
-        for (&(e, start, n), (g, u)) in d.groups.iter().zip(&s.gate_up) {
-            let dact = dy.narrow(0, start, n)?.matmul(&self.down_proj.get(e)?.t()?)?; // [n, I]
-            let (dg, du) = fused::swiglu_backward(g, u, &dact)?;
-            let dgu = Tensor::cat(&[dg, du], 1)?; // [n, 2I]
-            dxs.push(dgu.matmul(&self.gate_up_proj.get(e)?.t()?)?); // [n, H]
+        for &(e, start, n) in &d.groups {
+            dxs.push(dgu.narrow(0, start, n)?.matmul(&self.gate_up_proj.get(e)?.t()?)?);
+            // [n, H]
         }
         let dx_experts = dout.zeros_like()?.index_add(&d.tokens, &Tensor::cat(&dxs, 0)?, 0)?;
-        // Router: ∂/∂w of a pair = ⟨dout[token], expert output⟩, back to [L, k]
-        let dw_rows = (dout_rows.to_dtype(acc)? * s.expert_out.to_dtype(acc)?)?.sum(1)?;
-        let dw = dw_rows.index_select(&d.row_of_pair, 0)?.reshape((l, k))?;
         let probs = &s.routing.probs;
         let top = probs.gather(&s.routing.ids, 1)?;
         // w = p/Σp ⇒ ∂/∂p_j = (dw_j − Σ_k w_k·dw_k) / Σp

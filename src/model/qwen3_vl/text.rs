@@ -8,8 +8,8 @@ use super::fused::{self, attention_backward, attention_forward};
 use super::moe::{MoeSaved, SparseMoeBlock};
 use super::ops::{AttnSpec, CausalMask, RmsNorm};
 use super::rope::CosSin;
-use super::{tapped, Registry};
-use crate::model::{LayerId, Tap};
+use super::{tapped, ObserveOnly, Registry};
+use crate::model::{LayerId, NoTap, Tap};
 
 /// Per-sample text inputs shared by all layers.
 pub struct TextSample<'a> {
@@ -43,15 +43,22 @@ pub enum Mlp {
     Sparse(SparseMoeBlock),
 }
 
-/// What an MLP keeps for its backward.
+/// What an MLP keeps for its backward (its input is recomputed with the attention half).
 enum MlpSaved {
     Dense { gate: Tensor, up: Tensor, gate_y: Tensor, up_y: Tensor, act: Tensor, down_y: Tensor },
     Sparse(MoeSaved),
 }
 
-/// What a decoder layer keeps for its backward.
+/// What a decoder layer keeps for its backward: its input, from which the backward recomputes
+/// the attention half (a few dense matmuls; its activations are about half of a layer's), and
+/// what the MLP keeps.
 pub struct DecoderLayerSaved {
     x: Tensor,
+    mlp: MlpSaved,
+}
+
+/// The attention half's activations, as its backward needs them.
+struct AttentionSaved {
     r1: Tensor,
     n1: Tensor,
     /// Outputs of q/k/v_proj as used (`q`, `k`) and plain (`*_y`, for the tap).
@@ -70,24 +77,27 @@ pub struct DecoderLayerSaved {
     /// Attention output `[L, H·d]` (o_proj input).
     attn: Tensor,
     o_y: Tensor,
+}
+
+/// The attention half's outputs: the residual stream after it, the MLP input and its norm's rstd.
+struct AttentionOut {
     h_mid: Tensor,
-    r2: Tensor,
     n2: Tensor,
-    mlp: MlpSaved,
+    r2: Tensor,
+    saved: Option<AttentionSaved>,
 }
 
 impl DecoderLayer {
-    /// `rec` receives the MLP's input and output (`mlp_in`, `mlp_out`) and, for a sparse layer,
-    /// the router's `router_logits`, `router_topk_ids` and `router_topk_weights`.
-    pub fn forward(
+    /// Norm, q/k/v, per-head norm + MRoPE, causal GQA attention, o_proj, residual and the
+    /// post-attention norm.
+    fn attention(
         &self,
         x: &Tensor,
         ts: &TextSample,
         reg: &Registry,
         tap: &mut dyn Tap,
         save: bool,
-        rec: &mut dyn FnMut(&str, &Tensor),
-    ) -> Result<(Tensor, Option<DecoderLayerSaved>)> {
+    ) -> Result<AttentionOut> {
         let l = x.dim(0)?;
         let (h, hkv, d) = (self.heads, self.kv_heads, self.head_dim);
         // 1. Projections
@@ -104,8 +114,31 @@ impl DecoderLayer {
         let (o, lse) = attention_forward(&q_rot, &k_rot, &v_h, &spec)?;
         let attn = o.transpose(0, 1)?.contiguous()?.reshape((l, h * d))?;
         let (a, o_y) = tapped(reg, self.o_proj, &attn, tap, save)?;
-        // 4. MLP (SwiGLU or mixture of experts), residual
         let (h_mid, n2, r2) = self.post_attention_layernorm.forward_add(x, &a)?;
+        let saved =
+            save.then(|| AttentionSaved { r1, n1, q, k, q_y, k_y, v_y, qr, kr, q_rot, k_rot, v_h, lse, attn, o_y });
+        Ok(AttentionOut { h_mid, n2, r2, saved })
+    }
+
+    /// `rec` receives the MLP's input and output (`mlp_in`, `mlp_out`) and, for a sparse layer,
+    /// the router's `router_logits`, `router_topk_ids` and `router_topk_weights`. With `save`,
+    /// the tap may observe the attention half's layers but not replace their outputs (the
+    /// backward recomputes them plainly).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ts: &TextSample,
+        reg: &Registry,
+        tap: &mut dyn Tap,
+        save: bool,
+        rec: &mut dyn FnMut(&str, &Tensor),
+    ) -> Result<(Tensor, Option<DecoderLayerSaved>)> {
+        // 1. Attention, residual, post-attention norm
+        let AttentionOut { h_mid, n2, .. } = match save {
+            true => self.attention(x, ts, reg, &mut ObserveOnly(tap), false)?,
+            false => self.attention(x, ts, reg, tap, false)?,
+        };
+        // 2. MLP (SwiGLU or mixture of experts), residual
         rec("mlp_in", &n2);
         let (down, mlp) = match &self.mlp {
             Mlp::Dense { gate_proj, up_proj, down_proj } => {
@@ -116,7 +149,8 @@ impl DecoderLayer {
                 (down, save.then_some(MlpSaved::Dense { gate, up, gate_y, up_y, act, down_y }))
             }
             Mlp::Sparse(moe) => {
-                let (plain, routing, saved) = moe.forward(&n2, save)?;
+                let (plain, routing, saved) =
+                    moe.forward_observed(&n2, save, &mut |e, act| tap.moe_expert_input(moe, e, act))?;
                 let down = tap.moe_forward(moe, &n2)?.unwrap_or(plain);
                 rec("router_logits", &routing.logits);
                 rec("router_topk_ids", &routing.ids);
@@ -126,29 +160,7 @@ impl DecoderLayer {
         };
         rec("mlp_out", &down);
         let out = (&h_mid + down)?;
-        let saved = mlp.map(|mlp| DecoderLayerSaved {
-            x: x.clone(),
-            r1,
-            n1,
-            q,
-            k,
-            q_y,
-            k_y,
-            v_y,
-            qr,
-            kr,
-            q_rot,
-            k_rot,
-            v_h,
-            lse,
-            attn,
-            o_y,
-            h_mid,
-            r2,
-            n2,
-            mlp,
-        });
-        Ok((out, saved))
+        Ok((out, mlp.map(|mlp| DecoderLayerSaved { x: x.clone(), mlp })))
     }
 
     /// ∂loss/∂x from ∂loss/∂out; reports down, up, gate, o, v, k, q to the tap.
@@ -162,6 +174,8 @@ impl DecoderLayer {
     ) -> Result<Tensor> {
         let l = s.x.dim(0)?;
         let (h, hkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let AttentionOut { h_mid, n2, r2, saved } = self.attention(&s.x, ts, reg, &mut NoTap, true)?;
+        let Some(a) = saved else { candle_core::bail!("internal: attention recomputed without its activations") };
         // MLP
         let dh_mid = match (&self.mlp, &s.mlp) {
             (
@@ -172,37 +186,37 @@ impl DecoderLayer {
                 tap.backward(*down_proj, down, act, down_y, dout)?;
                 let dact = down.backward_input(dout)?;
                 let (dg, du) = fused::swiglu_backward(g, u, &dact)?;
-                tap.backward(*up_proj, up, &s.n2, up_y, &du)?;
-                tap.backward(*gate_proj, gate, &s.n2, gate_y, &dg)?;
+                tap.backward(*up_proj, up, &n2, up_y, &du)?;
+                tap.backward(*gate_proj, gate, &n2, gate_y, &dg)?;
                 // ∂/∂n2 = up + gate input gradients, summed inside the norm's backward
                 let (dn2_up, dn2_gate) = (up.backward_input(&du)?, gate.backward_input(&dg)?);
-                self.post_attention_layernorm.backward_add(&s.h_mid, &s.r2, &[&dn2_up, &dn2_gate], dout)?
+                self.post_attention_layernorm.backward_add(&h_mid, &r2, &[&dn2_up, &dn2_gate], dout)?
             }
             (Mlp::Sparse(moe), MlpSaved::Sparse(saved)) => {
-                tap.moe_backward(moe, saved.input(), saved.output(), dout)?;
+                tap.moe_backward(moe, &n2, saved.output(), dout)?;
                 let dn2 = moe.backward(saved, dout)?;
-                self.post_attention_layernorm.backward_add(&s.h_mid, &s.r2, &[&dn2], dout)?
+                self.post_attention_layernorm.backward_add(&h_mid, &r2, &[&dn2], dout)?
             }
             _ => candle_core::bail!("internal: MLP cache of the other kind"),
         };
         // Attention
         let o_proj = reg.linear(self.o_proj);
-        tap.backward(self.o_proj, o_proj, &s.attn, &s.o_y, &dh_mid)?;
+        tap.backward(self.o_proj, o_proj, &a.attn, &a.o_y, &dh_mid)?;
         let dattn = o_proj.backward_input(&dh_mid)?;
         // (L, H·d) → dO (H, L, d) and delta = rowsum(dO∘O) with O the o_proj input, one pass
-        let (do_, delta) = fused::attention_bwd_prep(&dattn, &s.attn, h)?;
+        let (do_, delta) = fused::attention_bwd_prep(&dattn, &a.attn, h)?;
         let spec = AttnSpec::causal(h / hkv, 1.0 / (d as f64).sqrt(), ts.mask);
-        let (dq_rot, dk_rot, dv_h) = attention_backward(&s.q_rot, &s.k_rot, &s.v_h, &s.lse, &delta, &do_, &spec)?;
+        let (dq_rot, dk_rot, dv_h) = attention_backward(&a.q_rot, &a.k_rot, &a.v_h, &a.lse, &delta, &do_, &spec)?;
         // Inverse RoPE and the per-head norms, (H, L, d) → (L, H·d)
-        let dq = self.q_norm.qk_rope_backward(&dq_rot, &s.q, &s.qr, ts.rope)?;
-        let dk = self.k_norm.qk_rope_backward(&dk_rot, &s.k, &s.kr, ts.rope)?;
+        let dq = self.q_norm.qk_rope_backward(&dq_rot, &a.q, &a.qr, ts.rope)?;
+        let dk = self.k_norm.qk_rope_backward(&dk_rot, &a.k, &a.kr, ts.rope)?;
         let dv = dv_h.transpose(0, 1)?.contiguous()?.reshape((l, hkv * d))?;
         let (qp, kp, vp) = (reg.linear(self.q_proj), reg.linear(self.k_proj), reg.linear(self.v_proj));
-        tap.backward(self.v_proj, vp, &s.n1, &s.v_y, &dv)?;
-        tap.backward(self.k_proj, kp, &s.n1, &s.k_y, &dk)?;
-        tap.backward(self.q_proj, qp, &s.n1, &s.q_y, &dq)?;
+        tap.backward(self.v_proj, vp, &a.n1, &a.v_y, &dv)?;
+        tap.backward(self.k_proj, kp, &a.n1, &a.k_y, &dk)?;
+        tap.backward(self.q_proj, qp, &a.n1, &a.q_y, &dq)?;
         let dn1 = [qp.backward_input(&dq)?, kp.backward_input(&dk)?, vp.backward_input(&dv)?];
-        self.input_layernorm.backward_add(&s.x, &s.r1, &[&dn1[0], &dn1[1], &dn1[2]], &dh_mid)
+        self.input_layernorm.backward_add(&s.x, &a.r1, &[&dn1[0], &dn1[1], &dn1[2]], &dh_mid)
     }
 }
 
