@@ -73,7 +73,9 @@ struct Args {
     /// State file for --resume (default: <output>.partial).
     #[arg(long, value_name = "FILE")]
     state: Option<PathBuf>,
-    /// Write wall time per phase as JSON to FILE (not part of the artifact).
+    /// Write wall time per phase as JSON to FILE (not part of the artifact); on a GPU also the
+    /// memory the run's tensors held: the model, each phase's peak, and what one sample's forward
+    /// keeps for its backward.
     #[arg(long, value_name = "FILE")]
     timings: Option<PathBuf>,
     /// Use at most this much GPU memory (GiB, every process on the card together, as nvidia-smi
