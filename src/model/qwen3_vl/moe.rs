@@ -289,7 +289,7 @@ impl SparseMoeBlock {
     /// Folds one sample's block input `x` `[L, H]` into the input amax: gate_up sees every token,
     /// down_proj every routed (token, expert) pair before its mixing weight. A second pass over
     /// the experts with a host round trip per expert: `score-layers` calibrates inside the
-    /// forward instead ([`SparseMoeBlock::forward`]'s `observe`); the tests hold it to this.
+    /// forward instead ([`SparseMoeBlock::forward_observed`]); the tests hold it to this.
     pub fn observe(&self, x: &Tensor, amax: &mut ExpertsAmax) -> Result<()> {
         let f32_max =
             |t: &Tensor| -> Result<f32> { t.abs()?.max_all()?.to_dtype(candle_core::DType::F32)?.to_scalar() };
@@ -356,8 +356,8 @@ impl SparseMoeBlock {
         let dout_rows = dout.index_select(&d.tokens, 0)?;
         let mut g = Vec::with_capacity(d.groups.len());
         for &(e, start, n) in &d.groups {
+            // [n, H] · [H, I]
             g.push(dout_rows.narrow(0, start, n)?.matmul(&self.down_proj.get(e)?.t()?)?);
-            // [n, I]
         }
         let g = Tensor::cat(&g, 0)?;
         drop(dout_rows);
@@ -372,8 +372,8 @@ impl SparseMoeBlock {
         let dgu = Tensor::cat(&[dg, du], 1)?; // [L·k, 2I]
         let mut dxs = Vec::with_capacity(d.groups.len());
         for &(e, start, n) in &d.groups {
+            // [n, 2I] · [2I, H]
             dxs.push(dgu.narrow(0, start, n)?.matmul(&self.gate_up_proj.get(e)?.t()?)?);
-            // [n, H]
         }
         let dx_experts = dout.zeros_like()?.index_add(&d.tokens, &Tensor::cat(&dxs, 0)?, 0)?;
         let probs = &s.routing.probs;
