@@ -483,3 +483,54 @@ fn forward_rejects_inconsistent_inputs() {
         assert_eq!(common::qwen::max_abs_diff(&again, res.logits.as_ref().unwrap()), 0.0);
     }
 }
+
+/// Replaces one layer's output (doubled) in the forward.
+struct Replace(LayerId);
+
+impl Tap for Replace {
+    fn forward(&mut self, id: LayerId, linear: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+        if id != self.0 {
+            return Ok(None);
+        }
+        Ok(Some((linear.forward(x)? * 2.0)?))
+    }
+}
+
+/// The backward recomputes the vision blocks and the decoder layers' attention halves with the
+/// plain layers, so a `Keep::Backward` forward refuses a tap that replaces one of their outputs
+/// (its gradients would belong to another model); an MLP layer, whose activations are kept, may
+/// be replaced, and without `Keep::Backward` any layer may.
+#[test]
+fn keep_backward_refuses_a_tap_that_replaces_a_recomputed_layer() {
+    let Some(real) = real_4b() else { return };
+    let config = reduced(&real, 2);
+    let cfg: Config = serde_json::from_value(config.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &config, &random_weights(&hf_tensors(&cfg), 7), 1);
+    let model = Qwen3VL::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let input = synthetic_input(&cfg);
+    let keep = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Backward, trace: false };
+    let plain = ForwardOptions { keep: Keep::Nothing, ..keep };
+    for (name, recomputed) in [
+        ("model.visual.blocks.1.mlp.linear_fc1", true),
+        ("model.language_model.layers.0.self_attn.v_proj", true), // not q or k: their per-head norm undoes a scaling
+        ("model.language_model.layers.1.self_attn.o_proj", true),
+        ("model.language_model.layers.0.mlp.gate_proj", false),
+        ("model.visual.merger.linear_fc1", false),
+    ] {
+        let id = model.layer_id(name).unwrap();
+        let kept = model.forward(&input, &mut Replace(id), &keep);
+        match (recomputed, kept) {
+            (true, Err(e)) => assert!(e.to_string().contains("recomputes"), "{name}: {e}"),
+            (true, Ok(_)) => panic!("{name}: a replaced output of a recomputed layer was accepted"),
+            (false, kept) => {
+                let f = kept.unwrap_or_else(|e| panic!("{name}: {e}"));
+                model.backward(&f, &mut NoTap).unwrap();
+            }
+        }
+        let unkept = model.forward(&input, &mut Replace(id), &plain).unwrap();
+        let base = model.forward(&input, &mut NoTap, &plain).unwrap();
+        let (a, b) = (unkept.loss.unwrap(), base.loss.unwrap());
+        assert_ne!(a, b, "{name}: replacing its output changes the loss");
+    }
+}
