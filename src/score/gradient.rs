@@ -128,6 +128,39 @@ impl LayerQuant<'_> {
         Some((WEIGHT_SLICE_BYTES / (cols * w.dtype().size_in_bytes())).clamp(1, rows))
     }
 
+    /// `gradient_score` of layer `id` in format `f`, made `slice` output rows at a time: the score
+    /// is a sum over output columns, so the same terms, a slice of them at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn sliced_gradient_score(
+        &self,
+        id: LayerId,
+        f: usize,
+        linear: &Linear,
+        x: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        slice: usize,
+    ) -> Result<Tensor> {
+        let xq = self.quantized_input(id, f, x)?;
+        let rows = linear.weight().dim(0)?;
+        let mut total: Option<Tensor> = None;
+        for start in (0..rows).step_by(slice) {
+            let n = slice.min(rows - start);
+            let part = Linear::new(
+                linear.weight().narrow(0, start, n)?,
+                linear.bias().map(|b| b.narrow(0, start, n)).transpose()?,
+            );
+            let wq = self.formats[f].quantize_weight(part.weight(), &self.weight_stats[id])?;
+            let yq = part.forward_with(&xq, &wq)?;
+            let s = quant::sensitivity::gradient_score(&dy.narrow(1, start, n)?, &y.narrow(1, start, n)?, &yq)?;
+            total = Some(match total {
+                Some(t) => (t + s)?,
+                None => s,
+            });
+        }
+        total.ok_or_else(|| candle_core::Error::Msg(format!("layer {id}: a weight without rows")))
+    }
+
     /// Fake-quantizes every weight once (CPU runs, where memory is plentiful and the weights
     /// would otherwise be re-quantized for every sample).
     pub fn cache_weights(&mut self, linears: &[&Linear]) -> Result<()> {
@@ -182,32 +215,8 @@ impl Tap for GradientTap<'_> {
         }
         for f in 0..self.quant.formats.len() {
             let s = match self.quant.row_slice(id, f, linear) {
-                None => {
-                    let yq = self.quant.quantized_output(id, f, linear, x)?;
-                    quant::sensitivity::gradient_score(dy, y, &yq)?
-                }
-                // The score is a sum over output columns: the same terms, a slice of them at a time
-                Some(slice) => {
-                    let xq = self.quant.quantized_input(id, f, x)?;
-                    let (w, rows) = (linear.weight(), linear.weight().dim(0)?);
-                    let mut total: Option<Tensor> = None;
-                    for start in (0..rows).step_by(slice) {
-                        let n = slice.min(rows - start);
-                        let wq = self.quant.formats[f]
-                            .quantize_weight(&w.narrow(0, start, n)?, &self.quant.weight_stats[id])?;
-                        let mut yq = crate::model::linear::matmul(&xq, &wq.t()?)?;
-                        if let Some(b) = linear.bias() {
-                            yq = yq.broadcast_add(&b.narrow(0, start, n)?)?;
-                        }
-                        let part =
-                            quant::sensitivity::gradient_score(&dy.narrow(1, start, n)?, &y.narrow(1, start, n)?, &yq)?;
-                        total = Some(match total {
-                            Some(t) => (t + part)?,
-                            None => part,
-                        });
-                    }
-                    total.expect("a weight has at least one row")
-                }
+                None => quant::sensitivity::gradient_score(dy, y, &self.quant.quantized_output(id, f, linear, x)?)?,
+                Some(slice) => self.quant.sliced_gradient_score(id, f, linear, x, y, dy, slice)?,
             };
             self.scores[id][f] = Some(match self.scores[id][f].take() {
                 Some(prev) => (prev + s)?,
