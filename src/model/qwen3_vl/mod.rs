@@ -807,14 +807,10 @@ impl Qwen3VL {
                     }
                     // Kept for the backward: the block's input only (recomputed there with the
                     // plain layers, so the tap may observe these layers but not replace them).
-                    let out = match save {
-                        true => {
-                            block_inputs.push(hv.clone());
-                            vm.blocks[j].forward(&hv, vs, reg, &mut ObserveOnly(tap), false)?.0
-                        }
-                        false => vm.blocks[j].forward(&hv, vs, reg, tap, false)?.0,
-                    };
-                    hv = out;
+                    if save {
+                        block_inputs.push(hv.clone());
+                    }
+                    hv = vm.blocks[j].forward(&hv, vs, reg, &mut Recomputed { tap, save }, false)?.0;
                     rec(format!("vision_block_out_{j}"), &hv);
                     for k in vm.deepstack_after(j) {
                         let (f, ms) = vm.deepstack[k].forward(&hv, reg, tap, save)?;
@@ -1029,15 +1025,21 @@ impl Qwen3VL {
     }
 }
 
-/// A tap that may observe layers but not replace their outputs: the forward of what the backward
-/// recomputes with the plain layers.
-struct ObserveOnly<'a>(&'a mut dyn Tap);
+/// The tap of a part of the forward that a `Keep::Backward` backward recomputes with the plain
+/// layers (`save`): it may observe those layers but not replace their outputs, since the
+/// gradients would then belong to another model. Without `save`, the tap as it is.
+struct Recomputed<'a> {
+    tap: &'a mut dyn Tap,
+    save: bool,
+}
 
-impl Tap for ObserveOnly<'_> {
+impl Tap for Recomputed<'_> {
     fn forward(&mut self, id: LayerId, linear: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
-        match self.0.forward(id, linear, x)? {
-            None => Ok(None),
-            Some(_) => bail!("Keep::Backward: the tap replaced the output of layer {id}, which the backward recomputes with the plain layer"),
+        match self.tap.forward(id, linear, x)? {
+            Some(_) if self.save => bail!(
+                "Keep::Backward: the tap replaced the output of layer {id}, which the backward recomputes with the plain layer"
+            ),
+            y => Ok(y),
         }
     }
 }

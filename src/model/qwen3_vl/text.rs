@@ -8,7 +8,7 @@ use super::fused::{self, attention_backward, attention_forward};
 use super::moe::{MoeSaved, SparseMoeBlock};
 use super::ops::{AttnSpec, CausalMask, RmsNorm};
 use super::rope::CosSin;
-use super::{tapped, ObserveOnly, Registry};
+use super::{tapped, Recomputed, Registry};
 use crate::model::{LayerId, NoTap, Tap};
 
 /// Per-sample text inputs shared by all layers.
@@ -134,10 +134,7 @@ impl DecoderLayer {
         rec: &mut dyn FnMut(&str, &Tensor),
     ) -> Result<(Tensor, Option<DecoderLayerSaved>)> {
         // 1. Attention, residual, post-attention norm
-        let AttentionOut { h_mid, n2, .. } = match save {
-            true => self.attention(x, ts, reg, &mut ObserveOnly(tap), false)?,
-            false => self.attention(x, ts, reg, tap, false)?,
-        };
+        let AttentionOut { h_mid, n2, .. } = self.attention(x, ts, reg, &mut Recomputed { tap, save }, false)?;
         // 2. MLP (SwiGLU or mixture of experts), residual
         rec("mlp_in", &n2);
         let (down, mlp) = match &self.mlp {
