@@ -439,14 +439,21 @@ fn load_errors_name_tensor_and_file() {
     assert!(e.contains("yarn") && e.contains("config.json"), "{e}");
 }
 
+/// The 4B architecture reduced to 2 text layers, with seeded random weights, loaded in f32 (the
+/// folder holds the checkpoint as long as it lives).
+fn two_layer_model(real: &Value, seed: u64) -> (Config, tempfile::TempDir, Qwen3VL) {
+    let config = reduced(real, 2);
+    let cfg: Config = serde_json::from_value(config.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &config, &random_weights(&hf_tensors(&cfg), seed), 1);
+    let model = Qwen3VL::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    (cfg, dir, model)
+}
+
 #[test]
 fn forward_rejects_inconsistent_inputs() {
     let Some(real) = real_4b() else { return };
-    let config = reduced(&real, 2);
-    let cfg: Config = serde_json::from_value(config.clone()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), &config, &random_weights(&hf_tensors(&cfg), 5), 1);
-    let model = Qwen3VL::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let (cfg, _dir, model) = two_layer_model(&real, 5);
     let good = synthetic_input(&cfg);
     let opts = ForwardOptions::default();
     let err = |i: &Input, o: &ForwardOptions| {
@@ -503,11 +510,7 @@ impl Tap for Replace {
 #[test]
 fn keep_backward_refuses_a_tap_that_replaces_a_recomputed_layer() {
     let Some(real) = real_4b() else { return };
-    let config = reduced(&real, 2);
-    let cfg: Config = serde_json::from_value(config.clone()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), &config, &random_weights(&hf_tensors(&cfg), 7), 1);
-    let model = Qwen3VL::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let (cfg, _dir, model) = two_layer_model(&real, 7);
     let input = synthetic_input(&cfg);
     let keep = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Backward, trace: false };
     let plain = ForwardOptions { keep: Keep::Nothing, ..keep };
