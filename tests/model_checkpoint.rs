@@ -238,6 +238,7 @@ fn synthetic_input(cfg: &Config) -> Input {
         labels: Some(labels),
         pixel_values: Tensor::from_vec(px, (n, v.patch_dim()), &Device::Cpu).unwrap(),
         grid_thw: grids.to_vec(),
+        packed: Vec::new(),
     }
 }
 

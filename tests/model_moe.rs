@@ -756,7 +756,7 @@ fn all_groups_gradient_scores_match_modelopt() {
         model.backward(&fwd, &mut tap).unwrap();
     }
     let expert_scores = tap.expert_scores.clone();
-    let layer_scores = tap.linears.finish().unwrap();
+    let layer_scores = tap.linears.finish().unwrap().remove(0);
     // 3. Groups: ModelOpt's rules over the Linear layers, one group per layer's experts.
     let names: Vec<&str> = model.layers().iter().map(|l| l.name.as_str()).collect();
     let mut ours: std::collections::BTreeMap<String, f64> = GroupingRules::default()

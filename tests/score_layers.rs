@@ -314,7 +314,8 @@ fn kill_after(setup: &Setup, out: &Path, k: usize) -> usize {
         let _ = std::fs::remove_file(out);
         let _ = std::fs::remove_file(&partial);
         let mut child = Command::new(exe())
-            .args(["-q", "--model", s(&setup.model), "--inputs", s(&setup.inputs), "-o", s(out)])
+            // One sample per forward, so the state grows a sample at a time.
+            .args(["-q", "--batch-tokens", "1", "--model", s(&setup.model), "--inputs", s(&setup.inputs), "-o", s(out)])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -433,6 +434,46 @@ fn shards_merge_into_the_unsharded_artifact() {
     fails(&[&a], "missing sample indices [1, 3]");
     fails(&[&a, &b, &a], "is also in another shard");
     fails(&[&a, &a], "is also in another shard");
+}
+
+/// The reference runs pack the 4 samples into one forward (the default `--batch-tokens`); one
+/// sample per forward gives each sample the same loss and scores (on the CPU, the same bytes).
+#[test]
+fn packed_samples_score_as_one_sample_per_forward() {
+    let fx = fixtures_or_skip!();
+    let setup = setup(&fx);
+    let dir = tempfile::tempdir().unwrap();
+    for method in ["gradient", "kl_div"] {
+        let packed_run = setup.reference_run(method);
+        let o = setup.score_ok(&["-v", "--method", method, "-o", s(&dir.path().join("check.msgpack"))]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("scoring 4 samples in 1 forwards (--batch-tokens 2048)"), "{err}");
+        let out = dir.path().join(format!("{method}-alone.msgpack"));
+        let o = setup.score_ok(&["-v", "--method", method, "--batch-tokens", "1", "-o", s(&out)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("scoring 4 samples in 4 forwards (--batch-tokens 1)"), "{err}");
+        let (packed, alone) = (read(packed_run).payload, read(&out).payload);
+        for (p, a) in packed.samples.iter().zip(&alone.samples) {
+            let (lp, la) = (p.loss.unwrap(), a.loss.unwrap());
+            assert!((lp - la).abs() <= 1e-6 * la.abs(), "{method} sample {}: loss {lp} packed, {la} alone", a.id);
+        }
+        let per_sample = |sc: &Scores| -> Vec<f64> {
+            let rows = if method == "gradient" {
+                sc.layers.iter().flat_map(|l| l.per_sample.iter()).collect::<Vec<_>>()
+            } else {
+                sc.groups.iter().flat_map(|g| g.per_sample.iter()).collect()
+            };
+            rows.into_iter().flatten().copied().collect()
+        };
+        let (vp, va) = (per_sample(&packed), per_sample(&alone));
+        assert_eq!(vp.len(), va.len());
+        assert!(va.iter().filter(|&&v| v > 0.0).count() > va.len() / 3, "{method}: too few nonzero scores");
+        let worst = vp.iter().zip(&va).map(|(p, a)| (p - a).abs() / a.abs().max(1e-30)).fold(0.0, f64::max);
+        eprintln!("{method}: packed vs one sample per forward: worst relative difference {worst:.3e}");
+        // On the CPU every row is computed as when its sample is alone: the same bytes.
+        let bytes = |sc: &Scores| serde_json::to_vec(sc).unwrap();
+        assert!(bytes(&packed) == bytes(&alone), "{method}: the artifacts' payloads differ");
+    }
 }
 
 #[test]

@@ -83,6 +83,12 @@ struct Args {
     /// as on a smaller card — with one line naming it; --resume then continues from it.
     #[arg(long, value_name = "GIB")]
     gpu_memory_limit: Option<String>,
+    /// Pack consecutive samples into one forward up to this many tokens, so the GPU works on
+    /// several at once (each sample still attends only to itself and is scored on its own
+    /// rows); 1 runs one sample per forward. A longer sample runs alone. Lower it if a run
+    /// fails out of memory.
+    #[arg(long, value_name = "TOKENS", default_value_t = score::DEFAULT_BATCH_TOKENS)]
+    batch_tokens: usize,
     /// Merge shard artifacts into one (instead of scoring).
     #[arg(long, value_name = "SHARD", num_args = 1.., conflicts_with_all = ["model", "inputs", "shard", "resume"])]
     merge: Vec<String>,
@@ -120,6 +126,7 @@ fn main() -> ExitCode {
             state: args.state.clone(),
             timings: args.timings.clone(),
             gpu_memory_limit: args.gpu_memory_limit.as_deref().map(qsens::device::parse_gib).transpose()?,
+            batch_tokens: args.batch_tokens,
         };
         score::run(&opts, &reporter)
     })

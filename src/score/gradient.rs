@@ -4,7 +4,7 @@
 //! sample give every layer's ∂L/∂Y; `Y_q` is computed in the backward, right where ∂L/∂Y arrives,
 //! so nothing extra is kept from the forward.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use crate::model::{LayerId, Linear, Tap};
 use crate::quant::{self, Format, WeightStats};
@@ -128,10 +128,11 @@ impl LayerQuant<'_> {
         Some((WEIGHT_SLICE_BYTES / (cols * w.dtype().size_in_bytes())).clamp(1, rows))
     }
 
-    /// `gradient_score` of layer `id` in format `f`, made `slice` output rows at a time: the score
-    /// is a sum over output columns, so the same terms, a slice of them at a time.
+    /// Each packed sample's `gradient_score` of layer `id` in format `f` (f32 `[samples]`), the
+    /// fake-quantized output made whole or, for a large weight, `row_slice` output rows at a
+    /// time (the score is a sum over output columns: the same terms, a slice at a time).
     #[allow(clippy::too_many_arguments)]
-    fn sliced_gradient_score(
+    fn gradient_scores(
         &self,
         id: LayerId,
         f: usize,
@@ -139,8 +140,11 @@ impl LayerQuant<'_> {
         x: &Tensor,
         y: &Tensor,
         dy: &Tensor,
-        slice: usize,
+        samples: &[(usize, usize)],
     ) -> Result<Tensor> {
+        let Some(slice) = self.row_slice(id, f, linear) else {
+            return sample_scores(dy, y, &self.quantized_output(id, f, linear, x)?, samples);
+        };
         let xq = self.quantized_input(id, f, x)?;
         let rows = linear.weight().dim(0)?;
         let mut total: Option<Tensor> = None;
@@ -152,7 +156,7 @@ impl LayerQuant<'_> {
             );
             let wq = self.formats[f].quantize_weight(part.weight(), &self.weight_stats[id])?;
             let yq = part.forward_with(&xq, &wq)?;
-            let s = quant::sensitivity::gradient_score(&dy.narrow(1, start, n)?, &y.narrow(1, start, n)?, &yq)?;
+            let s = sample_scores(&dy.narrow(1, start, n)?, &y.narrow(1, start, n)?, &yq, samples)?;
             total = Some(match total {
                 Some(t) => (t + s)?,
                 None => s,
@@ -177,34 +181,72 @@ impl LayerQuant<'_> {
 /// The largest fake-quantized weight the gradient method makes at once (see `row_slice`).
 const WEIGHT_SLICE_BYTES: usize = 64 << 20;
 
-/// Accumulates one sample's gradient scores, `[layer][format]`, as f32 scalars on the device.
+/// `gradient_score` of each packed sample's rows `(start, len)` (f32 `[samples]`; 0 for a sample
+/// with no rows here, e.g. the vision layers of a sample without an image). An input that is not
+/// packed is one sample of every row.
+fn sample_scores(dy: &Tensor, y: &Tensor, yq: &Tensor, samples: &[(usize, usize)]) -> Result<Tensor> {
+    if let [(0, len)] = samples {
+        if *len == dy.dim(0)? {
+            return quant::sensitivity::gradient_score(dy, y, yq)?.reshape(1);
+        }
+    }
+    let scores = samples
+        .iter()
+        .map(|&(start, len)| match len {
+            0 => Tensor::zeros((), DType::F32, dy.device()),
+            _ => quant::sensitivity::gradient_score(
+                &dy.narrow(0, start, len)?,
+                &y.narrow(0, start, len)?,
+                &yq.narrow(0, start, len)?,
+            ),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&scores, 0)
+}
+
+/// Accumulates the gradient scores of one input's samples (several when the input packs several
+/// samples), per layer and format, as f32 `[samples]` tensors on the device.
 pub struct GradientTap<'a> {
     quant: &'a LayerQuant<'a>,
+    /// Per layer: the rows `(start, len)` of each sample in its input and output.
+    rows: Vec<Vec<(usize, usize)>>,
+    samples: usize,
     scores: Vec<Vec<Option<Tensor>>>,
 }
 
 impl<'a> GradientTap<'a> {
+    /// A tap for an input of one sample.
     pub fn new(quant: &'a LayerQuant<'a>, num_layers: usize) -> Self {
-        GradientTap { quant, scores: vec![vec![None; quant.formats.len()]; num_layers] }
+        Self::packed(quant, vec![Vec::new(); num_layers])
     }
 
-    /// Moves the scores to the host: `[layer][format]` (0 for skipped layers), one sync.
-    pub fn finish(self) -> Result<Vec<Vec<f64>>> {
-        let num_formats = self.quant.formats.len();
+    /// A tap for packed samples: `rows[layer]` are each sample's rows of that layer (as
+    /// `Qwen3VL::sample_rows` gives them); an empty entry means one sample of every row.
+    pub fn packed(quant: &'a LayerQuant<'a>, rows: Vec<Vec<(usize, usize)>>) -> Self {
+        let samples = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let scores = vec![vec![None; quant.formats.len()]; rows.len()];
+        GradientTap { quant, rows, samples, scores }
+    }
+
+    /// Moves the scores to the host, one sync: `[sample][layer][format]` (0 for skipped layers).
+    pub fn finish(self) -> Result<Vec<Vec<Vec<f64>>>> {
         let flat: Vec<Tensor> = self.scores.iter().flatten().flatten().cloned().collect();
-        let values = if flat.is_empty() { Vec::new() } else { Tensor::stack(&flat, 0)?.to_vec1::<f32>()? };
-        let mut values = values.into_iter();
-        Ok(self
-            .scores
-            .iter()
-            .map(|per_format| {
-                per_format
-                    .iter()
-                    .map(|s| if s.is_some() { values.next().map_or(0.0, f64::from) } else { 0.0 })
-                    .collect::<Vec<_>>()
-            })
-            .inspect(|v| debug_assert_eq!(v.len(), num_formats))
-            .collect())
+        let values = if flat.is_empty() { Vec::new() } else { Tensor::cat(&flat, 0)?.to_vec1::<f32>()? };
+        let mut values = values.chunks_exact(self.samples);
+        let mut out = vec![vec![vec![0.0; self.quant.formats.len()]; self.scores.len()]; self.samples];
+        for (id, per_format) in self.scores.iter().enumerate() {
+            for (f, s) in per_format.iter().enumerate() {
+                if s.is_none() {
+                    continue;
+                }
+                let v =
+                    values.next().ok_or_else(|| candle_core::Error::Msg("gradient scores: too few values".into()))?;
+                for (sample, &v) in v.iter().enumerate() {
+                    out[sample][id][f] = f64::from(v);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -213,11 +255,16 @@ impl Tap for GradientTap<'_> {
         if self.quant.skip[id] {
             return Ok(());
         }
+        let whole = [(0, dy.dim(0)?)];
+        let rows = match self.rows[id].as_slice() {
+            [] => &whole[..],
+            rows => rows,
+        };
+        if rows.len() != self.samples {
+            candle_core::bail!("gradient tap: layer {id} has rows for {} samples, not {}", rows.len(), self.samples)
+        }
         for f in 0..self.quant.formats.len() {
-            let s = match self.quant.row_slice(id, f, linear) {
-                None => quant::sensitivity::gradient_score(dy, y, &self.quant.quantized_output(id, f, linear, x)?)?,
-                Some(slice) => self.quant.sliced_gradient_score(id, f, linear, x, y, dy, slice)?,
-            };
+            let s = self.quant.gradient_scores(id, f, linear, x, y, dy, rows)?;
             self.scores[id][f] = Some(match self.scores[id][f].take() {
                 Some(prev) => (prev + s)?,
                 None => s,
@@ -258,11 +305,50 @@ mod tests {
         assert_eq!(quant.row_slice(0, 0, &linear), Some(4096));
         let mut tap = GradientTap::new(&quant, 1);
         tap.backward(0, &linear, &x, &y, &dy)?;
-        let sliced = tap.finish()?[0][0];
+        let sliced = tap.finish()?[0][0][0];
         let whole = quant::sensitivity::gradient_score(&dy, &y, &quant.quantized_output(0, 0, &linear, &x)?)?
             .to_scalar::<f32>()? as f64;
         assert!(whole > 0.0);
         assert!((sliced - whole).abs() <= 1e-6 * whole, "sliced {sliced} whole {whole}");
+        Ok(())
+    }
+
+    /// Packed samples get the scores of their own rows, 0 where a sample has no rows, and the
+    /// same values as scoring each sample alone.
+    #[test]
+    fn packed_rows_score_per_sample() -> Result<()> {
+        let dev = Device::Cpu;
+        let (cols, rows) = (24, 16);
+        let w = Tensor::randn(0f32, 0.2, (rows, cols), &dev)?;
+        let linear = Linear::new(w.clone(), None);
+        let formats: Vec<Box<dyn Format>> = vec![Box::new(Fp8PerTensor)];
+        let weight_stats = [WeightStats::of(&w)?];
+        let x = Tensor::randn(0f32, 1.0, (9, cols), &dev)?;
+        let input_amax = [quant::fp8::amax(&x)?.to_scalar::<f32>()?];
+        let quant = LayerQuant {
+            formats: &formats,
+            input_amax: &input_amax,
+            weight_stats: &weight_stats,
+            format_calibration: Vec::new(),
+            skip: &[false],
+            cached_weights: None,
+        };
+        let y = linear.forward(&x)?;
+        let dy = Tensor::randn(0f32, 1e-2, (9, rows), &dev)?;
+        let segments = vec![(0, 4), (4, 0), (4, 5)];
+        let mut tap = GradientTap::packed(&quant, vec![segments.clone()]);
+        tap.backward(0, &linear, &x, &y, &dy)?;
+        let packed = tap.finish()?;
+        assert_eq!(packed.len(), 3);
+        assert_eq!(packed[1][0][0], 0.0);
+        for (sample, &(start, len)) in segments.iter().enumerate().filter(|(_, s)| s.1 > 0) {
+            let mut alone = GradientTap::new(&quant, 1);
+            let part = |t: &Tensor| t.narrow(0, start, len);
+            alone.backward(0, &linear, &part(&x)?, &part(&y)?, &part(&dy)?)?;
+            let want = alone.finish()?[0][0][0];
+            assert!(want > 0.0);
+            assert_eq!(packed[sample][0][0], want, "sample {sample}");
+        }
         Ok(())
     }
 }

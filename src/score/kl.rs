@@ -31,6 +31,7 @@ use crate::model::qwen3_vl::Qwen3VL;
 use crate::model::{LayerId, Linear, Tap};
 
 use super::gradient::LayerQuant;
+use super::kl_fused::FusedBase;
 
 /// Replaces the outputs of the active group's layers with their fake-quantized outputs.
 pub struct GroupQuantTap<'a> {
@@ -50,7 +51,7 @@ impl Tap for GroupQuantTap<'_> {
     }
 }
 
-/// `Σ_rows KL(P ‖ P_q)` for one group and format, from the final hidden state of the group's
+/// Each packed sample's `Σ_rows KL(P ‖ P_q)` (f64 `[samples]`) for one group and format, from the final hidden state of the group's
 /// re-forward (`Qwen3VL::forward_from_hidden`): `lm_head` is applied here, fake-quantized when
 /// it is in the group, as the model's tap would.
 pub fn head_kl(
@@ -65,9 +66,9 @@ pub fn head_kl(
     let linear = model.linear(head);
     if members.contains(&head) {
         let (xq, wq) = quant.quantized_operands(head, format, linear, hidden)?;
-        base.kl_sum_linear(&xq, &wq, linear.bias())
+        base.sample_kls_linear(&xq, &wq, linear.bias())
     } else {
-        base.kl_sum_linear(hidden, linear.weight(), linear.bias())
+        base.sample_kls_linear(hidden, linear.weight(), linear.bias())
     }
 }
 
@@ -83,12 +84,25 @@ pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
 /// `Σ exp(lp) (lp − lq)` over all positions and classes (torch's `kl_div(lq, lp, log_target=True,
 /// reduction="sum")`), as an f32 scalar tensor.
 pub fn kl_sum(log_p: &Tensor, log_q: &Tensor) -> Result<Tensor> {
-    (log_p.exp()? * (log_p - log_q)?)?.sum_all()
+    kl_terms(log_p, log_q)?.sum_all()
 }
 
-/// One sample's unquantized next-token distributions, prepared once for every group and format.
+/// The terms `exp(lp) (lp − lq)` that [`kl_sum`] adds up.
+fn kl_terms(log_p: &Tensor, log_q: &Tensor) -> Result<Tensor> {
+    log_p.exp()? * (log_p - log_q)?
+}
+
+/// What [`KlBase::kl_rows_linear_sliced`] gives: per-row KL, or the logits to compare.
+enum RowsOr {
+    Rows(Vec<f64>),
+    Logits(Tensor),
+}
+
+/// One input's unquantized next-token distributions, prepared once for every group and format.
 pub struct KlBase {
     inner: Base,
+    /// The rows `(start, len)` of each packed sample (one entry of every row when not packed).
+    samples: Vec<(usize, usize)>,
 }
 
 enum Base {
@@ -96,6 +110,8 @@ enum Base {
     Cpu(CpuBase),
     /// Any other device or dtype: log-probabilities for the candle-op path.
     Ops(Tensor),
+    /// A CUDA device: the fused per-row sums of `kl_fused`.
+    Fused(FusedBase),
 }
 
 /// `p` (f32-rounded probabilities, row-major `[rows, vocab]`), per row `s = Σ p` (f64, of the
@@ -104,8 +120,9 @@ enum Base {
 struct CpuBase {
     rows: usize,
     vocab: usize,
-    /// Vocabulary entries per slice.
-    width: usize,
+    /// Per packed sample: its rows `(start, len)` and its vocabulary entries per slice (a
+    /// sample's own, as if it were alone, so packing does not change its sums).
+    slices: Vec<((usize, usize), usize)>,
     p: Vec<f32>,
     s: Vec<f64>,
     base: Vec<RowState>,
@@ -114,9 +131,28 @@ struct CpuBase {
 impl KlBase {
     /// Prepares the base distribution from the unquantized logits `[L, vocab]`.
     pub fn new(logits: &Tensor) -> Result<KlBase> {
+        let rows = logits.dim(0)?;
+        Self::packed(logits, vec![(0, rows)])
+    }
+
+    /// [`KlBase::new`] for the logits of packed samples, whose rows `(start, len)` are `samples`.
+    pub fn packed(logits: &Tensor, samples: Vec<(usize, usize)>) -> Result<KlBase> {
         let (rows, vocab) = logits.dims2()?;
+        let mut next = 0;
+        for &(start, len) in &samples {
+            if start != next {
+                candle_core::bail!("kl: samples {samples:?} do not split the {rows} rows of the logits");
+            }
+            next += len;
+        }
+        if next != rows {
+            candle_core::bail!("kl: samples {samples:?} do not split the {rows} rows of the logits");
+        }
+        if logits.device().is_cuda() {
+            return Self::fused(logits, samples);
+        }
         if !(matches!(logits.device(), Device::Cpu) && logits.dtype() == DType::F32 && vocab > 0) {
-            return Ok(KlBase { inner: Base::Ops(log_softmax(logits)?) });
+            return Ok(KlBase { inner: Base::Ops(log_softmax(logits)?), samples });
         }
         let logits = logits.contiguous()?;
         let (storage, layout) = logits.storage_and_layout();
@@ -126,11 +162,65 @@ impl KlBase {
         let x = &data[start..end];
         let mut p = vec![0f32; rows * vocab];
         let s = x.par_chunks(vocab).zip(p.par_chunks_mut(vocab)).map(|(x, p)| base_row(x, p)).collect();
-        let unit = LANES * BLOCK;
-        let width = ((SLICE_BYTES / (4 * rows.max(1))) / unit * unit).clamp(unit, vocab.max(unit));
-        let mut base = CpuBase { rows, vocab, width, p, s, base: Vec::new() };
+        let slices = samples.iter().map(|&(start, len)| ((start, len), slice_width(len, vocab))).collect();
+        let mut base = CpuBase { rows, vocab, slices, p, s, base: Vec::new() };
         base.base = base.fold_whole(x)?;
-        Ok(KlBase { inner: Base::Cpu(base) })
+        Ok(KlBase { inner: Base::Cpu(base), samples })
+    }
+
+    /// The base of the fused path (what a CUDA device gets; on the CPU, for tests).
+    pub fn fused(logits: &Tensor, samples: Vec<(usize, usize)>) -> Result<KlBase> {
+        Ok(KlBase { inner: Base::Fused(FusedBase::new(logits)?), samples })
+    }
+
+    /// Each packed sample's `Σ_rows KL(P ‖ softmax(logits))`, f64 `[samples]` on the logits'
+    /// device (no host sync off the CPU). One sample's is [`KlBase::kl_sum`]'s number.
+    pub fn sample_kls(&self, logits: &Tensor) -> Result<Tensor> {
+        match &self.inner {
+            Base::Fused(base) => {
+                let rows = base.kl_rows(logits)?;
+                let sums = self
+                    .samples
+                    .iter()
+                    .map(|&(start, len)| rows.narrow(0, start, len)?.sum_all())
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::stack(&sums, 0)
+            }
+            Base::Cpu(base) => {
+                let rows = base.kl_rows_of(logits)?;
+                let sums: Vec<f64> = self
+                    .samples
+                    .iter()
+                    .map(|&(start, len)| rows[start..start + len].iter().fold(0.0, |a, b| a + b))
+                    .collect();
+                Tensor::new(sums, &Device::Cpu)
+            }
+            Base::Ops(log_p) => {
+                let terms = kl_terms(log_p, &log_softmax(logits)?)?;
+                let sums = self
+                    .samples
+                    .iter()
+                    .map(|&(start, len)| terms.narrow(0, start, len)?.sum_all())
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::stack(&sums, 0)?.to_dtype(DType::F64)
+            }
+        }
+    }
+
+    /// [`KlBase::sample_kls`] of the logits `x Wᵀ + b`, made as [`KlBase::kl_sum_linear`] makes them.
+    pub fn sample_kls_linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let rows = self.kl_rows_linear_sliced(x, w, bias, None)?;
+        match rows {
+            RowsOr::Rows(rows) => {
+                let sums: Vec<f64> = self
+                    .samples
+                    .iter()
+                    .map(|&(start, len)| rows[start..start + len].iter().fold(0.0, |a, b| a + b))
+                    .collect();
+                Tensor::new(sums, &Device::Cpu)
+            }
+            RowsOr::Logits(logits) => self.sample_kls(&logits),
+        }
     }
 
     /// `Σ_rows KL(P ‖ softmax(logits))` for new logits of the same shape, as an f64 scalar tensor
@@ -142,6 +232,7 @@ impl KlBase {
                 Tensor::new(rows.iter().fold(0.0, |a, b| a + b), &Device::Cpu)
             }
             Base::Ops(log_p) => kl_sum(log_p, &log_softmax(logits)?)?.to_dtype(DType::F64),
+            Base::Fused(base) => base.kl_rows(logits)?.sum_all(),
         }
     }
 
@@ -150,15 +241,33 @@ impl KlBase {
     /// into per-row running sums, so no `[L, vocab]` tensor is allocated and each slice is read
     /// back from cache.
     pub fn kl_sum_linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let width = match &self.inner {
-            Base::Cpu(b) => b.width,
-            Base::Ops(_) => usize::MAX,
-        };
-        self.kl_sum_linear_sliced(x, w, bias, width)
+        self.kl_sum_linear_sliced(x, w, bias, None)
     }
 
-    fn kl_sum_linear_sliced(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, width: usize) -> Result<Tensor> {
-        let logits = |w: &Tensor, bias: Option<&Tensor>| -> Result<Tensor> {
+    /// `width`: vocabulary entries per slice (default: each sample's own).
+    fn kl_sum_linear_sliced(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        width: Option<usize>,
+    ) -> Result<Tensor> {
+        match self.kl_rows_linear_sliced(x, w, bias, width)? {
+            RowsOr::Rows(rows) => Tensor::new(rows.iter().fold(0.0, |a, b| a + b), &Device::Cpu),
+            RowsOr::Logits(logits) => self.kl_sum(&logits),
+        }
+    }
+
+    /// Per-row KL of the logits `x Wᵀ + b` on the CPU path (made a vocabulary slice at a time);
+    /// elsewhere the whole logits, for the candle-op path.
+    fn kl_rows_linear_sliced(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        width: Option<usize>,
+    ) -> Result<RowsOr> {
+        let logits = |x: &Tensor, w: &Tensor, bias: Option<&Tensor>| -> Result<Tensor> {
             // Rounded as the model's Linear forward rounds the base logits.
             let y = matmul(x, &w.t()?)?;
             let y = match bias {
@@ -169,7 +278,16 @@ impl KlBase {
         };
         let base = match &self.inner {
             Base::Cpu(base) if matches!(x.device(), Device::Cpu) => base,
-            _ => return self.kl_sum(&logits(w, bias)?),
+            // The fused kernel reads bf16 logits as they are (the base's f32 copies hold the
+            // same values).
+            Base::Fused(_) => {
+                let y = matmul(x, &w.t()?)?;
+                return Ok(RowsOr::Logits(match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }));
+            }
+            _ => return Ok(RowsOr::Logits(logits(x, w, bias)?)),
         };
         let (rows, _) = x.dims2()?;
         let (vocab, _) = w.dims2()?;
@@ -177,26 +295,30 @@ impl KlBase {
             candle_core::bail!("kl: logits would be [{rows}, {vocab}], the base is [{}, {}]", base.rows, base.vocab);
         }
         let mut state = vec![RowState::default(); rows];
-        for v0 in (0..vocab).step_by(width) {
-            let n = width.min(vocab - v0);
-            let b = bias.map(|b| b.narrow(0, v0, n)).transpose()?;
-            let z = logits(&w.narrow(0, v0, n)?, b.as_ref())?.to_dtype(DType::F32)?.contiguous()?;
-            let (storage, layout) = z.storage_and_layout();
-            let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets())
-            else {
-                candle_core::bail!("kl: logits must be contiguous f32 on the CPU");
-            };
-            base.fold(&data[start..end], n, 0, v0, n, &mut state);
+        // Sample by sample, so each sample's logits are made and folded as if it were alone.
+        for &((start, len), own) in &base.slices {
+            let x = x.narrow(0, start, len)?;
+            let width = width.unwrap_or(own);
+            for v0 in (0..vocab).step_by(width) {
+                let n = width.min(vocab - v0);
+                let b = bias.map(|b| b.narrow(0, v0, n)).transpose()?;
+                let z = logits(&x, &w.narrow(0, v0, n)?, b.as_ref())?.to_dtype(DType::F32)?.contiguous()?;
+                let (storage, layout) = z.storage_and_layout();
+                let (Storage::Cpu(CpuStorage::F32(data)), Some((zs, ze))) = (&*storage, layout.contiguous_offsets())
+                else {
+                    candle_core::bail!("kl: logits must be contiguous f32 on the CPU");
+                };
+                base.fold(&data[zs..ze], n, 0, v0, n, start, &mut state[start..start + len]);
+            }
         }
-        let rows = base.finish(&state);
-        Tensor::new(rows.iter().fold(0.0, |a, b| a + b), &Device::Cpu)
+        Ok(RowsOr::Rows(base.finish(&state)))
     }
 
     /// Per-row `KL(P_t ‖ softmax(z_t))` (CPU f32 base only; for tests and diagnostics).
     pub fn kl_rows(&self, logits: &Tensor) -> Result<Vec<f64>> {
         match &self.inner {
             Base::Cpu(base) => base.kl_rows_of(logits),
-            Base::Ops(_) => candle_core::bail!("kl_rows: the base is not on the CPU in f32"),
+            Base::Ops(_) | Base::Fused(_) => candle_core::bail!("kl_rows: the base is not on the CPU in f32"),
         }
     }
 }
@@ -216,19 +338,23 @@ impl CpuBase {
             candle_core::bail!("kl: {} logits, base [{}, {}]", z.len(), self.rows, self.vocab);
         }
         let mut state = vec![RowState::default(); self.rows];
-        for v0 in (0..self.vocab).step_by(self.width) {
-            let n = self.width.min(self.vocab - v0);
-            self.fold(z, self.vocab, v0, v0, n, &mut state);
+        for &((start, len), width) in &self.slices {
+            for v0 in (0..self.vocab).step_by(width) {
+                let n = width.min(self.vocab - v0);
+                let rows = &z[start * self.vocab..(start + len) * self.vocab];
+                self.fold(rows, self.vocab, v0, v0, n, start, &mut state[start..start + len]);
+            }
         }
         Ok(state)
     }
 
-    /// Folds vocabulary entries `v0..v0 + n` into the per-row states; row `r`'s logits are
-    /// `z[r·stride + col0..][..n]`.
-    fn fold(&self, z: &[f32], stride: usize, col0: usize, v0: usize, n: usize, state: &mut [RowState]) {
+    /// Folds vocabulary entries `v0..v0 + n` into the states of rows `row0..`; row `row0 + r`'s
+    /// logits are `z[r·stride + col0..][..n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn fold(&self, z: &[f32], stride: usize, col0: usize, v0: usize, n: usize, row0: usize, state: &mut [RowState]) {
         let simd = simd();
         state.par_iter_mut().enumerate().with_min_len(4).for_each(|(r, st)| {
-            st.update(&z[r * stride + col0..][..n], &self.p[r * self.vocab + v0..][..n], simd);
+            st.update(&z[r * stride + col0..][..n], &self.p[(row0 + r) * self.vocab + v0..][..n], simd);
         });
     }
 
@@ -278,6 +404,13 @@ impl RowState {
 /// Size of a logits slice in [`KlBase::kl_sum_linear`]: with the matching probabilities it fits a
 /// typical L3 cache, and it is below glibc's largest mmap threshold, so slices reuse heap memory.
 const SLICE_BYTES: usize = 8 << 20;
+
+/// Vocabulary entries per slice for `rows` rows: about [`SLICE_BYTES`] of f32 logits, a whole
+/// number of the row kernels' blocks.
+fn slice_width(rows: usize, vocab: usize) -> usize {
+    let unit = LANES * BLOCK;
+    ((SLICE_BYTES / (4 * rows.max(1))) / unit * unit).clamp(unit, vocab.max(unit))
+}
 
 /// Lanes of the row kernels' accumulators (fixed, so the summation order is too).
 const LANES: usize = 16;
@@ -597,7 +730,7 @@ mod tests {
         let base = KlBase::new(&h.matmul(&w.t()?)?.broadcast_add(&bias)?)?;
         let whole = base.kl_sum(&hq.matmul(&w.t()?)?.broadcast_add(&bias)?)?.to_scalar::<f64>()?;
         for width in [512, 1024, 2560, 4096] {
-            let sliced = base.kl_sum_linear_sliced(&hq, &w, Some(&bias), width)?.to_scalar::<f64>()?;
+            let sliced = base.kl_sum_linear_sliced(&hq, &w, Some(&bias), Some(width))?.to_scalar::<f64>()?;
             assert!((sliced - whole).abs() <= 1e-7 * rows as f64, "width {width}: {sliced:e} vs {whole:e}");
         }
         assert!(base.kl_sum_linear(&h, &w, Some(&bias))?.to_scalar::<f64>()?.abs() < 1e-9);
@@ -649,6 +782,53 @@ mod tests {
     fn shape_mismatch_is_an_error() -> Result<()> {
         let base = KlBase::new(&Tensor::zeros((3, 50), DType::F32, &Device::Cpu)?)?;
         assert!(base.kl_sum(&Tensor::zeros((3, 51), DType::F32, &Device::Cpu)?).is_err());
+        Ok(())
+    }
+
+    /// Packed samples each get the KL of their own rows, as their own base would give it, on
+    /// both paths.
+    #[test]
+    fn packed_samples_get_their_own_kl() -> Result<()> {
+        let (vocab, d) = (700, 8);
+        let dev = Device::Cpu;
+        let lens = [3usize, 1, 4];
+        let rows: usize = lens.iter().sum();
+        let h = Tensor::from_vec(logits(rows, d, 8, 2.0), (rows, d), &dev)?;
+        let hq = (&h + Tensor::from_vec(logits(rows, d, 9, 0.05), (rows, d), &dev)?)?;
+        let w = Tensor::from_vec(logits(vocab, d, 10, 1.0), (vocab, d), &dev)?;
+        let segments = vec![(0, 3), (3, 1), (4, 4)];
+        for dtype in [DType::F32, DType::F64] {
+            let (h, hq, w) = (h.to_dtype(dtype)?, hq.to_dtype(dtype)?, w.to_dtype(dtype)?);
+            let base_logits = h.matmul(&w.t()?)?;
+            let base = KlBase::packed(&base_logits, segments.clone())?;
+            let packed = base.sample_kls_linear(&hq, &w, None)?.to_vec1::<f64>()?;
+            assert_eq!(packed.len(), 3);
+            for (&(start, len), got) in segments.iter().zip(&packed) {
+                let part = |t: &Tensor| t.narrow(0, start, len);
+                let alone = KlBase::new(&part(&base_logits)?)?;
+                let want = alone.kl_sum_linear(&part(&hq)?, &w, None)?.to_scalar::<f64>()?;
+                assert!(want > 0.0);
+                assert_eq!(*got, want, "{dtype:?} rows {start}+{len}");
+            }
+        }
+        // On the same f32 logits, the fused path (a GPU's) and the f32 CPU path agree per sample
+        // with the definition in f64. Each sums f32 exponentials: both log-sum-exps of a row may
+        // be off by the exponentials' rounding (≤ 2 ulp of f32, 1.2e-7), so ≤ 2.5e-7 per row.
+        let (base_logits, logits) = (h.matmul(&w.t()?)?, hq.matmul(&w.t()?)?);
+        let rows = reference_rows(
+            &base_logits.flatten_all()?.to_vec1::<f32>()?,
+            &logits.flatten_all()?.to_vec1::<f32>()?,
+            vocab,
+        );
+        let cpu = KlBase::packed(&base_logits, segments.clone())?.sample_kls(&logits)?.to_vec1::<f64>()?;
+        let fused = KlBase::fused(&base_logits, segments.clone())?.sample_kls(&logits)?.to_vec1::<f64>()?;
+        for ((c, f), &(start, len)) in cpu.iter().zip(&fused).zip(&segments) {
+            let exact: f64 = rows[start..start + len].iter().sum();
+            let bound = 2.5e-7 * len as f64;
+            assert!((c - exact).abs() <= bound && (f - exact).abs() <= bound, "{exact:e}: cpu {c:e}, fused {f:e}");
+        }
+        assert!(KlBase::packed(&Tensor::zeros((4, 5), DType::F32, &dev)?, vec![(0, 2), (3, 1)]).is_err());
+        assert!(KlBase::packed(&Tensor::zeros((4, 5), DType::F32, &dev)?, vec![(0, 3)]).is_err());
         Ok(())
     }
 }

@@ -12,6 +12,9 @@ pub mod calibrate;
 pub mod experts;
 pub mod gradient;
 pub mod kl;
+#[cfg(feature = "cuda")]
+mod kl_cuda;
+pub mod kl_fused;
 pub mod state;
 
 use std::path::{Path, PathBuf};
@@ -94,6 +97,31 @@ pub struct ScoreOptions {
     pub timings: Option<PathBuf>,
     /// The most GPU memory (bytes, all processes together) the run may use ([`MemoryLimit`]).
     pub gpu_memory_limit: Option<u64>,
+    /// Pack consecutive samples into one forward up to this many tokens ([`packs`]).
+    pub batch_tokens: usize,
+}
+
+/// `--batch-tokens`' default: seven samples of one 448×448 image and a caption (~274 tokens).
+/// What a 4B model keeps for the backward of 2,048 tokens is ~10 GiB, a 32B model's ~30 GiB.
+pub const DEFAULT_BATCH_TOKENS: usize = 2048;
+
+/// Consecutive runs of `samples` whose tokens add up to at most `budget` (a longer sample alone),
+/// in order, so that packed scoring pushes samples in the order unpacked scoring does.
+pub fn packs(samples: &[usize], tokens: impl Fn(usize) -> usize, budget: usize) -> Vec<Vec<usize>> {
+    let mut packs: Vec<Vec<usize>> = Vec::new();
+    let mut used = 0;
+    for &i in samples {
+        let n = tokens(i);
+        match packs.last_mut() {
+            Some(pack) if used + n <= budget => pack.push(i),
+            _ => {
+                packs.push(vec![i]);
+                used = 0;
+            }
+        }
+        used += n;
+    }
+    packs
 }
 
 /// Wall time per phase of a run, in seconds.
@@ -171,6 +199,7 @@ pub fn model_input(sample: &SampleInputs, inputs: &ModelInputs) -> Result<Input>
         labels: Some(sample.labels.clone()),
         pixel_values,
         grid_thw: sample.images.iter().map(|i| i.grid_thw).collect(),
+        packed: Vec::new(),
     })
 }
 
@@ -532,7 +561,8 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
         Some(s) => s,
         None => {
             let mut fresh = Artifact::new(TOOL, provenance.clone(), skeleton);
-            timings.calibration_formats = calibrate(&model, &inputs, &plan, &mut fresh.payload, reporter)?;
+            timings.calibration_formats =
+                calibrate(&model, &inputs, &plan, opts.batch_tokens, &mut fresh.payload, reporter)?;
             if let Some(p) = &state_path {
                 artifact::write(Location::File(p.clone()), &fresh)?;
             }
@@ -584,46 +614,69 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
     let mut last_save = (std::time::Instant::now(), std::time::Duration::ZERO);
     let bar = reporter.bar(plan.to_score.len() as u64, "scoring");
     bar.set_position((plan.to_score.len() - pending.len()) as u64);
-    for &index in &pending {
-        let sample = &inputs.samples[index];
-        bar.set_message(sample.id.clone());
-        let input = model_input(sample, &inputs)?;
-        let summary_of = |loss: Option<f32>| SampleSummary {
-            index,
-            id: sample.id.clone(),
-            num_tokens: sample.input_ids.len(),
-            num_image_tokens: sample.mm_token_type_ids.iter().filter(|&&t| t == 1).count(),
-            num_label_tokens: sample.labels.iter().skip(1).filter(|&&l| l != -100).count(),
-            loss: loss.map(f64::from),
+    // MoE gradient scoring runs one sample per forward: the experts' tap scores a whole input.
+    let budget = if model.config().is_moe() && opts.method == Method::Gradient { 1 } else { opts.batch_tokens };
+    let pending_packs = packs(&pending, |i| inputs.samples[i].input_ids.len(), budget);
+    reporter.detail(format!(
+        "scoring {} samples in {} forwards (--batch-tokens {budget})",
+        pending.len(),
+        pending_packs.len()
+    ));
+    for pack in pending_packs {
+        let samples: Vec<&SampleInputs> = pack.iter().map(|&i| &inputs.samples[i]).collect();
+        bar.set_message(samples.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", "));
+        let input = samples
+            .iter()
+            .map(|s| model_input(s, &inputs))
+            .collect::<Result<Vec<_>>>()
+            .and_then(|parts| Ok(Input::pack(&parts)?))?;
+        let summary_of = |index: usize, loss: Option<f32>| {
+            let sample = &inputs.samples[index];
+            SampleSummary {
+                index,
+                id: sample.id.clone(),
+                num_tokens: sample.input_ids.len(),
+                num_image_tokens: sample.mm_token_type_ids.iter().filter(|&&t| t == 1).count(),
+                num_label_tokens: sample.labels.iter().skip(1).filter(|&&l| l != -100).count(),
+                loss: loss.map(f64::from),
+            }
         };
         let scored = match opts.method {
             Method::Gradient => {
-                // The first sample's forward is weighed (one stream sync; the others run unsynchronized).
-                let weigh = watermark.as_ref().filter(|_| index == pending[0]);
-                score_gradient(&model, &input, &quant, &experts_amax, weigh).map(|(loss, values, kept)| {
-                    if let (Some(kept), Some(m)) = (kept, &mut timings.gpu_memory) {
-                        m.kept_for_backward = kept.saturating_sub(held_before_load + m.model);
-                    }
-                    state::push_sample(&mut run.payload, summary_of(Some(loss)), Some(&values), None)
-                })
+                // The first pack's forward is weighed (one stream sync; the others run unsynchronized).
+                let weigh = watermark.as_ref().filter(|_| pack[0] == pending[0]);
+                score_gradient(&model, &input, &quant, &experts_amax, weigh).map(
+                    |Scored { samples: per_sample, kept }| {
+                        if let (Some(kept), Some(m)) = (kept, &mut timings.gpu_memory) {
+                            m.kept_for_backward = kept.saturating_sub(held_before_load + m.model);
+                        }
+                        for (&index, (loss, values)) in pack.iter().zip(per_sample) {
+                            state::push_sample(&mut run.payload, summary_of(index, Some(loss)), Some(&values), None);
+                        }
+                    },
+                )
             }
-            Method::KlDiv => score_kl(&model, &input, &quant, &plan, &experts_amax, &run.payload)
-                .map(|(loss, values)| state::push_sample(&mut run.payload, summary_of(loss), None, Some(&values))),
+            Method::KlDiv => score_kl(&model, &input, &quant, &plan, &experts_amax, &run.payload).map(|per_sample| {
+                for (&index, (loss, values)) in pack.iter().zip(per_sample) {
+                    state::push_sample(&mut run.payload, summary_of(index, loss), None, Some(&values));
+                }
+            }),
         };
         if let Err(err) = scored {
-            // Every finished sample is kept, so `--resume` continues from this one.
+            // Every finished sample is kept, so `--resume` continues from this pack.
             let saved = match &state_path {
                 Some(p) => {
                     artifact::write(Location::File(p.clone()), &run)?;
                     format!(
-                        "{} finished samples saved in {} (rerun with --resume to continue)",
+                        "{} finished samples saved in {} (rerun with --resume to continue{})",
                         run.payload.samples.len(),
-                        p.display()
+                        p.display(),
+                        if pack.len() > 1 { ", with a lower --batch-tokens" } else { "" }
                     )
                 }
                 None => "nothing saved (-o -: no state file)".into(),
             };
-            return Err(sample_failure(err, "scoring", index, sample, &device, &saved));
+            return Err(sample_failure(err, "scoring", &pack, &inputs, &device, &saved));
         }
         if let Some(p) = &state_path {
             if last_save.0.elapsed() >= last_save.1 * 10 {
@@ -632,7 +685,7 @@ pub fn run(opts: &ScoreOptions, reporter: &Reporter) -> Result<()> {
                 last_save = (std::time::Instant::now(), t.elapsed());
             }
         }
-        bar.inc(1);
+        bar.inc(pack.len() as u64);
     }
     bar.finish_and_clear();
     timings.scoring = lap();
@@ -696,12 +749,14 @@ fn finish(run: &Artifact<Scores>, state: Option<&Path>, output: &Location) -> Re
     Ok(())
 }
 
-/// Max calibration over the calibration samples; fills `input_amax` and `weight_amax`, then the
-/// formats' own calibrations. Returns the seconds those took.
+/// Max calibration over the calibration samples (packed up to `batch_tokens`: a maximum over rows
+/// does not depend on how they are grouped); fills `input_amax` and `weight_amax`, then the
+/// formats' own calibrations (one sample per forward). Returns the seconds those took.
 fn calibrate(
     model: &Qwen3VL,
     inputs: &ModelInputs,
     plan: &Plan,
+    batch_tokens: usize,
     scores: &mut Scores,
     reporter: &Reporter,
 ) -> Result<f64> {
@@ -710,7 +765,7 @@ fn calibrate(
     let blocks = experts::blocks(model);
     let mut with_experts = experts::CalibrationTap::new(&mut tap, &blocks, model.device())?;
     let bar = reporter.bar(plan.calibration.len() as u64, "calibrating");
-    calibration_forwards(model, inputs, &plan.calibration, &mut with_experts, bar)?;
+    calibration_forwards(model, inputs, &plan.calibration, batch_tokens, &mut with_experts, bar)?;
     let experts_amax = with_experts.finish()?;
     let input_amax = tap.finish()?;
     for (id, layer) in scores.layers.iter_mut().take(num_layers).enumerate() {
@@ -767,7 +822,7 @@ fn smooth_quant(
     let num_layers = model.layers().len();
     let mut cache = calibrate::AwqCacheTap::new(|id| !plan.skip[id], num_layers, false);
     let bar = reporter.bar(plan.calibration.len() as u64, "SmoothQuant: per-channel input amax");
-    calibration_forwards(model, inputs, &plan.calibration, &mut cache, bar)?;
+    calibration_forwards(model, inputs, &plan.calibration, 1, &mut cache, bar)?;
     let channel_amax: Vec<Vec<f32>> = cache
         .layers
         .iter()
@@ -800,48 +855,60 @@ fn smooth_quant(
     Ok(())
 }
 
-/// One forward of each of `samples` through `tap`, quantization off.
+/// One forward of each of `samples` through `tap`, quantization off; consecutive samples packed
+/// into one forward up to `batch_tokens` tokens (1: one at a time).
 fn calibration_forwards(
     model: &Qwen3VL,
     inputs: &ModelInputs,
     samples: &[usize],
+    batch_tokens: usize,
     tap: &mut dyn crate::model::Tap,
     bar: indicatif::ProgressBar,
 ) -> Result<()> {
     let opts = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: false };
-    for &index in samples {
-        let sample = &inputs.samples[index];
-        bar.set_message(sample.id.clone());
-        let input = model_input(sample, inputs)?;
-        if let Err(err) = model.forward(&input, tap, &opts) {
+    for pack in packs(samples, |i| inputs.samples[i].input_ids.len(), batch_tokens) {
+        bar.set_message(pack.iter().map(|&i| inputs.samples[i].id.as_str()).collect::<Vec<_>>().join(", "));
+        let parts = pack.iter().map(|&i| model_input(&inputs.samples[i], inputs)).collect::<Result<Vec<_>>>()?;
+        if let Err(err) = Input::pack(&parts).and_then(|input| model.forward(&input, tap, &opts)) {
             let device = model.device();
             return Err(sample_failure(
                 err.into(),
                 "calibration forward of",
-                index,
-                sample,
+                &pack,
+                inputs,
                 device,
                 "nothing saved yet",
             ));
         }
-        bar.inc(1);
+        bar.inc(pack.len() as u64);
     }
     bar.finish_and_clear();
     Ok(())
 }
 
-/// The error of a sample that failed: which sample, how long it is and, for a GPU out-of-memory
-/// fault, how much memory it asked for and what the card had left — in place of the driver's
-/// own words, so the one-line message says what to do.
+/// The error of a sample (or a pack of samples) that failed: which samples, how long they are
+/// and, for a GPU out-of-memory fault, how much memory was asked for and what the card had left —
+/// in place of the driver's own words, so the one-line message says what to do.
 fn sample_failure(
     err: anyhow::Error,
     stage: &str,
-    index: usize,
-    sample: &SampleInputs,
+    pack: &[usize],
+    inputs: &ModelInputs,
     device: &Device,
     saved: &str,
 ) -> anyhow::Error {
-    let which = format!("{stage} sample {index} ({}, {} tokens)", sample.id, sample.input_ids.len());
+    let describe = |&i: &usize| {
+        let s = &inputs.samples[i];
+        format!("{i} ({}, {} tokens)", s.id, s.input_ids.len())
+    };
+    let which = match pack {
+        [one] => format!("{stage} sample {}", describe(one)),
+        _ => {
+            let tokens: usize = pack.iter().map(|&i| inputs.samples[i].input_ids.len()).sum();
+            let names: Vec<String> = pack.iter().map(describe).collect();
+            format!("{stage} samples {} packed into one forward of {tokens} tokens", names.join(", "))
+        }
+    };
     match OutOfMemory::of(&err) {
         Some(oom) => anyhow::anyhow!("{which}: {}; {saved}", oom.describe(device)),
         None => err.context(format!("{which}; {saved}")),
@@ -880,7 +947,7 @@ fn awq_lite(
     };
     let mut cache = calibrate::AwqCacheTap::new(|id| !plan.skip[id], num_layers, true);
     let bar = reporter.bar(samples.len() as u64, "AWQ-lite: activation scales");
-    calibration_forwards(model, inputs, samples, &mut cache, bar)?;
+    calibration_forwards(model, inputs, samples, 1, &mut cache, bar)?;
     phase("statistics pass".into())?;
     let channel_amax: Vec<Vec<f32>> = cache
         .layers
@@ -932,7 +999,7 @@ fn awq_lite(
             let mut search = calibrate::AwqSearchTap::new(format.as_ref(), in_chunk.collect(), quantized.clone());
             let what =
                 format!("AWQ-lite: searching α for {} (layers {}–{})", format.name(), chunk.start, chunk.end - 1);
-            calibration_forwards(model, inputs, samples, &mut search, reporter.bar(samples.len() as u64, &what))?;
+            calibration_forwards(model, inputs, samples, 1, &mut search, reporter.bar(samples.len() as u64, &what))?;
             model.device().synchronize()?;
             forwards_s += clock.elapsed().as_secs_f64();
             let clock = std::time::Instant::now();
@@ -980,24 +1047,38 @@ fn awq_lite(
     Ok(())
 }
 
+/// One sample's contributions, `[layer or group][format]`.
+type Contributions = Vec<Vec<f64>>;
+
+/// What [`score_gradient`] gives: each sample's loss and contributions, and the bytes in use
+/// after the forward when it was weighed.
+struct Scored {
+    samples: Vec<(f32, Contributions)>,
+    kept: Option<u64>,
+}
+
 /// Per sparse layer: (decoder layer, its experts' calibration, whether its group is scored).
 type ExpertsAmaxes = [(usize, ExpertsAmax, bool)];
 
-/// One sample, gradient method: `(loss, [layer][format] contributions)`, the experts' entries
-/// after the Linear layers'.
+/// One input (one sample, or several packed), gradient method: per sample `(loss, [layer][format]
+/// contributions)`, the experts' entries after the Linear layers'; and, when weighed, the bytes
+/// in use after the forward.
 fn score_gradient(
     model: &Qwen3VL,
     input: &Input,
     quant: &LayerQuant,
     experts_amax: &ExpertsAmaxes,
     weigh: Option<&PoolWatermark>,
-) -> Result<(f32, Vec<Vec<f64>>, Option<u64>)> {
+) -> Result<Scored> {
     let opts = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Backward, trace: false };
     let fwd = model.forward(input, &mut NoTap, &opts)?;
     // Bytes in use after the forward: the model and what the forward keeps for the backward.
     let kept = weigh.map(|w| w.in_use()).transpose()?;
-    let loss = fwd.loss.context("the sample has no label tokens, so there is no loss to differentiate")?;
-    let mut tap = GradientTap::new(quant, model.layers().len());
+    ensure!(fwd.loss.is_some(), "the sample has no label tokens, so there is no loss to differentiate");
+    let rows = (0..model.layers().len())
+        .map(|id| Ok(model.sample_rows(&fwd, id)?.to_vec()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut tap = GradientTap::packed(quant, rows);
     let mut with_experts = experts::GradientTap {
         inner: &mut tap,
         formats: quant.formats,
@@ -1006,21 +1087,39 @@ fn score_gradient(
     };
     model.backward(&fwd, &mut with_experts)?;
     let expert_scores = with_experts.scores;
-    let mut values = tap.finish()?;
-    for per_format in expert_scores {
-        let mut v = vec![0.0; quant.formats.len()];
-        for (f, t) in per_format.iter().enumerate() {
-            v[f] = t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let mut per_sample = tap.finish()?;
+    ensure!(
+        expert_scores.is_empty() || per_sample.len() == 1,
+        "internal: the experts are scored one sample per forward"
+    );
+    for values in &mut per_sample {
+        for per_format in &expert_scores {
+            let mut v = vec![0.0; quant.formats.len()];
+            for (f, t) in per_format.iter().enumerate() {
+                v[f] = t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            }
+            values.push(v);
         }
-        values.push(v);
+        for v in values.iter_mut() {
+            v.push(0.0); // NONE
+        }
     }
-    for v in &mut values {
-        v.push(0.0); // NONE
-    }
-    Ok((loss, values, kept))
+    ensure!(
+        fwd.sample_losses.len() == per_sample.len(),
+        "internal: {} losses for {} samples",
+        fwd.sample_losses.len(),
+        per_sample.len()
+    );
+    let losses = fwd
+        .sample_losses
+        .iter()
+        .map(|l| l.context("a sample has no label tokens, so there is no loss to differentiate"))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Scored { samples: losses.into_iter().zip(per_sample).collect(), kept })
 }
 
-/// One sample, kl_div method: `(loss if the sample has labels, [group][format] contributions)`.
+/// One input (one sample, or several packed), kl_div method: per sample `(loss if the sample has
+/// labels, [group][format] contributions)`. Each re-forward runs every packed sample at once.
 fn score_kl(
     model: &Qwen3VL,
     input: &Input,
@@ -1028,38 +1127,67 @@ fn score_kl(
     plan: &Plan,
     experts_amax: &ExpertsAmaxes,
     scores: &Scores,
-) -> Result<(Option<f32>, Vec<Vec<f64>>)> {
+) -> Result<Vec<(Option<f32>, Contributions)>> {
     let opts = ForwardOptions { logits: LogitsMode::All, keep: Keep::Resume, trace: false };
     let mut base = model.forward(input, &mut NoTap, &opts)?;
     // The base distribution replaces the [L, vocab] logits, which are not kept.
-    let kl_base = kl::KlBase::new(&base.logits.take().context("forward returned no logits")?)?;
-    let mut values = Vec::with_capacity(scores.groups.len());
+    let logits = base.logits.take().context("forward returned no logits")?;
+    let kl_base = kl::KlBase::packed(&logits, input.segments())?;
+    drop(logits);
+    let samples = input.segments().len();
+    // Per group and format, each sample's KL (f64 [samples], on the device until the end).
+    let mut kls: Vec<Vec<Tensor>> = Vec::with_capacity(scores.groups.len());
     for (g, group) in scores.groups.iter().enumerate() {
-        let mut per_format = vec![0.0; plan.formats.len() + 1];
+        let mut per_format = Vec::with_capacity(plan.formats.len());
         if !group.disabled {
-            let mut kls = Vec::with_capacity(plan.formats.len());
             if let Some(k) = plan.experts.iter().position(|s| s.group == g) {
                 // A sparse layer's experts, alone fake-quantized: resume at its decoder layer.
                 let (layer, amax, _) = &experts_amax[k];
                 for format in &plan.formats {
                     let mut tap = experts::QuantizeExpertsTap { layer: *layer, format: format.as_ref(), amax };
                     let hidden = model.forward_from_hidden(&base, plan.experts[k].resume_from, &mut tap)?;
-                    kls.push(kl::head_kl(model, quant, &[], 0, &kl_base, &hidden)?);
+                    per_format.push(kl::head_kl(model, quant, &[], 0, &kl_base, &hidden)?);
                 }
             } else {
                 let members = &plan.group_members[g];
                 for f in 0..plan.formats.len() {
                     let mut tap = kl::GroupQuantTap { quant, members, format: f };
                     let hidden = model.forward_from_hidden(&base, members[0], &mut tap)?;
-                    kls.push(kl::head_kl(model, quant, members, f, &kl_base, &hidden)?);
+                    per_format.push(kl::head_kl(model, quant, members, f, &kl_base, &hidden)?);
                 }
             }
-            let kls = Tensor::stack(&kls, 0)?.to_vec1::<f64>()?;
-            per_format[..kls.len()].copy_from_slice(&kls);
         }
-        values.push(per_format);
+        kls.push(per_format);
     }
-    Ok((base.loss, values))
+    // One sync: every group's and format's KLs, [groups·formats, samples].
+    let flat: Vec<Tensor> = kls.iter().flatten().cloned().collect();
+    let values = match flat.is_empty() {
+        true => Vec::new(),
+        false => Tensor::stack(&flat, 0)?.to_device(&Device::Cpu)?.to_vec2::<f64>()?,
+    };
+    let mut values = values.into_iter();
+    let mut per_sample = vec![Vec::with_capacity(kls.len()); samples];
+    for per_format in &kls {
+        let mut rows = vec![vec![0.0; plan.formats.len() + 1]; samples];
+        for f in 0..per_format.len() {
+            let v = values.next().context("internal: too few KL values")?;
+            for (row, v) in rows.iter_mut().zip(v) {
+                row[f] = v;
+            }
+        }
+        for (sample, row) in per_sample.iter_mut().zip(rows) {
+            sample.push(row);
+        }
+    }
+    // A sample without label tokens has no loss (it is still scored).
+    let losses: Vec<Option<f32>> = match base.sample_losses.as_slice() {
+        [] => vec![None; samples],
+        losses => {
+            ensure!(losses.len() == samples, "internal: {} losses for {samples} samples", losses.len());
+            losses.to_vec()
+        }
+    };
+    Ok(losses.into_iter().zip(per_sample).collect())
 }
 
 /// `score-layers --merge`: combines shard artifacts into the unsharded result.

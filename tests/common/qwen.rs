@@ -55,6 +55,7 @@ pub fn input_from_reference(r: &HashMap<String, Tensor>) -> Input {
         labels: Some(labels),
         pixel_values: Tensor::from_vec(px, (n, k), &Device::Cpu).unwrap(),
         grid_thw: grid.chunks(3).map(|c| [c[0] as u32, c[1] as u32, c[2] as u32]).collect(),
+        packed: Vec::new(),
     }
 }
 

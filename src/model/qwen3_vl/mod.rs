@@ -47,7 +47,7 @@ pub const IGNORE_INDEX: i32 = -100;
 /// LayerNorm epsilon of the vision tower (hard-coded in HF).
 const VISION_LN_EPS: f64 = 1e-6;
 
-/// One sample (batch size 1).
+/// One sample, or several packed one after another ([`Input::pack`]).
 #[derive(Debug, Clone)]
 pub struct Input {
     pub input_ids: Vec<u32>,
@@ -58,6 +58,71 @@ pub struct Input {
     /// `[N, C·T·P·P]` f32 on any device (the model casts and moves it).
     pub pixel_values: Tensor,
     pub grid_thw: Vec<[u32; 3]>,
+    /// The token counts of the samples packed into this input, in order; empty for one sample.
+    pub packed: Vec<usize>,
+}
+
+impl Input {
+    /// Several samples as one input: tokens, positions, labels, images and pixel rows one
+    /// sample after another. The model keeps them apart: each sample's tokens attend only to
+    /// its own (as its images' patches already do), each sample's first label is ignored as
+    /// HF's shift ignores it, and the loss is the sum of the samples' mean losses, so every
+    /// sample's gradients are those of its own forward.
+    pub fn pack(samples: &[Input]) -> Result<Input> {
+        match samples {
+            [] => bail!("no samples to pack"),
+            [one] => return Ok(one.clone()),
+            _ => {}
+        }
+        if samples.iter().any(|s| !s.packed.is_empty()) {
+            bail!("an input that is already packed cannot be packed again")
+        }
+        let with_labels = samples.iter().filter(|s| s.labels.is_some()).count();
+        if with_labels != 0 && with_labels != samples.len() {
+            bail!("cannot pack samples with labels together with samples without")
+        }
+        let mut input_ids = Vec::new();
+        let mut position_ids: [Vec<i64>; 3] = Default::default();
+        let mut labels = (with_labels > 0).then(Vec::new);
+        let mut pixels = Vec::new();
+        let mut grid_thw = Vec::new();
+        let mut packed = Vec::new();
+        for s in samples {
+            input_ids.extend_from_slice(&s.input_ids);
+            for (all, p) in position_ids.iter_mut().zip(&s.position_ids) {
+                all.extend_from_slice(p);
+            }
+            if let (Some(all), Some(l)) = (labels.as_mut(), s.labels.as_ref()) {
+                all.extend_from_slice(l);
+            }
+            if s.pixel_values.dim(0)? > 0 {
+                pixels.push(s.pixel_values.to_device(&Device::Cpu)?);
+            }
+            grid_thw.extend_from_slice(&s.grid_thw);
+            packed.push(s.input_ids.len());
+        }
+        let width = samples[0].pixel_values.dim(1)?;
+        let pixel_values = match pixels.len() {
+            0 => Tensor::zeros((0, width), DType::F32, &Device::Cpu)?,
+            _ => Tensor::cat(&pixels, 0)?,
+        };
+        Ok(Input { input_ids, position_ids, labels, pixel_values, grid_thw, packed })
+    }
+
+    /// `(start, len)` of each packed sample's tokens (one segment for a single sample).
+    pub fn segments(&self) -> Vec<(usize, usize)> {
+        if self.packed.is_empty() {
+            return vec![(0, self.input_ids.len())];
+        }
+        let mut start = 0;
+        self.packed
+            .iter()
+            .map(|&len| {
+                start += len;
+                (start - len, len)
+            })
+            .collect()
+    }
 }
 
 /// Which rows of the logits a forward computes.
@@ -97,8 +162,12 @@ impl Default for ForwardOptions {
 
 /// The result of a forward pass.
 pub struct Forward {
-    /// Mean causal-LM loss, when labels were given and logits cover them.
+    /// Mean causal-LM loss, when labels were given and logits cover them (packed samples: the
+    /// sum of the samples' mean losses).
     pub loss: Option<f32>,
+    /// Each packed sample's mean loss, `None` for a sample without label tokens (the one loss
+    /// for an input that is not packed; empty without a loss).
+    pub sample_losses: Vec<Option<f32>>,
     /// f32 logits (f64 for an f64 model): `[L, vocab]` for [`LogitsMode::All`], `[n_labels, vocab]`
     /// for [`LogitsMode::LabelPositions`].
     pub logits: Option<Tensor>,
@@ -198,7 +267,37 @@ struct Sample {
     gather: Option<Tensor>,
     /// Shifted label rows (u32 `[n]`) and their targets (u32 `[n]`).
     labels: Option<(Tensor, Tensor)>,
+    /// Packed samples only: each label row's weight in the loss, `1 / (its sample's labels)`
+    /// (acc `[n]`), so that the loss is the sum of the samples' mean losses.
+    label_weights: Option<Tensor>,
     vision: Option<VisionSample>,
+    /// Which rows belong to which packed sample.
+    rows: PackedRows,
+}
+
+/// Which rows of the activations belong to which packed sample, as `(start, len)` per sample
+/// (one entry for an input that is not packed).
+#[derive(Debug, Clone, Default)]
+pub struct PackedRows {
+    /// Vision patches: the patch embedding and the vision blocks.
+    pub patches: Vec<(usize, usize)>,
+    /// Merged patches: the merger and the deepstack mergers.
+    pub merged: Vec<(usize, usize)>,
+    /// Tokens: the decoder layers, and `lm_head` when it computes every position.
+    pub tokens: Vec<(usize, usize)>,
+    /// Label rows: `lm_head` when it computes the label positions only.
+    pub labels: Vec<(usize, usize)>,
+}
+
+/// `(start, len)` of consecutive parts of the given lengths.
+fn consecutive(lens: impl IntoIterator<Item = usize>) -> Vec<(usize, usize)> {
+    let mut start = 0;
+    lens.into_iter()
+        .map(|len| {
+            start += len;
+            (start - len, len)
+        })
+        .collect()
 }
 
 struct HeadSaved {
@@ -598,6 +697,12 @@ impl Qwen3VL {
                 Some(VisionSample { pixels, rope: vrope, segments, pos }),
             )
         };
+        let tokens = input.segments();
+        if tokens.iter().map(|&(_, len)| len).sum::<usize>() != l || tokens.iter().any(|&(_, len)| len == 0) {
+            bail!("packed sample lengths {:?} do not split the {l} tokens", input.packed)
+        }
+        // Per packed sample: its label rows (HF's shift ignores each sample's first label).
+        let mut label_counts = vec![0usize; tokens.len()];
         let labels = match &input.labels {
             None => None,
             Some(lab) => {
@@ -606,15 +711,18 @@ impl Qwen3VL {
                 }
                 let mut rows = Vec::new();
                 let mut targets = Vec::new();
-                for (i, &y) in lab.iter().enumerate().skip(1) {
-                    if y == IGNORE_INDEX {
-                        continue;
+                for (k, &(start, len)) in tokens.iter().enumerate() {
+                    for (i, &y) in lab.iter().enumerate().take(start + len).skip(start + 1) {
+                        if y == IGNORE_INDEX {
+                            continue;
+                        }
+                        if y < 0 || y as usize >= t.vocab_size {
+                            bail!("label {y} at position {i} is neither -100 nor a token id")
+                        }
+                        rows.push((i - 1) as u32);
+                        targets.push(y as u32);
+                        label_counts[k] += 1;
                     }
-                    if y < 0 || y as usize >= t.vocab_size {
-                        bail!("label {y} at position {i} is neither -100 nor a token id")
-                    }
-                    rows.push((i - 1) as u32);
-                    targets.push(y as u32);
                 }
                 if rows.is_empty() {
                     None
@@ -624,10 +732,48 @@ impl Qwen3VL {
                 }
             }
         };
+        let label_weights = match (&labels, tokens.len()) {
+            (Some(_), 2..) => {
+                let w: Vec<f64> = label_counts.iter().flat_map(|&n| std::iter::repeat_n(1.0 / n as f64, n)).collect();
+                Some(Tensor::new(w.as_slice(), dev)?.to_dtype(acc)?)
+            }
+            _ => None,
+        };
         let text_rope =
             rope::text_cos_sin(&input.position_ids, t.head_dim(), t.rope_theta(), &t.mrope_section(), self.dtype, dev)?;
-        let mask = CausalMask::new(t.num_attention_heads, l, acc, dev)?;
-        Ok(Sample { len: l, input_ids, text_rope, mask, vis_idx, gather, labels, vision })
+        let longest = tokens.iter().map(|&(_, len)| len).max().unwrap_or(l);
+        let mask = CausalMask::new(t.num_attention_heads, longest, acc, dev)?;
+        let rows = self.packed_rows(input, tokens, &label_counts)?;
+        Ok(Sample { len: l, input_ids, text_rope, mask, vis_idx, gather, labels, label_weights, vision, rows })
+    }
+
+    /// The rows of each packed sample in every part of the model.
+    fn packed_rows(&self, input: &Input, tokens: Vec<(usize, usize)>, label_counts: &[usize]) -> Result<PackedRows> {
+        let merge2 = self.cfg.vision_config.spatial_merge_size.pow(2);
+        let image_tokens = |id: u32| id == self.cfg.image_token_id;
+        // Each sample's images are the next ones in `grid_thw`, as many as its image tokens need.
+        let mut grids = input.grid_thw.iter();
+        let mut patches = Vec::with_capacity(tokens.len());
+        for &(start, len) in &tokens {
+            let wanted = input.input_ids[start..start + len].iter().filter(|&&id| image_tokens(id)).count() * merge2;
+            let mut got = 0usize;
+            while got < wanted {
+                let Some(&[gt, gh, gw]) = grids.next() else {
+                    bail!("packed samples: too few images for their tokens")
+                };
+                got += (gt * gh * gw) as usize;
+            }
+            if got != wanted {
+                bail!("packed samples: a sample's images do not match its image tokens")
+            }
+            patches.push(got);
+        }
+        Ok(PackedRows {
+            merged: consecutive(patches.iter().map(|p| p / merge2)),
+            patches: consecutive(patches),
+            tokens,
+            labels: consecutive(label_counts.iter().copied()),
+        })
     }
 
     /// Decoder input: token embeddings with the image rows replaced (HF `masked_scatter`).
@@ -659,15 +805,48 @@ impl Qwen3VL {
             Some(l) => Some(l.to_dtype(DType::F32)?.to_scalar::<f32>()?),
             None => None,
         };
+        let sample_losses = match (&out.nll, loss) {
+            // Each sample's mean over its own rows, reduced as an unpacked forward reduces it;
+            // one sync for all.
+            (Some(nll), _) => {
+                let labels = &s.rows.labels;
+                let means = labels
+                    .iter()
+                    .filter(|&&(_, len)| len > 0)
+                    .map(|&(start, len)| nll.narrow(0, start, len)?.mean_all()?.to_dtype(DType::F32))
+                    .collect::<Result<Vec<_>>>()?;
+                let mut means = Tensor::stack(&means, 0)?.to_vec1::<f32>()?.into_iter();
+                labels.iter().map(|&(_, len)| if len > 0 { means.next() } else { None }).collect()
+            }
+            (None, Some(loss)) => vec![Some(loss)],
+            (None, None) => Vec::new(),
+        };
         let keep_sample = opts.keep != Keep::Nothing;
         Ok(Forward {
             loss,
+            sample_losses,
             logits: out.logits,
             trace: out.trace,
             loss_t: out.loss,
             sample: keep_sample.then_some(s),
             bwd: out.bwd,
             resume: out.resume,
+        })
+    }
+
+    /// Per packed sample of `fwd`, the `(start, len)` rows of layer `id`'s input and output (in
+    /// the forward, and in the backward's tap calls). One entry when the input was not packed.
+    pub fn sample_rows<'a>(&self, fwd: &'a Forward, id: LayerId) -> Result<&'a [(usize, usize)]> {
+        let Some(s) = fwd.sample.as_ref() else { bail!("sample_rows needs a Forward that kept its sample") };
+        let r = &s.rows;
+        Ok(match self.start_of(id)? {
+            Start::PatchEmbed | Start::VisionBlock(_) => &r.patches,
+            Start::Merger | Start::Deepstack(_) => &r.merged,
+            Start::TextLayer(_) => &r.tokens,
+            Start::LmHead => match fwd.bwd.as_ref().map(|b| b.head.all_rows) {
+                Some(false) => &r.labels,
+                _ => &r.tokens,
+            },
         })
     }
 
@@ -853,7 +1032,7 @@ impl Qwen3VL {
         };
 
         // 2. Decoder layers, final norm.
-        let ts = TextSample { rope: &s.text_rope, mask: &s.mask };
+        let ts = TextSample { rope: &s.text_rope, mask: &s.mask, segments: &s.rows.tokens };
         let mut layers_saved = Vec::new();
         let mut final_saved = None;
         let fh = match entry {
@@ -905,7 +1084,7 @@ impl Qwen3VL {
         }
 
         // 3. lm_head and loss.
-        let (logits, loss, head) = self.head(s, &fh, logits_mode, tap, save)?;
+        let HeadOut { logits, loss, nll, saved: head } = self.head(s, &fh, logits_mode, tap, save)?;
         let bwd = match (save, final_saved, head) {
             (true, Some((final_in, final_rstd)), Some(head)) => Some(BackwardCache {
                 patch_y,
@@ -920,25 +1099,18 @@ impl Qwen3VL {
             (true, ..) => bail!("internal: incomplete backward cache"),
             _ => None,
         };
-        Ok(RunOut { logits, loss, trace: tr, bwd, resume: resume.then_some(rc) })
+        Ok(RunOut { logits, loss, nll, trace: tr, bwd, resume: resume.then_some(rc) })
     }
 
     /// lm_head on the rows `mode` asks for, and the loss when labels are covered.
     #[allow(clippy::type_complexity)]
-    fn head(
-        &self,
-        s: &Sample,
-        fh: &Tensor,
-        mode: LogitsMode,
-        tap: &mut dyn Tap,
-        save: bool,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<HeadSaved>)> {
+    fn head(&self, s: &Sample, fh: &Tensor, mode: LogitsMode, tap: &mut dyn Tap, save: bool) -> Result<HeadOut> {
         let acc = acc_dtype(self.dtype);
         let (x, all_rows) = match mode {
             LogitsMode::None => {
                 // Calibration still observes lm_head's input over all positions.
                 tap.forward(self.lm_head, self.reg.linear(self.lm_head), fh)?;
-                return Ok((None, None, None));
+                return Ok(HeadOut::default());
             }
             LogitsMode::All => (fh.clone(), true),
             LogitsMode::LabelPositions => match &s.labels {
@@ -950,12 +1122,17 @@ impl Qwen3VL {
         // HF: logits.float() before the loss.
         let logits = y.to_dtype(acc)?;
         let Some((rows, targets)) = &s.labels else {
-            return Ok((Some(logits), None, None));
+            return Ok(HeadOut { logits: Some(logits), ..Default::default() });
         };
         let label_logits = if all_rows { logits.index_select(rows, 0)? } else { logits.clone() };
-        let (loss, lse) = cross_entropy(&label_logits, targets)?;
+        let (loss, lse) = cross_entropy(&label_logits, targets, s.label_weights.as_ref())?;
+        // Packed samples: each row's NLL, for the samples' own mean losses.
+        let nll = match &s.label_weights {
+            Some(_) => Some((&lse - label_logits.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?)?),
+            None => None,
+        };
         let saved = save.then(|| HeadSaved { x, y: y_plain, label_logits, lse, all_rows });
-        Ok((Some(logits), Some(loss), saved))
+        Ok(HeadOut { logits: Some(logits), loss: Some(loss), nll, saved })
     }
 
     /// Backward from the loss; requires a [`Forward`] made with [`Keep::Backward`] and labels.
@@ -973,7 +1150,7 @@ impl Qwen3VL {
         let t = &self.cfg.text_config;
         // 1. Loss → lm_head → final hidden
         let hs = &b.head;
-        let dl = cross_entropy_backward(&hs.label_logits, &hs.lse, targets)?;
+        let dl = cross_entropy_backward(&hs.label_logits, &hs.lse, targets, s.label_weights.as_ref())?;
         let lm = reg.linear(self.lm_head);
         let dy = if hs.all_rows {
             Tensor::zeros((s.len, t.vocab_size), acc, dev)?.index_add(rows, &dl, 0)?.to_dtype(dt)?
@@ -986,7 +1163,7 @@ impl Qwen3VL {
             if hs.all_rows { dx } else { Tensor::zeros((s.len, t.hidden_size), dt, dev)?.index_add(rows, &dx, 0)? };
         // 2. Final norm, decoder layers (collecting the deepstack features' gradients)
         let mut dh = self.text.norm.backward(&b.final_in, &b.final_rstd, &d_final)?;
-        let ts = TextSample { rope: &s.text_rope, mask: &s.mask };
+        let ts = TextSample { rope: &s.text_rope, mask: &s.mask, segments: &s.rows.tokens };
         let n_ds = if s.vision.is_some() { self.vision.deepstack.len() } else { 0 };
         let mut d_ds: Vec<Option<Tensor>> = vec![None; n_ds];
         for (i, layer) in self.text.layers.iter().enumerate().rev() {
@@ -1044,9 +1221,21 @@ impl Tap for Recomputed<'_> {
     }
 }
 
+/// What `lm_head` and the loss give.
+#[derive(Default)]
+struct HeadOut {
+    logits: Option<Tensor>,
+    loss: Option<Tensor>,
+    /// Packed samples: each label row's NLL.
+    nll: Option<Tensor>,
+    saved: Option<HeadSaved>,
+}
+
 struct RunOut {
     logits: Option<Tensor>,
     loss: Option<Tensor>,
+    /// Packed samples: each label row's NLL.
+    nll: Option<Tensor>,
     trace: BTreeMap<String, Tensor>,
     bwd: Option<BackwardCache>,
     resume: Option<ResumeCache>,

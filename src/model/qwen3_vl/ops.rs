@@ -380,22 +380,41 @@ pub fn attention_backward_delta(
 
 /// Causal-LM cross-entropy over rows of logits (already shifted: row r predicts `targets[r]`).
 /// `logits` `[n, V]` in the accumulation dtype, `targets` u32 `[n]`. Returns `(loss, lse [n])`,
-/// loss = mean NLL (HF `reduction="mean"` over the non-ignored labels).
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+/// loss = mean NLL (HF `reduction="mean"` over the non-ignored labels), or with `weights` (acc
+/// `[n]`) `Σ weight·NLL` (packed samples: each sample's rows weigh 1 / its label count).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
     let m = logits.max_keepdim(D::Minus1)?;
     let z = logits.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?;
     let lse = (m + z.log()?)?; // [n, 1]
     let tgt = logits.gather(&targets.unsqueeze(1)?, 1)?; // [n, 1]
-    let loss = (lse.clone() - tgt)?.mean_all()?;
+    let nll = (lse.clone() - tgt)?;
+    let loss = match weights {
+        None => nll.mean_all()?,
+        Some(w) => (nll.squeeze(1)? * w)?.sum_all()?,
+    };
     Ok((loss, lse.squeeze(1)?))
 }
 
-/// ∂loss/∂logits for [`cross_entropy`]: `(softmax − onehot) / n`, in the logits' dtype.
-pub fn cross_entropy_backward(logits: &Tensor, lse: &Tensor, targets: &Tensor) -> Result<Tensor> {
+/// ∂loss/∂logits for [`cross_entropy`]: `(softmax − onehot) / n`, or `· weight` per row, in the
+/// logits' dtype.
+pub fn cross_entropy_backward(
+    logits: &Tensor,
+    lse: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
     let n = logits.dim(0)?;
-    let inv_n = 1.0 / n as f64;
-    let p = logits.broadcast_sub(&lse.unsqueeze(1)?)?.exp()?.affine(inv_n, 0.0)?;
-    let minus = Tensor::full(-inv_n, (n, 1), logits.device())?.to_dtype(logits.dtype())?;
+    let p = logits.broadcast_sub(&lse.unsqueeze(1)?)?.exp()?;
+    let (p, minus) = match weights {
+        None => {
+            let inv_n = 1.0 / n as f64;
+            (p.affine(inv_n, 0.0)?, Tensor::full(-inv_n, (n, 1), logits.device())?.to_dtype(logits.dtype())?)
+        }
+        Some(w) => {
+            let w = w.to_dtype(logits.dtype())?.unsqueeze(1)?;
+            (p.broadcast_mul(&w)?, w.neg()?)
+        }
+    };
     p.scatter_add(&targets.unsqueeze(1)?, &minus, 1)
 }
 
@@ -508,12 +527,30 @@ mod tests {
         fd_check(|x| ln.forward(x).unwrap().0, |x, dy| ln.backward(x, &ln.forward(x).unwrap().1, dy).unwrap(), (5, 7));
         let t = Tensor::new(&[3u32, 0, 6, 6, 1], &dev).unwrap();
         fd_check(
-            |x| cross_entropy(x, &t).unwrap().0.reshape(1).unwrap(),
+            |x| cross_entropy(x, &t, None).unwrap().0.reshape(1).unwrap(),
             |x, dy| {
-                let (_, lse) = cross_entropy(x, &t).unwrap();
-                cross_entropy_backward(x, &lse, &t).unwrap().broadcast_mul(dy).unwrap()
+                let (_, lse) = cross_entropy(x, &t, None).unwrap();
+                cross_entropy_backward(x, &lse, &t, None).unwrap().broadcast_mul(dy).unwrap()
             },
             (5, 7),
         );
+        // Packed samples: rows weighted 1/2, 1/2, 1/3, 1/3, 1/3 (two samples' mean losses).
+        let wt = Tensor::new(&[0.5f64, 0.5, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0], &dev).unwrap();
+        fd_check(
+            |x| cross_entropy(x, &t, Some(&wt)).unwrap().0.reshape(1).unwrap(),
+            |x, dy| {
+                let (_, lse) = cross_entropy(x, &t, Some(&wt)).unwrap();
+                cross_entropy_backward(x, &lse, &t, Some(&wt)).unwrap().broadcast_mul(dy).unwrap()
+            },
+            (5, 7),
+        );
+        let x = Tensor::randn(0f64, 1.5, (5, 7), &dev).unwrap();
+        let mean_of = |rows: std::ops::Range<usize>| {
+            let n = rows.len();
+            let t = t.narrow(0, rows.start, n).unwrap();
+            cross_entropy(&x.narrow(0, rows.start, n).unwrap(), &t, None).unwrap().0.to_scalar::<f64>().unwrap()
+        };
+        let packed = cross_entropy(&x, &t, Some(&wt)).unwrap().0.to_scalar::<f64>().unwrap();
+        assert!((packed - (mean_of(0..2) + mean_of(2..5))).abs() < 1e-12);
     }
 }

@@ -4,7 +4,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::fused::{self, attention_backward, attention_forward};
+use super::fused::{self, segmented_attention_backward, segmented_attention_forward};
 use super::moe::{MoeSaved, SparseMoeBlock};
 use super::ops::{AttnSpec, CausalMask, RmsNorm};
 use super::rope::CosSin;
@@ -15,6 +15,8 @@ use crate::model::{LayerId, NoTap, Tap};
 pub struct TextSample<'a> {
     pub rope: &'a CosSin,
     pub mask: &'a CausalMask,
+    /// `(start, len)` of each packed sample's tokens: a token attends only within its own.
+    pub segments: &'a [(usize, usize)],
 }
 
 /// HF `Qwen3VLTextDecoderLayer`.
@@ -111,7 +113,7 @@ impl DecoderLayer {
         let v_h = v.reshape((l, hkv, d))?.transpose(0, 1)?.contiguous()?;
         // 3. Causal GQA attention, (H, L, d) → (L, H·d) → o_proj; residual fused into the next norm
         let spec = AttnSpec::causal(h / hkv, 1.0 / (d as f64).sqrt(), ts.mask);
-        let (o, lse) = attention_forward(&q_rot, &k_rot, &v_h, &spec)?;
+        let (o, lse) = segmented_attention_forward(&q_rot, &k_rot, &v_h, ts.segments, |_| spec)?;
         let attn = o.transpose(0, 1)?.contiguous()?.reshape((l, h * d))?;
         let (a, o_y) = tapped(reg, self.o_proj, &attn, tap, save)?;
         let (h_mid, n2, r2) = self.post_attention_layernorm.forward_add(x, &a)?;
@@ -203,7 +205,8 @@ impl DecoderLayer {
         // (L, H·d) → dO (H, L, d) and delta = rowsum(dO∘O) with O the o_proj input, one pass
         let (do_, delta) = fused::attention_bwd_prep(&dattn, &a.attn, h)?;
         let spec = AttnSpec::causal(h / hkv, 1.0 / (d as f64).sqrt(), ts.mask);
-        let (dq_rot, dk_rot, dv_h) = attention_backward(&a.q_rot, &a.k_rot, &a.v_h, &a.lse, &delta, &do_, &spec)?;
+        let (dq_rot, dk_rot, dv_h) =
+            segmented_attention_backward(&a.q_rot, &a.k_rot, &a.v_h, &a.lse, &delta, &do_, ts.segments, |_| spec)?;
         // Inverse RoPE and the per-head norms, (H, L, d) → (L, H·d)
         let dq = self.q_norm.qk_rope_backward(&dq_rot, &a.q, &a.qr, ts.rope)?;
         let dk = self.k_norm.qk_rope_backward(&dk_rot, &a.k, &a.kr, ts.rope)?;

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::fused::{self, attention_backward, attention_forward};
+use super::fused::{self, segmented_attention_backward, segmented_attention_forward};
 use super::ops::{AttnSpec, LayerNorm, LnStats};
 use super::rope::CosSin;
 use super::{tapped, Registry};
@@ -58,31 +58,11 @@ pub struct VisionBlockSaved {
     fc2_y: Tensor,
 }
 
-fn seg(t: &Tensor, start: usize, len: usize, total: usize) -> Result<Tensor> {
-    if start == 0 && len == total {
-        Ok(t.clone())
-    } else {
-        t.narrow(1, start, len)?.contiguous()
-    }
-}
-
 impl VisionBlock {
     /// Segment-wise attention over `[H, N, hd]` q/k/v: `(o [H, N, hd], lse [H, N])`.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, vs: &VisionSample) -> Result<(Tensor, Tensor)> {
-        let n = q.dim(1)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut os = Vec::with_capacity(vs.segments.len());
-        let mut lses = Vec::with_capacity(vs.segments.len());
-        for &(s, len) in &vs.segments {
-            let spec = AttnSpec::full(1, scale, self.heads, len);
-            let (o, lse) = attention_forward(&seg(q, s, len, n)?, &seg(k, s, len, n)?, &seg(v, s, len, n)?, &spec)?;
-            os.push(o);
-            lses.push(lse);
-        }
-        if os.len() == 1 {
-            return Ok((os.swap_remove(0), lses.swap_remove(0)));
-        }
-        Ok((Tensor::cat(&os, 1)?, Tensor::cat(&lses, 1)?))
+        segmented_attention_forward(q, k, v, &vs.segments, |len| AttnSpec::full(1, scale, self.heads, len))
     }
 
     pub fn forward(
@@ -140,7 +120,6 @@ impl VisionBlock {
         reg: &Registry,
         tap: &mut dyn Tap,
     ) -> Result<Tensor> {
-        let n = s.x.dim(0)?;
         let (h, hd) = (self.heads, self.head_dim);
         // MLP branch
         let (fc1, fc2) = (reg.linear(self.fc1), reg.linear(self.fc2));
@@ -157,31 +136,11 @@ impl VisionBlock {
         // (N, H·hd) → dO (H, N, hd) and delta = rowsum(dO∘O) [H, N] with O the proj input
         let (do_, delta) = fused::attention_bwd_prep(&dattn, &s.attn, h)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
-        for &(st, len) in &vs.segments {
-            let spec = AttnSpec::full(1, scale, h, len);
-            let (dq, dk, dv) = attention_backward(
-                &seg(&s.q, st, len, n)?,
-                &seg(&s.k, st, len, n)?,
-                &seg(&s.v, st, len, n)?,
-                &s.lse.narrow(1, st, len)?,
-                &delta.narrow(1, st, len)?,
-                &seg(&do_, st, len, n)?,
-                &spec,
-            )?;
-            dqs.push(dq);
-            dks.push(dk);
-            dvs.push(dv);
-        }
-        let cat = |mut parts: Vec<Tensor>| -> Result<Tensor> {
-            if parts.len() == 1 {
-                Ok(parts.swap_remove(0))
-            } else {
-                Tensor::cat(&parts, 1)
-            }
-        };
+        let (dq, dk, dv) = segmented_attention_backward(&s.q, &s.k, &s.v, &s.lse, &delta, &do_, &vs.segments, |len| {
+            AttnSpec::full(1, scale, h, len)
+        })?;
         // Inverse rotation (f32) and (H, N, hd) ×3 → (N, 3·hidden), one fused pass
-        let dqkv = fused::vision_qkv_rope_backward(&cat(dqs)?, &cat(dks)?, &cat(dvs)?, &vs.rope.cos, &vs.rope.sin)?;
+        let dqkv = fused::vision_qkv_rope_backward(&dq, &dk, &dv, &vs.rope.cos, &vs.rope.sin)?;
         tap.backward(self.qkv, qkv, &s.n1, &s.qkv_y, &dqkv)?;
         let dn1 = qkv.backward_input(&dqkv)?;
         self.norm1.backward_add(&s.x, &s.ln1, &dn1, &dh_mid)

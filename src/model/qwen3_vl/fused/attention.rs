@@ -408,3 +408,74 @@ pub fn attention_backward(
     let dq = Tensor::cat(&dqs, 2)?.reshape((h, l, d))?;
     Ok((dq, dk.to_dtype(dt)?, dv.to_dtype(dt)?))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Segments: several sequences side by side (an image's frames, packed samples)
+
+/// Rows `[start, start+len)` of a `[H, L, ·]` or `[H, L]` tensor (the tensor itself when that is all
+/// of it).
+fn segment(t: &Tensor, (start, len): (usize, usize)) -> Result<Tensor> {
+    if start == 0 && len == t.dim(1)? {
+        Ok(t.clone())
+    } else {
+        t.narrow(1, start, len)?.contiguous()
+    }
+}
+
+/// Concatenates per-segment results along the rows (dim 1).
+fn join(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    if parts.len() == 1 {
+        Ok(parts.swap_remove(0))
+    } else {
+        Tensor::cat(&parts, 1)
+    }
+}
+
+/// [`attention_forward`] of each segment `(start, len)` of the rows on its own, no row attending
+/// outside its segment; `spec(len)` gives a segment's geometry. `(o [H, L, d], lse [H, L])`.
+pub fn segmented_attention_forward<'a>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[(usize, usize)],
+    spec: impl Fn(usize) -> AttnSpec<'a>,
+) -> Result<(Tensor, Tensor)> {
+    let (mut os, mut lses) = (Vec::with_capacity(segments.len()), Vec::with_capacity(segments.len()));
+    for &seg in segments {
+        let (o, lse) = attention_forward(&segment(q, seg)?, &segment(k, seg)?, &segment(v, seg)?, &spec(seg.1))?;
+        os.push(o);
+        lses.push(lse);
+    }
+    Ok((join(os)?, join(lses)?))
+}
+
+/// [`attention_backward`] of each segment, as [`segmented_attention_forward`] ran them:
+/// `(dq, dk, dv)`.
+#[allow(clippy::too_many_arguments)]
+pub fn segmented_attention_backward<'a>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lse: &Tensor,
+    delta: &Tensor,
+    do_: &Tensor,
+    segments: &[(usize, usize)],
+    spec: impl Fn(usize) -> AttnSpec<'a>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+    for &seg in segments {
+        let (dq, dk, dv) = attention_backward(
+            &segment(q, seg)?,
+            &segment(k, seg)?,
+            &segment(v, seg)?,
+            &lse.narrow(1, seg.0, seg.1)?,
+            &delta.narrow(1, seg.0, seg.1)?,
+            &segment(do_, seg)?,
+            &spec(seg.1),
+        )?;
+        dqs.push(dq);
+        dks.push(dk);
+        dvs.push(dv);
+    }
+    Ok((join(dqs)?, join(dks)?, join(dvs)?))
+}
