@@ -425,6 +425,28 @@ fn metrics_checks(gpu: &Device, rep: &mut Report) -> Result<()> {
             g.top1_agree_all, c.top1_agree_all, cpu.top1_agree_all
         ),
     );
+
+    // score-layers' kl_div (kl_fused): per packed sample, the CUDA kernel against the same op on
+    // the CPU, bf16 recipe logits as the model makes them, and exactly 0 for the unquantized logits.
+    // Both sum f32 exponentials in f64; they differ only by CUDA's expf (≤ 2 ulp, 1.2e-7) and the
+    // order of the sums: each row's two log-sum-exps, ≤ 2.5e-7 per row.
+    use qsens::score::kl::KlBase;
+    let samples = vec![(0usize, 20usize), (20, 1), (21, rows - 21)];
+    let base_bf16 = base.to_dtype(DType::BF16)?;
+    let base_f32 = base_bf16.to_dtype(DType::F32)?;
+    let recipe_bf16 = recipe.to_dtype(DType::BF16)?;
+    let on_cpu = KlBase::fused(&base_f32, samples.clone())?.sample_kls(&recipe_bf16)?.to_vec1::<f64>()?;
+    let on_gpu = KlBase::fused(&base_f32.to_device(gpu)?, samples.clone())?;
+    let got = on_gpu.sample_kls(&recipe_bf16.to_device(gpu)?)?.to_vec1::<f64>()?;
+    let worst = got.iter().zip(&on_cpu).zip(&samples).map(|((&g, &c), &(_, len))| (g - c).abs() / len as f64);
+    let worst = worst.fold(0.0, f64::max);
+    check(
+        "kl_div fused KL per packed sample",
+        worst <= 2.5e-7 && on_cpu.iter().all(|&v| v > 0.0),
+        format!("{got:.6?} vs CPU {on_cpu:.6?}, worst difference per row {worst:.1e}"),
+    );
+    let zero = on_gpu.sample_kls(&base_bf16.to_device(gpu)?)?.to_vec1::<f64>()?;
+    check("kl_div fused KL of unchanged logits", zero.iter().all(|&v| v == 0.0), format!("{zero:?}"));
     Ok(())
 }
 

@@ -8,7 +8,8 @@
 #    token count and the memory asked, leaving a state file with samples 0 and 1;
 # 4. --resume without the limit: must finish and give the reference's scores.
 # Calibration uses the first 2 samples (--calib-samples 2) so that the long one is first met
-# while scoring. Writes $OUT/oom_resume.txt; exits 1 on any deviation.
+# while scoring; one sample per forward (--batch-tokens 1), so the failure is the long sample's.
+# Writes $OUT/oom_resume.txt; exits 1 on any deviation.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CKPT=$1
@@ -25,7 +26,7 @@ python3 scripts/bench/make_inputs.py --sizes 448,448,448 --out $W/short.msgpack 
 run() { # name inputs extra-flags...
   local name=$1 inputs=$2; shift 2
   python3 scripts/bench/gpumem.py $W/$name.mem.json -- $BIN -q --model "$CKPT" --inputs $inputs --device cuda \
-    --dtype bf16 --calib-samples 2 -o $W/$name.msgpack "$@" 2> $W/$name.stderr
+    --dtype bf16 --calib-samples 2 --batch-tokens 1 -o $W/$name.msgpack "$@" 2> $W/$name.stderr
 }
 run all $W/mixed.msgpack || fail "reference run: $(cat $W/all.stderr)"
 run short $W/short.msgpack || fail "short run: $(cat $W/short.stderr)"
