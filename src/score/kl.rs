@@ -170,7 +170,7 @@ impl KlBase {
 
     /// The base of the fused path (what a CUDA device gets; on the CPU, for tests).
     pub fn fused(logits: &Tensor, samples: Vec<(usize, usize)>) -> Result<KlBase> {
-        Ok(KlBase { inner: Base::Fused(FusedBase::new(logits)?), samples })
+        Ok(KlBase { inner: Base::Fused(FusedBase::new(logits, log_softmax(logits)?.exp()?)?), samples })
     }
 
     /// Each packed sample's `Σ_rows KL(P ‖ softmax(logits))`, f64 `[samples]` on the logits'

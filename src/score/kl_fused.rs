@@ -24,9 +24,9 @@ pub struct FusedBase {
 }
 
 impl FusedBase {
-    /// From the unquantized logits `[rows, vocab]` (f32 or bf16).
-    pub fn new(logits: &Tensor) -> Result<Self> {
-        let p = super::kl::log_softmax(logits)?.exp()?;
+    /// From the unquantized logits `[rows, vocab]` (f32 or bf16) and their probabilities `p`
+    /// (f32, as `kl.rs` makes them for every path).
+    pub fn new(logits: &Tensor, p: Tensor) -> Result<Self> {
         let sums = row_kl_sums(logits, &p)?;
         let (dot, lse, sum_p) = (column(&sums, 2)?, lse(&sums)?, column(&sums, 3)?);
         Ok(FusedBase { p, dot, lse, sum_p })
@@ -134,7 +134,7 @@ mod tests {
         let (rows, vocab) = (5, 3001);
         let x = (Tensor::randn(0f32, 3.0, (rows, vocab), &dev)?).to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
         let z = (&x + Tensor::randn(0f32, 0.1, (rows, vocab), &dev)?)?;
-        let base = FusedBase::new(&x)?;
+        let base = FusedBase::new(&x, log_softmax64(&x)?.exp()?.to_dtype(DType::F32)?)?;
         let got = base.kl_rows(&z)?.to_vec1::<f64>()?;
         let (lp, lq) = (log_softmax64(&x)?, log_softmax64(&z)?);
         let want = (lp.exp()? * (&lp - &lq)?)?.sum(1)?.to_vec1::<f64>()?;
@@ -161,7 +161,7 @@ mod tests {
     fn nan_logits_give_a_nan_row() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (2, 64), &dev)?;
-        let base = FusedBase::new(&x)?;
+        let base = FusedBase::new(&x, log_softmax64(&x)?.exp()?.to_dtype(DType::F32)?)?;
         let mut z = x.to_vec2::<f32>()?;
         z[1][3] = f32::NAN;
         let rows = base.kl_rows(&Tensor::new(z, &dev)?)?.to_vec1::<f64>()?;
