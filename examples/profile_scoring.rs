@@ -1,7 +1,8 @@
-//! Where does score-layers spend its time? Times the phases of scoring one sample, and — with
-//! device syncs at every tap — the model segments between consecutive quantizable layers.
+//! Where does score-layers spend its time? Times the phases of scoring one sample (or the first
+//! PACK samples packed into one forward, as `--batch-tokens` packs them), and — with device syncs
+//! at every tap — the model segments between consecutive quantizable layers.
 //!
-//! cargo run --release [--features cuda] --example profile_scoring -- MODEL_DIR INPUTS DEVICE DTYPE [REPS]
+//! cargo run --release [--features cuda] --example profile_scoring -- MODEL_DIR INPUTS DEVICE DTYPE [REPS [PACK]]
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -79,6 +80,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (model_dir, inputs, device, dtype) = (&args[1], &args[2], &args[3], &args[4]);
     let reps: usize = args.get(5).map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let pack: usize = args.get(6).map(|s| s.parse()).transpose()?.unwrap_or(1);
     let device = qsens::device::parse_device(device)?;
     let dtype = qsens::score::parse_dtype(dtype)?;
     let t = Instant::now();
@@ -86,8 +88,12 @@ fn main() -> Result<()> {
     device.synchronize()?;
     println!("load: {:.2} s", t.elapsed().as_secs_f64());
     let inputs: ModelInputs = artifact::read::<ModelInputs>(inputs.as_str())?.payload;
-    let sample = inputs.samples.first().context("no samples")?;
-    let input = qsens::score::model_input(sample, &inputs)?;
+    anyhow::ensure!(pack >= 1 && inputs.samples.len() >= pack, "PACK {pack}: the inputs hold {}", inputs.samples.len());
+    let parts = inputs.samples[..pack]
+        .iter()
+        .map(|sample| qsens::score::model_input(sample, &inputs))
+        .collect::<Result<Vec<_>>>()?;
+    let input = qsens::model::qwen3_vl::Input::pack(&parts).context("packing the samples")?;
     let n = model.layers().len();
     let names: Vec<String> = model.layers().iter().map(|l| l.name.clone()).collect();
 
@@ -107,7 +113,11 @@ fn main() -> Result<()> {
 
     let calib = ForwardOptions { logits: LogitsMode::None, keep: Keep::Nothing, trace: false };
     let train = ForwardOptions { logits: LogitsMode::LabelPositions, keep: Keep::Backward, trace: false };
-    println!("L = {}, image rows = {}", input.input_ids.len(), input.pixel_values.dims()[0]);
+    println!(
+        "{pack} sample(s) in one forward: L = {}, image rows = {}",
+        input.input_ids.len(),
+        input.pixel_values.dims()[0]
+    );
     println!(
         "forward (no logits, plain):        {:8.1} ms",
         timed(&device, reps, || Ok(model.forward(&input, &mut NoTap, &calib)?))?
@@ -125,6 +135,7 @@ fn main() -> Result<()> {
         timed(&device, reps, || Ok(model.forward(&input, &mut NoTap, &train)?))?
     );
     let fwd = model.forward(&input, &mut NoTap, &train)?;
+    let rows = (0..n).map(|id| Ok(model.sample_rows(&fwd, id)?.to_vec())).collect::<candle_core::Result<Vec<_>>>()?;
     println!(
         "backward (no tap):                 {:8.1} ms",
         timed(&device, reps, || Ok(model.backward(&fwd, &mut NoTap)?))?
@@ -132,7 +143,7 @@ fn main() -> Result<()> {
     println!(
         "backward (gradient scores):        {:8.1} ms",
         timed(&device, reps, || {
-            let mut tap = GradientTap::new(&quant, n);
+            let mut tap = GradientTap::packed(&quant, rows.clone());
             model.backward(&fwd, &mut tap)?;
             Ok(tap.finish()?)
         })?
