@@ -1201,3 +1201,70 @@ pub fn merge(shards: &[Location], output: &Location, reporter: &Reporter) -> Res
     reporter.note(format!("merged {} samples → {output}", merged.payload.samples.len()));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::inputs::{ProcessorSettings, SampleInputs, SpecialTokens};
+
+    /// Packs keep the samples' order, fill up to the budget, and put a longer sample alone.
+    #[test]
+    fn packs_fill_the_budget_in_order() {
+        let tokens = [300, 300, 300, 900, 2500, 100, 100];
+        let of = |i: usize| tokens[i];
+        let all: Vec<usize> = (0..tokens.len()).collect();
+        assert_eq!(packs(&all, of, 1000), vec![vec![0, 1, 2], vec![3], vec![4], vec![5, 6]]);
+        assert_eq!(packs(&all, of, 1200), vec![vec![0, 1, 2], vec![3], vec![4], vec![5, 6]]);
+        // Exactly full: 300 + 300 + 300 + 900 = 1800.
+        assert_eq!(packs(&all, of, 1800), vec![vec![0, 1, 2, 3], vec![4], vec![5, 6]]);
+        let singles: Vec<Vec<usize>> = all.iter().map(|&i| vec![i]).collect();
+        assert_eq!(packs(&all, of, 1), singles);
+        assert_eq!(packs(&all, of, 0), singles);
+        assert_eq!(packs(&all, of, 10_000), vec![all.clone()]);
+        // A resumed run packs what is left, in order.
+        assert_eq!(packs(&[2, 3, 5], of, 1200), vec![vec![2, 3], vec![5]]);
+        assert!(packs(&[], of, 1000).is_empty());
+    }
+
+    fn sample(id: &str, len: usize) -> SampleInputs {
+        SampleInputs {
+            id: id.into(),
+            text: String::new(),
+            input_ids: vec![1; len],
+            labels: vec![-100; len],
+            attention_mask: vec![1; len],
+            mm_token_type_ids: vec![0; len],
+            position_ids: vec![(0..len as i64).collect(); 3],
+            rope_delta: 0,
+            images: Vec::new(),
+        }
+    }
+
+    /// A failed pack's line names every sample in it and the forward's tokens; one sample's names it.
+    #[test]
+    fn a_failed_pack_names_its_samples() {
+        let inputs = ModelInputs {
+            processor: ProcessorSettings {
+                patch_size: 16,
+                temporal_patch_size: 2,
+                merge_size: 2,
+                min_pixels: 0,
+                max_pixels: 0,
+                rescale_factor: 1.0,
+                image_mean: [0.5; 3],
+                image_std: [0.5; 3],
+            },
+            special_tokens: SpecialTokens { image_pad: 0, vision_start: 0, vision_end: 0, im_start: 0, im_end: 0 },
+            samples: vec![sample("a", 274), sample("b", 300), sample("c", 10)],
+        };
+        let line = |pack: &[usize]| {
+            let err = sample_failure(anyhow::anyhow!("boom"), "scoring", pack, &inputs, &Device::Cpu, "saved");
+            format!("{err:#}")
+        };
+        assert_eq!(
+            line(&[0, 1]),
+            "scoring samples 0 (a, 274 tokens), 1 (b, 300 tokens) packed into one forward of 574 tokens; saved: boom"
+        );
+        assert_eq!(line(&[2]), "scoring sample 2 (c, 10 tokens); saved: boom");
+    }
+}
