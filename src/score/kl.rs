@@ -186,15 +186,7 @@ impl KlBase {
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::stack(&sums, 0)
             }
-            Base::Cpu(base) => {
-                let rows = base.kl_rows_of(logits)?;
-                let sums: Vec<f64> = self
-                    .samples
-                    .iter()
-                    .map(|&(start, len)| rows[start..start + len].iter().fold(0.0, |a, b| a + b))
-                    .collect();
-                Tensor::new(sums, &Device::Cpu)
-            }
+            Base::Cpu(base) => self.sample_sums(&base.kl_rows_of(logits)?),
             Base::Ops(log_p) => {
                 let terms = kl_terms(log_p, &log_softmax(logits)?)?;
                 let sums = self
@@ -211,16 +203,17 @@ impl KlBase {
     pub fn sample_kls_linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let rows = self.kl_rows_linear_sliced(x, w, bias, None)?;
         match rows {
-            RowsOr::Rows(rows) => {
-                let sums: Vec<f64> = self
-                    .samples
-                    .iter()
-                    .map(|&(start, len)| rows[start..start + len].iter().fold(0.0, |a, b| a + b))
-                    .collect();
-                Tensor::new(sums, &Device::Cpu)
-            }
+            RowsOr::Rows(rows) => self.sample_sums(&rows),
             RowsOr::Logits(logits) => self.sample_kls(&logits),
         }
+    }
+
+    /// Each packed sample's sum of the per-row KLs of the CPU path (f64 `[samples]`), added in
+    /// row order as one sample alone adds them.
+    fn sample_sums(&self, rows: &[f64]) -> Result<Tensor> {
+        let sums: Vec<f64> =
+            self.samples.iter().map(|&(start, len)| rows[start..start + len].iter().fold(0.0, |a, b| a + b)).collect();
+        Tensor::new(sums, &Device::Cpu)
     }
 
     /// `Σ_rows KL(P ‖ softmax(logits))` for new logits of the same shape, as an f64 scalar tensor
